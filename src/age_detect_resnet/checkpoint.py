@@ -1,0 +1,133 @@
+"""Saving and loading: the best model as safetensors + JSON (no pickle), and a resumable training state.
+
+    best.safetensors   the weights
+    best.json          architecture, head, image size, normalisation, age range, crop framing,
+                       the weights' sha256 (a changed or foreign file is refused)
+    last.pt            model, optimizer, scheduler and RNG state of the last finished epoch,
+                       loaded with weights_only=True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from age_detect_resnet.atomic import atomic_path, write_text_atomic
+from age_detect_resnet.model import AgeModel, model_from_description
+
+FORMAT = "age-detect-resnet/1"
+BEST = "best.safetensors"
+LAST = "last.pt"
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used; the message names it and says why."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_model(model: AgeModel, path: Path, metadata: dict[str, Any]) -> None:
+    """Write `path` (.safetensors) and its `.json` metadata, each atomically, weights first."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+        digest = _sha256(tmp)
+    full = {"format": FORMAT, "model": model.describe(), **metadata, "sha256": digest}
+    write_text_atomic(path.with_suffix(".json"), json.dumps(full, indent=2) + "\n")
+
+
+def resolve_model_path(path: Path) -> Path:
+    """A run folder means its best model; otherwise the .safetensors file itself."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / BEST
+    if not path.is_file():
+        raise ModelFileError(f"{path} does not exist; pass a run folder (runs/NAME) or its best.safetensors")
+    if path.suffix != ".safetensors":
+        raise ModelFileError(f"{path} is not a .safetensors model; trained models are saved as best.safetensors")
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    path = resolve_model_path(path)
+    meta_path = path.with_suffix(".json")
+    if not meta_path.is_file():
+        raise ModelFileError(f"{path} has no metadata file {meta_path.name} beside it; it was not saved by this project")
+    try:
+        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelFileError(f"{meta_path} is not valid JSON ({err})") from err
+    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+        raise ModelFileError(f"{meta_path} is not metadata of this project (expected format {FORMAT})")
+    return metadata
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> AgeModel:
+    """The trained model at `path` (run folder or .safetensors) in eval mode, with `.metadata` set."""
+    path = resolve_model_path(path)
+    metadata = read_metadata(path)
+    if metadata.get("sha256") != _sha256(path):
+        raise ModelFileError(f"{path} does not match the checksum in {path.with_suffix('.json').name}: "
+                             "the file was changed or replaced; re-copy it from the run folder")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ModelFileError(f"{path} is not a readable safetensors file ({err})") from err
+    model = model_from_description(metadata["model"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelFileError(f"{path} does not fit the architecture in its metadata: {str(err)[:300]}") from err
+    model.metadata = metadata
+    return model.to(device).eval()
+
+
+def rng_state() -> dict[str, Any]:
+    _, keys, position, *_ = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_position": int(position),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(Path(path)) as tmp:
+        torch.save(state, tmp)
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"nothing to resume: {path} does not exist (start without --resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle refusals and corrupt archives raise many types
+        raise ModelFileError(f"{path} is not a training state this project wrote ({err})") from err

@@ -1,0 +1,35 @@
+"""`age-detect`: one command with a subcommand per job; each subcommand is also its module's `main`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import import_module
+
+# subcommand -> (module, one-line help); modules are imported only when their command runs.
+COMMANDS = {
+    "build-meta": ("age_detect_resnet.preprocessing.build_meta", "build the IMDB-WIKI metadata table"),
+    "train": ("age_detect_resnet.train", "train, evaluate on the test split, write the report"),
+    "evaluate": ("age_detect_resnet.evaluate", "evaluate a trained model on a dataset"),
+    "pipeline": ("age_detect_resnet.pipeline", "the whole job on a dataset folder: metadata, training, report"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="age-detect", description="Age estimation from face photos.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # prints usage or the unknown-command error and exits
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    module = import_module(COMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Run settings as frozen dataclasses: defaults, then a config file, then command-line overrides.
+
+Every field is one setting with a unique name across the groups, so a config file may use sections
+(`[train] epochs = 5`, the layout of a run's `config.json`) and the command line uses the bare name
+(`--epochs 5`). The defaults reproduce the seed: ResNet-50, MSE, AdamW lr 5e-5, 20 epochs, batch 128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("imdb-wiki", "utkface", "csv")
+BACKBONES = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "convnext_tiny",
+)
+HEADS = ("regression", "bins", "distribution")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot work; the message says which and what is allowed."""
+
+
+def _setting(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _setting("imdb-wiki", "dataset adapter", choices=DATASETS)
+    data_root: str = _setting(
+        "data/raw", "dataset folder (imdb-wiki: holds imdb_crop/ and/or wiki_crop/; csv: the CSV file)"
+    )
+    meta: str | None = _setting(None, "prebuilt metadata CSV (imdb-wiki default: data/processed/meta.csv)")
+    min_face_score: float | None = _setting(None, "imdb-wiki: drop faces scored below this")
+    min_age: int = _setting(10, "youngest age kept for training and evaluation")
+    max_age: int = _setting(75, "oldest age kept for training and evaluation")
+    max_per_age: int | None = _setting(5000, "at most this many images per age (balancing); none = no cap")
+    val_fraction: float = _setting(0.1, "share of images (whole persons) in the validation split")
+    test_fraction: float = _setting(0.1, "share of images (whole persons) in the test split")
+    limit: int | None = _setting(None, "use at most N images (quick runs), sampled before splitting")
+    image_size: int = _setting(224, "square input size in pixels")
+    augment: str = _setting("none", "training augmentation", choices=("none", "light"))
+    cache: bool = _setting(False, "decode and resize every image once into a memory-mapped cache")
+    cache_dir: str = _setting("data/cache", "where prepared-image caches live")
+    skip_bad_images: bool = _setting(False, "skip unreadable images (counted in the report) instead of stopping")
+    detector_model: str | None = _setting(
+        None, "YuNet ONNX file for measuring the crop framing (default: $AGE_DETECT_YUNET_MODEL or a one-time download)"
+    )
+    num_workers: int = _setting(4, "DataLoader worker processes")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = _setting("resnet50", "torchvision backbone", choices=BACKBONES)
+    head: str = _setting("regression", "output head", choices=HEADS)
+    hidden_dim: int = _setting(256, "width of the head's hidden layer (seed: 256)")
+    pretrained: bool = _setting(True, "start from ImageNet weights (download, or --weights FILE)")
+    weights: str | None = _setting(None, "local ImageNet weights for the backbone (.safetensors or .pth)")
+    label_sigma: float = _setting(2.0, "distribution head: std (years) of the Gaussian label; 0 = one-hot CE")
+    interval: float = _setting(0.8, "distribution head: nominal coverage of the predicted age interval")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = _setting(5e-5, "AdamW learning rate (seed: 5e-5)")
+    weight_decay: float = _setting(0.01, "AdamW weight decay (PyTorch's default)")
+    schedule: str = _setting("constant", "learning-rate schedule", choices=("constant", "cosine"))
+    warmup_epochs: float = _setting(0.0, "linear warm-up length in epochs")
+    age_weighting: bool = _setting(False, "weight the loss by inverse age frequency (helps the rare ages)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _setting(20, "maximum number of epochs (seed: 20)")
+    batch_size: int = _setting(128, "images per optimisation step, summed over processes (seed: 128)")
+    seed: int = _setting(0, "seed for the split, sampling and initialisation")
+    out: str | None = _setting(None, "run folder (default: runs/<dataset>-<backbone>-<head>)")
+    device: str = _setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    precision: str = _setting("auto", "auto = bf16 autocast where the hardware has it", choices=PRECISIONS)
+    channels_last: bool = _setting(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
+    compile: bool = _setting(False, "torch.compile the model")
+    min_delta: float = _setting(1e-5, "stop when the validation loss changes by less than this (seed rule)")
+    patience: int = _setting(0, "stop after this many epochs without a better validation MAE (0 = off)")
+    deterministic: bool = _setting(False, "deterministic kernels and data order (reproducible, slower)")
+    tensorboard: bool = _setting(True, "write TensorBoard logs when tensorboard is installed")
+    grid_size: int = _setting(16, "test photos in the prediction grid at the end (0 = none)")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def run_dir(self) -> Path:
+        if self.train.out:
+            return Path(self.train.out)
+        return Path("runs") / f"{self.data.dataset}-{self.model.backbone}-{self.model.head}"
+
+
+GROUPS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+
+
+def setting_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every setting by its (unique) name, with the group it belongs to."""
+    found: dict[str, tuple[str, dataclasses.Field]] = {}
+    for group, cls in GROUPS.items():
+        for f in fields(cls):
+            found[f.name] = (group, f)
+    return found
+
+
+def resolve_config(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the file (TOML or JSON, sections or flat keys), then `overrides` by setting name."""
+    values: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+    if config_file is not None:
+        _merge(values, read_config_file(Path(config_file)), source=str(config_file))
+    _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None}, source="command line")
+    return Config(**{group: GROUPS[group](**values[group]) for group in GROUPS})
+
+
+def recipes() -> dict[str, Path]:
+    """Recipes shipped with the package, usable as `--config NAME` (e.g. `--config cpu`)."""
+    folder = Path(__file__).with_name("recipes")
+    return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file() and str(path) in recipes():
+        path = recipes()[str(path)]
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (packaged recipes: {', '.join(recipes())})")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            return json.loads(text)
+        if path.suffix == ".toml":
+            return _toml_loads(text)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    raise ConfigError(f"config file {path} must end in .toml or .json")
+
+
+def save_config(config: Config, path: Path) -> None:
+    from age_detect_resnet.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def _toml_loads(text: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def _merge(values: dict[str, dict[str, Any]], incoming: dict[str, Any], *, source: str) -> None:
+    known = setting_fields()
+    for key, value in incoming.items():
+        if key in GROUPS and isinstance(value, dict):
+            _merge(values, value, source=source)
+            continue
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"unknown setting '{key}' in {source}; known settings: {', '.join(sorted(known))}")
+        group, _ = known[name]
+        values[group][name] = value
+
+
+def _validate(config: Config) -> None:
+    for group in GROUPS:
+        section = getattr(config, group)
+        for f in fields(section):
+            choices = f.metadata.get("choices")
+            value = getattr(section, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(choices)}")
+    data, train = config.data, config.train
+    if not 0 <= data.min_age <= data.max_age <= 100:
+        raise ConfigError(f"need 0 <= min_age <= max_age <= 100, got {data.min_age}..{data.max_age}")
+    if data.val_fraction <= 0 or data.test_fraction <= 0 or data.val_fraction + data.test_fraction >= 1:
+        raise ConfigError("val_fraction and test_fraction must be positive and sum to less than 1")
+    if data.image_size < 32:
+        raise ConfigError(f"image_size must be at least 32, got {data.image_size}")
+    if train.epochs < 1 or train.batch_size < 1:
+        raise ConfigError("epochs and batch_size must be at least 1")
+    if config.model.weights and not config.model.pretrained:
+        raise ConfigError("--weights and --no-pretrained contradict each other; pass one of them")
+    if not 0 < config.model.interval < 1:
+        raise ConfigError(f"interval must be between 0 and 1, got {config.model.interval}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
+    """One `--option` per setting (all of them, or those named in `only`); unset options stay None
+    so that the config file's values are not overridden by argparse defaults."""
+    parser.add_argument("--config", type=Path, default=None, help="TOML or JSON file of settings (see experiments/)")
+    for name, (group, f) in setting_fields().items():
+        if only is not None and name not in only:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = getattr(GROUPS[group](), name)
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kind = _argument_type(f)
+        parser.add_argument(flag, type=kind, default=None, choices=f.metadata.get("choices"), help=help_text)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = setting_fields()
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _argument_type(f: dataclasses.Field) -> type:
+    annotation = str(f.type)
+    for kind in (int, float):
+        if annotation.startswith(kind.__name__):
+            return kind
+    return str

@@ -1,0 +1,231 @@
+"""Datasets, transforms and DataLoader factories.
+
+Images travel as uint8 tensors (3, H, W) already resized to the model's input size; the model
+normalises them itself (see `model.AgeModel`), so loaders move 4x fewer bytes and every consumer
+(training, inference, export) shares one normalisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from age_detect_resnet.images import ImageReadError, load_rgb
+
+log = logging.getLogger(__name__)
+
+
+def to_input_tensor(image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB picture as the model's input: resized to (size, size), uint8 (3, size, size).
+
+    The one resize used by training, the cache and inference, so they all see identical pixels.
+    """
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def train_transform(augment: str, image_size: int) -> v2.Transform | None:
+    """Augmentation on uint8 (3, S, S) tensors; None for the seed's plain resize."""
+    if augment == "none":
+        return None
+    if augment == "light":
+        return v2.Compose(
+            [
+                # Mild reframing only: the face must stay framed as at inference (centred, same margin).
+                v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+            ]
+        )
+    raise ValueError(f"unknown augmentation {augment!r}; use none or light")
+
+
+class ImageSource(Protocol):
+    """Where the i-th input image comes from: the files themselves, or a prepared cache."""
+
+    def __len__(self) -> int: ...
+
+    def name(self, index: int) -> str: ...
+
+    def load(self, index: int) -> torch.Tensor: ...
+
+
+Box = tuple[int, int, int, int]
+
+
+class FileImages:
+    """Decode and resize the image file on every access (the reference data path); where `boxes`
+    gives a region for an image (a detected face with its margins), only that region is used."""
+
+    def __init__(self, root: Path, paths: Sequence[str], image_size: int,
+                 boxes: Sequence[Box | None] | None = None) -> None:
+        self.root, self.paths, self.image_size = Path(root), list(paths), image_size
+        self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, index: int) -> str:
+        return str(self.root / self.paths[index])
+
+    def load(self, index: int) -> torch.Tensor:
+        image, box = load_rgb(self.name(index)), self.boxes[index]
+        return to_input_tensor(image if box is None else image.crop(box), self.image_size)
+
+
+class AgeDataset(Dataset):
+    """`(image, age)` pairs: image uint8 (3, S, S), age float32 in years.
+
+    With `skip_bad_images`, an unreadable image yields None (dropped by `collate_batch` and
+    counted) instead of stopping the run with an `ImageReadError` that names the file.
+    """
+
+    def __init__(
+        self,
+        images: ImageSource,
+        ages: Sequence[float],
+        *,
+        transform: v2.Transform | None = None,
+        skip_bad_images: bool = False,
+    ) -> None:
+        if len(images) != len(ages):
+            raise ValueError(f"{len(images)} images but {len(ages)} ages")
+        self.images = images
+        self.ages = torch.as_tensor(np.asarray(ages, dtype=np.float32))
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.ages)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        try:
+            image = self.images.load(index)
+        except ImageReadError as err:
+            if not self.skip_bad_images:
+                raise ImageReadError(f"{err} (pass --skip-bad-images to skip such files)") from err
+            log.warning("skipping %s", err)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.ages[index]
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    ages: torch.Tensor  # (B,) float32
+    kept: torch.Tensor  # (n,) bool: which of the sampled items were readable (B = kept.sum())
+
+
+def collate_batch(items: list[tuple[torch.Tensor, torch.Tensor] | None]) -> Batch:
+    kept = torch.tensor([item is not None for item in items], dtype=torch.bool)
+    good = [item for item in items if item is not None]
+    if not good:
+        return Batch(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0), kept)
+    images, ages = zip(*good)
+    return Batch(torch.stack(images), torch.stack(ages), kept)
+
+
+class ShardSampler(Sampler[int]):
+    """Every `world`-th index from `rank`, in order, without the padding DistributedSampler adds:
+    evaluation shards cover each sample exactly once, so metrics summed over ranks are exact."""
+
+    def __init__(self, length: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, length, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    train: bool,
+    num_workers: int,
+    device: torch.device,
+    sampler: Sampler | None = None,
+    generator: torch.Generator | None = None,
+    persistent: bool = True,
+) -> DataLoader:
+    """The project's DataLoader settings: pinned memory on CUDA, prefetching workers that persist
+    across epochs (unless `persistent` is off, which makes augmentation reproducible per epoch)."""
+    workers = max(0, num_workers)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_batch,
+        pin_memory=device.type == "cuda",
+        drop_last=train,
+        persistent_workers=persistent and workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=generator,
+    )
+
+
+def build_datasets(
+    frames: dict[str, pd.DataFrame],
+    images_for: dict[str, ImageSource],
+    *,
+    image_size: int,
+    augment: str = "none",
+    skip_bad_images: bool = False,
+) -> dict[str, AgeDataset]:
+    """One dataset per split; only `train` is augmented."""
+    return {
+        split: AgeDataset(
+            images_for[split],
+            frame["age"].to_numpy(),
+            transform=train_transform(augment, image_size) if split == "train" else None,
+            skip_bad_images=skip_bad_images,
+        )
+        for split, frame in frames.items()
+    }
+
+
+def create_dataloaders(
+    frames: dict[str, pd.DataFrame],
+    root: Path,
+    *,
+    image_size: int = 224,
+    batch_size: int = 128,
+    num_workers: int = 4,
+    augment: str = "none",
+    skip_bad_images: bool = False,
+    device: torch.device | None = None,
+    seed: int = 0,
+) -> dict[str, DataLoader]:
+    """Loaders over image files for each split in `frames` (`train` shuffled and augmented)."""
+    device = device or torch.device("cpu")
+    images = {split: FileImages(root, frame["path"].tolist(), image_size) for split, frame in frames.items()}
+    datasets = build_datasets(
+        frames, images, image_size=image_size, augment=augment, skip_bad_images=skip_bad_images
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        split: make_loader(
+            dataset,
+            batch_size=batch_size,
+            train=split == "train",
+            num_workers=num_workers,
+            device=device,
+            generator=generator if split == "train" else None,
+        )
+        for split, dataset in datasets.items()
+    }

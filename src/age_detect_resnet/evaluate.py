@@ -1,0 +1,135 @@
+"""Evaluate a trained model on its own test split or on any dataset, with an honest per-age report.
+
+    age-detect evaluate --model runs/NAME                                  # the run's saved test split
+    age-detect evaluate --model runs/NAME --dataset csv --data-root other.csv --split all
+    age-detect evaluate --model runs/NAME --dataset csv --data-root photos.csv --split all --detect
+
+Writes predictions.csv, evaluation.json, evaluation.md and plots/ into --out
+(default: <run>/eval-<dataset>-<split>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from age_detect_resnet import checkpoint
+from age_detect_resnet.config import DATASETS, ConfigError
+from age_detect_resnet.dataset import AgeDataset, FileImages, make_loader
+from age_detect_resnet.engine import evaluate
+from age_detect_resnet.faces import DetectorUnavailableError, largest_face_boxes, margins_of
+from age_detect_resnet.images import ImageReadError
+from age_detect_resnet.inference import image_size_of
+from age_detect_resnet.preprocessing.prepare import PreparedData, load_split
+from age_detect_resnet.preprocessing.sources import DatasetNotFoundError, image_root, load_table
+from age_detect_resnet.report import evaluation_metrics, prediction_frame, write_evaluation
+from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
+
+log = logging.getLogger(__name__)
+
+
+def run_folder(model_path: Path) -> Path | None:
+    """The run folder a model belongs to (it holds config.json and split.csv), if any."""
+    folder = model_path if model_path.is_dir() else model_path.parent
+    return folder if (folder / "config.json").is_file() else None
+
+
+def evaluation_table(args: argparse.Namespace, run_dir: Path | None) -> tuple[pd.DataFrame, Path, str]:
+    """The images to evaluate, their root folder, and the dataset's name."""
+    saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["data"] if run_dir else {}
+    dataset = args.dataset or saved.get("dataset")
+    data_root = Path(args.data_root or saved.get("data_root", "data/raw"))
+    if dataset is None:
+        raise ConfigError("--dataset is needed: the model has no run folder to take it from")
+    if args.split == "test":
+        same_dataset = run_dir is not None and dataset == saved.get("dataset")
+        if not same_dataset or not (run_dir / "split.csv").is_file():
+            raise ConfigError("--split test needs the model's run folder and its own dataset (the test split is "
+                              "saved there as split.csv); for another dataset use --split all")
+        prepared: PreparedData = load_split(run_dir / "split.csv", image_root(dataset, data_root))
+        return prepared.split("test"), prepared.root, dataset
+    table, root = load_table(dataset, data_root, meta=Path(args.meta) if args.meta else None)
+    table = table[table["age"].between(args.min_age, args.max_age)]
+    if args.limit is not None:
+        table = table.sample(min(args.limit, len(table)), random_state=0)
+    return table.reset_index(drop=True), root, dataset
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model_path = Path(args.model)
+        device = select_device(args.device)
+        model = checkpoint.load_model(model_path, device)
+        run_dir = run_folder(model_path)
+        table, root, dataset = evaluation_table(args, run_dir)
+        if table.empty:
+            raise ConfigError("no images to evaluate (check --data-root and the age range)")
+        boxes = None
+        if args.detect:
+            boxes = largest_face_boxes([root / p for p in table["path"]], margins_of(model.metadata),
+                                       kind=args.detector, model_path=args.detector_model, workers=args.num_workers)
+            table = table.assign(face_found=[b is not None for b in boxes])
+        images = FileImages(root, table["path"].tolist(), image_size_of(model), boxes)
+        dataset_ = AgeDataset(images, table["age"].to_numpy(), skip_bad_images=args.skip_bad_images)
+        loader = make_loader(dataset_, batch_size=args.batch_size, train=False, num_workers=args.num_workers,
+                             device=device)
+        autocast = autocast_factory(device, resolve_precision("auto", device))
+        model = model.to(memory_format=torch.channels_last)
+        _, predictions = evaluate(model, loader, device=device, autocast=autocast, tta_flip=args.tta, desc="evaluate")
+        frame = prediction_frame(table, predictions, model)
+        metrics = evaluation_metrics(frame, model)
+        extra = {"model": str(model_path), "dataset": f"{dataset} at {root}", "split": args.split,
+                 "test-time flip": args.tta, "unreadable images skipped": len(table) - len(frame)}
+        if args.detect:
+            found = table["face_found"].iloc[predictions.indices]
+            frame["face_found"] = found.to_numpy()
+            metrics["detection"] = {"faces_found": int(found.sum()), "whole_image_used": int((~found).sum())}
+            extra["no face found (whole image used)"] = int((~found).sum())
+        out = Path(args.out) if args.out else (run_dir or Path("runs")) / f"eval-{dataset}-{args.split}"
+        write_evaluation(frame, metrics, out, title=f"Evaluation of {model_path}", extra=extra)
+    except (ConfigError, checkpoint.ModelFileError, DatasetNotFoundError, DetectorUnavailableError,
+            ImageReadError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    print(f"MAE {metrics['mae']:.2f} years on {metrics['count']:,} images; report in {out / 'evaluation.md'}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="run folder or its best.safetensors")
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the run's dataset")
+    parser.add_argument("--data-root", help="default: the run's data root")
+    parser.add_argument("--meta", help="imdb-wiki: a metadata CSV built by build-meta")
+    parser.add_argument("--split", choices=("test", "all"), default="test",
+                        help="test: the run's saved test split; all: every image of the dataset")
+    parser.add_argument("--out", help="report folder (default: <run>/eval-<dataset>-<split>)")
+    parser.add_argument("--min-age", type=float, default=0, help="--split all: youngest age evaluated")
+    parser.add_argument("--max-age", type=float, default=100, help="--split all: oldest age evaluated")
+    parser.add_argument("--limit", type=int, help="--split all: evaluate a random sample of N images")
+    parser.add_argument("--detect", action="store_true",
+                        help="photos are uncropped: detect the largest face and crop it with the model's margins")
+    parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
+    parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
+    parser.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="age-detect evaluate", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

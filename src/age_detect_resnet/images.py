@@ -1,0 +1,69 @@
+"""Reading any user or dataset image into an upright 8-bit RGB picture, or a clear error naming it."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# 50 megapixels (e.g. 8660x5770) covers every camera photo; larger files are almost always broken or
+# hostile (decompression bombs) and would need gigabytes of memory to decode.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be used; the message names it and says what to do."""
+
+
+def load_rgb(source: Path | str | bytes, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode `source` (a path or the file's bytes) to an upright RGB image.
+
+    EXIF rotation is applied, transparency is composited onto white, and greyscale, palette, CMYK
+    and 16-bit images are converted, so every caller sees the same kind of picture.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
+    try:
+        if isinstance(source, bytes):
+            if not source:
+                raise ImageReadError(f"{label} is empty (0 bytes)")
+            image = Image.open(io.BytesIO(source))
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise ImageReadError(f"{label} does not exist or is not a file")
+            if path.stat().st_size == 0:
+                raise ImageReadError(f"{label} is empty (0 bytes); re-download or remove it")
+            image = Image.open(path)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageReadError(
+                f"{label} is {width}x{height} pixels, over the {max_pixels // 1_000_000} MP limit; "
+                "downscale it before predicting"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError as err:
+        raise ImageReadError(f"{label} is not an image file PIL can read (JPEG, PNG, WebP, ...)") from err
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+        raise ImageReadError(f"{label} is truncated or corrupt ({err}); re-download or remove it") from err
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparent pixels become white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 0 else 1.0
+        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB") if image.mode != "RGB" else image

@@ -1,0 +1,174 @@
+"""Using a trained model: the seed's API, a batched photo predictor with face detection, and the grid.
+
+    from age_detect_resnet.inference import load_trained_model, predict_age_for_image
+    model = load_trained_model("runs/utkface-resnet50-regression", "cpu")
+    age, image = predict_age_for_image("face.jpg", model, "cpu")      # the image is the face (no detection)
+
+    predictor = AgePredictor(model, device="cpu")                       # photos: detect, crop, predict
+    for face in predictor.predict("group_photo.jpg"):
+        print(face.box, face.age)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from age_detect_resnet import checkpoint
+from age_detect_resnet.dataset import to_input_tensor
+from age_detect_resnet.faces import Face, FaceDetector, crop_face, margins_of
+from age_detect_resnet.heads import DistributionHead
+from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.model import AgeModel
+from age_detect_resnet.plots import plot_prediction_grid
+from age_detect_resnet.runtime import autocast_factory, resolve_precision
+
+# (B, 3, S, S) uint8 -> {"age": (B,), and for models with intervals "lower"/"upper": (B,)}
+AgeRunner = Callable[[torch.Tensor], dict[str, np.ndarray]]
+
+
+def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> AgeModel:
+    """The trained model in a run folder (or its best.safetensors), in eval mode on `device`."""
+    return checkpoint.load_model(Path(path), torch.device(device))
+
+
+def image_size_of(model: AgeModel) -> int:
+    return int(model.metadata.get("image_size", 224))
+
+
+class TorchRunner:
+    """Runs an `AgeModel` on batches: inference mode, bf16 autocast where the hardware has it,
+    channels_last, optional flip test-time augmentation."""
+
+    def __init__(self, model: AgeModel, device: str | torch.device = "cpu", *, precision: str = "auto",
+                 tta_flip: bool = False) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
+        self.tta_flip = tta_flip
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        images = images.to(self.device, memory_format=torch.channels_last)
+        with self.autocast():
+            outputs = self.model(images).float()
+            if self.tta_flip:
+                outputs = (outputs + self.model(images.flip(-1)).float()) / 2
+        head = self.model.head
+        result = {"age": head.decode(outputs).cpu().numpy()}
+        if isinstance(head, DistributionHead):
+            bounds = head.interval_bounds(outputs).cpu().numpy()
+            result["lower"], result["upper"] = bounds[:, 0], bounds[:, 1]
+        return result
+
+
+def predict_age_for_image(path: str | Path, model: AgeModel, device: str | torch.device = "cpu") -> tuple[float, Image.Image]:
+    """The seed's function: the age for an image that is already a face crop, and the image."""
+    image = load_rgb(path)
+    batch = to_input_tensor(image, image_size_of(model)).unsqueeze(0)
+    age = TorchRunner(model, device)(batch)["age"][0]
+    return float(age), image
+
+
+@dataclass
+class FacePrediction:
+    """One face of a photo: where it is, how sure the detector was, and its age."""
+
+    face_index: int
+    box: tuple[int, int, int, int]  # the detected face (x1, y1, x2, y2), pixels
+    crop_box: tuple[int, int, int, int]  # the region the model saw (box + training margins)
+    detector_score: float | None
+    age: float
+    interval: tuple[float, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        row = {"face_index": self.face_index, "x1": self.box[0], "y1": self.box[1], "x2": self.box[2],
+               "y2": self.box[3], "detector_score": self.detector_score, "age": round(self.age, 2)}
+        if self.interval is not None:
+            row["age_low"], row["age_high"] = round(self.interval[0], 2), round(self.interval[1], 2)
+        return row
+
+
+class AgePredictor:
+    """Photos to ages: detect every face, crop it with the model's training margins, predict in batches.
+
+    Without a detector each whole image is treated as one face (as `predict_age_for_image`).
+    `runner` replaces the PyTorch runner (e.g. ONNX Runtime, see export.py).
+    """
+
+    def __init__(self, model: AgeModel | None = None, *, device: str | torch.device = "cpu",
+                 detector: FaceDetector | None = None, runner: AgeRunner | None = None,
+                 metadata: dict[str, Any] | None = None, batch_size: int = 32, tta_flip: bool = False) -> None:
+        if runner is None:
+            if model is None:
+                raise ValueError("AgePredictor needs a model or a runner")
+            runner = TorchRunner(model, device, tta_flip=tta_flip)
+        self.runner = runner
+        self.metadata = metadata if metadata is not None else model.metadata
+        self.image_size = int(self.metadata.get("image_size", 224))
+        self.margins = margins_of(self.metadata)
+        self.detector = detector
+        self.batch_size = batch_size
+
+    def face_inputs(self, image: Image.Image) -> list[tuple[Face | None, tuple[int, int, int, int], torch.Tensor]]:
+        """(face, crop box, model input) per face; the whole image when there is no detector."""
+        if self.detector is None:
+            whole = (0, 0, *image.size)
+            return [(None, whole, to_input_tensor(image, self.image_size))]
+        inputs = []
+        for face in self.detector.detect(image):
+            crop, box = crop_face(image, face, self.margins)
+            inputs.append((face, box, to_input_tensor(crop, self.image_size)))
+        return inputs
+
+    def run(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+        """Model outputs for many inputs, `batch_size` at a time."""
+        parts = [self.runner(torch.stack(list(tensors[i:i + self.batch_size])))
+                 for i in range(0, len(tensors), self.batch_size)]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {"age": np.zeros(0)}
+
+    def predict_image(self, image: Image.Image) -> list[FacePrediction]:
+        return self.predict_images([image])[0]
+
+    def predict(self, path: str | Path) -> list[FacePrediction]:
+        return self.predict_image(load_rgb(path))
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[list[FacePrediction]]:
+        """Faces of several photos, run through the model in shared batches."""
+        per_image = [self.face_inputs(image) for image in images]
+        flat = [entry for entries in per_image for entry in entries]
+        outputs = self.run([tensor for _, _, tensor in flat])
+        results, position = [], 0
+        for entries in per_image:
+            faces = []
+            for index, (face, crop_box, _) in enumerate(entries):
+                interval = (float(outputs["lower"][position]), float(outputs["upper"][position])) \
+                    if "lower" in outputs else None
+                box = tuple(round(v) for v in face.box) if face is not None else crop_box
+                faces.append(FacePrediction(index, box, crop_box, face.score if face else None,
+                                            float(outputs["age"][position]), interval))
+                position += 1
+            results.append(faces)
+        return results
+
+
+def prediction_grid(model: AgeModel, paths: Sequence[Path], ages: Sequence[float], out: Path, *,
+                    device: str | torch.device = "cpu", columns: int = 4) -> Path:
+    """The seed's demo: photos with their true and predicted ages, saved as one PNG."""
+    readable = []
+    for path, age in zip(paths, ages):
+        try:
+            readable.append((load_rgb(path), age))
+        except ImageReadError:
+            continue  # the report counts unreadable images; the grid just shows the others
+    images = [image for image, _ in readable]
+    predicted = AgePredictor(model, device=device).run([to_input_tensor(i, image_size_of(model)) for i in images])
+    captions = [f"true {age:g} / predicted {pred:.1f}" for (_, age), pred in zip(readable, predicted["age"])]
+    return plot_prediction_grid(images, captions, out, columns=columns)

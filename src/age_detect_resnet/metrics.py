@@ -1,0 +1,75 @@
+"""Age-estimation metrics over samples (never means of batch means): MAE, RMSE, CS@k, per-group errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CS_THRESHOLDS = tuple(range(1, 11))
+GROUP_WIDTH = 10
+OLDEST_GROUP_START = 70
+
+
+def age_group_label(age: float) -> str:
+    start = min(int(age // GROUP_WIDTH) * GROUP_WIDTH, OLDEST_GROUP_START)
+    return f"{start}+" if start == OLDEST_GROUP_START else f"{start}-{start + GROUP_WIDTH - 1}"
+
+
+def age_group_order(label: str) -> int:
+    return int(label.split("-")[0].rstrip("+"))
+
+
+def age_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """Overall and per-age-group errors of predictions `pred` for true ages `true` (both in years)."""
+    true, pred = np.asarray(true, dtype=np.float64), np.asarray(pred, dtype=np.float64)
+    if true.size == 0:
+        raise ValueError("no predictions to evaluate")
+    error = pred - true
+    absolute = np.abs(error)
+    groups: dict[str, dict[str, float]] = {}
+    labels = np.array([age_group_label(a) for a in true])
+    for label in sorted(set(labels), key=age_group_order):
+        mask = labels == label
+        groups[label] = {
+            "count": int(mask.sum()),
+            "mae": float(absolute[mask].mean()),
+            "mean_signed_error": float(error[mask].mean()),
+        }
+    return {
+        "count": int(true.size),
+        "mae": float(absolute.mean()),
+        "rmse": float(np.sqrt((error**2).mean())),
+        "mean_signed_error": float(error.mean()),
+        "cs": {str(k): float((absolute <= k).mean()) for k in CS_THRESHOLDS},
+        "groups": groups,
+    }
+
+
+def worst_groups(metrics: dict[str, Any], n: int = 2) -> list[str]:
+    """The age groups with the highest MAE (the ones a report should call out)."""
+    groups = metrics["groups"]
+    return sorted(groups, key=lambda g: groups[g]["mae"], reverse=True)[:n]
+
+
+def classification_metrics(true_class: np.ndarray, pred_class: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Accuracy, macro F1 and the confusion matrix (rows: true class, columns: predicted)."""
+    true_class, pred_class = np.asarray(true_class, dtype=int), np.asarray(pred_class, dtype=int)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (true_class, pred_class), 1)
+    tp = np.diag(confusion).astype(float)
+    precision = np.divide(tp, confusion.sum(axis=0), out=np.zeros(n_classes), where=confusion.sum(axis=0) > 0)
+    recall = np.divide(tp, confusion.sum(axis=1), out=np.zeros(n_classes), where=confusion.sum(axis=1) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_classes), where=precision + recall > 0)
+    present = confusion.sum(axis=1) > 0
+    return {
+        "accuracy": float(tp.sum() / max(confusion.sum(), 1)),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "confusion": confusion.tolist(),
+    }
+
+
+def interval_coverage(true: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> dict[str, float]:
+    true = np.asarray(true, dtype=np.float64)
+    inside = (true >= lower) & (true <= upper)
+    return {"coverage": float(inside.mean()), "mean_width": float(np.mean(upper - lower))}

@@ -1,0 +1,180 @@
+"""Backbone and head factories: a torchvision backbone, its ImageNet weights, and an age head."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from age_detect_resnet.heads import AgeHead, create_head
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _strip_fc(model: nn.Module) -> nn.Module:
+    model.fc = nn.Identity()
+    return model
+
+
+def _strip_classifier(model: nn.Module) -> nn.Module:
+    model.classifier = nn.Identity()
+    return model
+
+
+def _strip_last_linear(model: nn.Module) -> nn.Module:
+    model.classifier[-1] = nn.Identity()  # ConvNeXt: keep the LayerNorm and Flatten before the Linear
+    return model
+
+
+# name -> (torchvision builder name, its default ImageNet weights enum, feature width, classifier stripper)
+_BACKBONES: dict[str, tuple[str, str, int, Callable[[nn.Module], nn.Module]]] = {
+    "resnet18": ("resnet18", "ResNet18_Weights", 512, _strip_fc),
+    "resnet34": ("resnet34", "ResNet34_Weights", 512, _strip_fc),
+    "resnet50": ("resnet50", "ResNet50_Weights", 2048, _strip_fc),
+    "resnet101": ("resnet101", "ResNet101_Weights", 2048, _strip_fc),
+    "mobilenet_v2": ("mobilenet_v2", "MobileNet_V2_Weights", 1280, _strip_classifier),
+    "mobilenet_v3_large": ("mobilenet_v3_large", "MobileNet_V3_Large_Weights", 960, _strip_classifier),
+    "efficientnet_b0": ("efficientnet_b0", "EfficientNet_B0_Weights", 1280, _strip_classifier),
+    "convnext_tiny": ("convnext_tiny", "ConvNeXt_Tiny_Weights", 768, _strip_last_linear),
+}
+
+
+class WeightsError(RuntimeError):
+    """ImageNet weights could not be obtained; the message says how to fix it."""
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from `.safetensors` or a `.pth`/`.pt` file, never unpickling code."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and torch.load raise many types for foreign files
+        raise WeightsError(f"{path} is not a readable state dict ({err}); use a .safetensors or .pth state dict") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return state
+
+
+def create_backbone(name: str, *, pretrained: bool = True, weights: Path | None = None) -> tuple[nn.Module, int]:
+    """A torchvision classifier without its last layer, and the width of the features it returns.
+
+    ImageNet weights come from `weights` (a local state dict of the full classifier) when given,
+    else from torchvision's download when `pretrained`.
+    """
+    if name not in _BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(_BACKBONES)}")
+    builder_name, weights_enum, features, strip = _BACKBONES[name]
+    builder = getattr(torchvision.models, builder_name)
+    if weights is not None:
+        model = builder(weights=None)
+        state = load_state_dict_file(Path(weights))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise WeightsError(f"{weights} does not match torchvision's {name}: {str(err)[:300]}") from err
+        log.info("loaded ImageNet weights for %s from %s", name, weights)
+    elif pretrained:
+        enum = getattr(torchvision.models, weights_enum).DEFAULT
+        try:
+            model = builder(weights=enum)
+        except Exception as err:  # URLError, SSL errors, timeouts: any failure to download
+            raise WeightsError(
+                f"could not download the ImageNet weights of {name} ({err.__class__.__name__}: {err}). "
+                f"Pass --weights FILE with a local torchvision state dict (.safetensors or .pth), "
+                f"or --no-pretrained to train from random initialisation"
+            ) from err
+    else:
+        model = builder(weights=None)
+    return strip(model), features
+
+
+class AgeModel(nn.Module):
+    """Backbone + head, taking uint8 or [0, 1] float images (B, 3, H, W) and normalising them itself,
+    so every caller (training, inference, exported models) feeds the same raw pixels."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: AgeHead,
+        *,
+        backbone_name: str,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.head, self.backbone_name = backbone, head, backbone_name
+        # What a trained model needs at inference (image size, crop margin, ...): see checkpoint.py.
+        self.metadata: dict[str, Any] = {}
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, K) raw head outputs
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = (x - self.mean) / self.std
+        features = self.backbone(x)  # (B, F)
+        # The head runs in float32 even under autocast: bf16 would round ages to 0.25-year steps.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float())
+
+    def predict_ages(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B,) ages in years."""
+        return self.head.decode(self(images))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone_name,
+            "head": self.head.describe(),
+            "mean": [float(v) for v in self.mean.flatten()],
+            "std": [float(v) for v in self.std.flatten()],
+        }
+
+
+def create_model(
+    backbone: str = "resnet50",
+    head: str = "regression",
+    *,
+    pretrained: bool = True,
+    weights: Path | None = None,
+    **head_options: Any,
+) -> AgeModel:
+    """An age model; `head_options` go to `heads.create_head` (hidden_dim, init_age, min_age, ...)."""
+    features, width = create_backbone(backbone, pretrained=pretrained, weights=weights)
+    return AgeModel(features, create_head(head, width, **head_options), backbone_name=backbone)
+
+
+def create_resnet50_regressor(pretrained: bool = True, *, weights: Path | None = None, init_age: float | None = None) -> AgeModel:
+    """The seed's model: ResNet-50 with the head Linear(2048, 256) -> ReLU -> Linear(256, 1)."""
+    return create_model("resnet50", "regression", pretrained=pretrained, weights=weights, init_age=init_age)
+
+
+def model_from_description(description: dict[str, Any]) -> AgeModel:
+    """Rebuild the architecture recorded by `AgeModel.describe()` (weights are loaded separately)."""
+    head_options = dict(description["head"])
+    kind = head_options.pop("kind")
+    features, width = create_backbone(description["backbone"], pretrained=False)
+    return AgeModel(
+        features,
+        create_head(kind, width, **head_options),
+        backbone_name=description["backbone"],
+        mean=tuple(description.get("mean", IMAGENET_MEAN)),
+        std=tuple(description.get("std", IMAGENET_STD)),
+    )

@@ -1,0 +1,70 @@
+"""From a dataset to the labelled train/val/test table a run trains and is evaluated on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from age_detect_resnet.atomic import atomic_path
+from age_detect_resnet.config import DataConfig
+from age_detect_resnet.preprocessing.sources import load_table
+from age_detect_resnet.preprocessing.tabular import (
+    assign_splits,
+    drop_duplicate_images,
+    filter_age_range,
+    limit_classes_to_n,
+)
+
+log = logging.getLogger(__name__)
+
+SPLIT_COLUMNS = ["path", "age", "person_id", "split"]
+
+
+@dataclass
+class PreparedData:
+    table: pd.DataFrame  # path, age, person_id, split (+ adapter columns)
+    root: Path  # relative paths in `table` are under this folder
+    removed: dict[str, int] = field(default_factory=dict)  # rows removed by each step, for the report
+
+    def split(self, name: str) -> pd.DataFrame:
+        return self.table[self.table["split"] == name].reset_index(drop=True)
+
+
+def prepare_splits(data: DataConfig, *, seed: int) -> PreparedData:
+    """Load, deduplicate, keep the age range, balance, cap, and split by person, stratified by age."""
+    table, root = load_table(data.dataset, Path(data.data_root), meta=Path(data.meta) if data.meta else None,
+                             min_face_score=data.min_face_score)
+    removed: dict[str, int] = {}
+    table, duplicates = drop_duplicate_images(table, root)
+    removed.update(duplicates)
+    before = len(table)
+    table = filter_age_range(table, data.min_age, data.max_age)
+    removed[f"age outside {data.min_age}-{data.max_age}"] = before - len(table)
+    before = len(table)
+    table = limit_classes_to_n(table, data.max_per_age, seed=seed)
+    removed[f"over {data.max_per_age} per age"] = before - len(table)
+    if data.limit is not None and data.limit < len(table):
+        removed["over --limit"] = len(table) - data.limit
+        table = table.iloc[np.sort(np.random.default_rng(seed).choice(len(table), data.limit, replace=False))]
+    if table.empty:
+        raise ValueError(f"no images of ages {data.min_age}-{data.max_age} left in {data.data_root}")
+    table = table.assign(split=assign_splits(table, val_fraction=data.val_fraction,
+                                             test_fraction=data.test_fraction, seed=seed))
+    if "person_id" not in table.columns:
+        table = table.assign(person_id=None)
+    return PreparedData(table.reset_index(drop=True), root, removed)
+
+
+def save_split(prepared: PreparedData, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        prepared.table[SPLIT_COLUMNS].to_csv(tmp, index=False)
+
+
+def load_split(path: Path, root: Path) -> PreparedData:
+    """A split saved with a run, so evaluation later uses exactly the same test images."""
+    table = pd.read_csv(path, dtype={"path": str, "person_id": str})
+    return PreparedData(table, Path(root))

@@ -1,0 +1,75 @@
+"""One entry point for every dataset adapter: a table of (path, age, person_id, ...) and its image root."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from age_detect_resnet.preprocessing.build_meta import SOURCES, build_meta
+from age_detect_resnet.preprocessing.csv_table import load_csv_table
+from age_detect_resnet.preprocessing.utkface import is_image_file, load_utkface
+
+log = logging.getLogger(__name__)
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No dataset where the user pointed; the message says what to download and where to put it."""
+
+
+def dataset_help(data_root: Path) -> str:
+    return (
+        f"no dataset found at {data_root}. Either\n"
+        "  * IMDB-WIKI: download imdb_crop.tar and/or wiki_crop.tar from "
+        "https://data.vision.ee.ethz.ch/cvl/rrothe/imdb-wiki/ and unpack them into data/raw/ "
+        "(giving data/raw/imdb_crop/imdb.mat, data/raw/wiki_crop/wiki.mat and their image folders), or\n"
+        "  * UTKFace: put the aligned & cropped faces (UTKFace.tar.gz, https://susanqq.github.io/UTKFace/) "
+        "in a folder and pass --dataset utkface --data-root FOLDER, or\n"
+        "  * any dataset: a CSV with path,age columns, passed as --dataset csv --data-root FILE.csv"
+    )
+
+
+def guess_dataset(data_root: Path) -> str:
+    """Which adapter reads `data_root`: a CSV file, an IMDB-WIKI tree, or a folder of UTKFace images."""
+    data_root = Path(data_root)
+    if data_root.is_file() and data_root.suffix.lower() == ".csv":
+        return "csv"
+    if any((data_root / rel).is_file() for rel in SOURCES.values()):
+        return "imdb-wiki"
+    if data_root.is_dir() and any(is_image_file(p) for p in data_root.iterdir()):
+        return "utkface"
+    raise DatasetNotFoundError(dataset_help(data_root))
+
+
+def image_root(dataset: str, data_root: Path) -> Path:
+    """The folder a dataset's relative image paths start from (a CSV's paths: the CSV's folder)."""
+    return Path(data_root).parent if dataset == "csv" else Path(data_root)
+
+
+def load_table(
+    dataset: str, data_root: Path, *, meta: Path | None = None, min_face_score: float | None = None
+) -> tuple[pd.DataFrame, Path]:
+    """The dataset's table and the folder its relative `path`s are resolved against."""
+    data_root = Path(data_root)
+    if dataset == "imdb-wiki":
+        return _imdb_wiki_table(data_root, meta, min_face_score), data_root
+    if not data_root.exists():
+        raise DatasetNotFoundError(dataset_help(data_root))
+    if dataset == "utkface":
+        return load_utkface(data_root), data_root
+    if dataset == "csv":
+        return load_csv_table(data_root), image_root(dataset, data_root)
+    raise ValueError(f"unknown dataset {dataset!r}; use imdb-wiki, utkface or csv")
+
+
+def _imdb_wiki_table(data_root: Path, meta: Path | None, min_face_score: float | None) -> pd.DataFrame:
+    if meta is not None:
+        if not Path(meta).is_file():
+            raise DatasetNotFoundError(f"metadata file {meta} does not exist; run `age-detect build-meta` first")
+        return pd.read_csv(meta, dtype={"person_id": str})
+    if not any((data_root / rel).is_file() for rel in SOURCES.values()):
+        raise DatasetNotFoundError(dataset_help(data_root))
+    log.info("building the IMDB-WIKI metadata from %s (pass --meta to reuse a built table)", data_root)
+    df, filters = build_meta(data_root, min_face_score=min_face_score)
+    log.info("metadata filters:\n%s", filters.summary(len(df)))
+    return df

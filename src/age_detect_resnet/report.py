@@ -1,0 +1,102 @@
+"""Evaluation reports: per-sample predictions, metrics, figures, as CSV + JSON + Markdown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from age_detect_resnet.atomic import atomic_path, write_text_atomic
+from age_detect_resnet.engine import Predictions
+from age_detect_resnet.heads import BinsHead, DistributionHead
+from age_detect_resnet.metrics import age_metrics, classification_metrics, interval_coverage, worst_groups
+from age_detect_resnet.model import AgeModel
+from age_detect_resnet.plots import plot_confusion, plot_cs_curve, plot_group_errors, plot_predicted_vs_true
+
+
+def prediction_frame(table: pd.DataFrame, predictions: Predictions, model: AgeModel) -> pd.DataFrame:
+    """One row per evaluated image: its table columns, the prediction, and head-specific extras."""
+    rows = table.iloc[predictions.indices]
+    frame = pd.DataFrame({"path": rows["path"].to_numpy(), "age": predictions.ages,
+                          "predicted": predictions.predicted})
+    frame["error"] = frame["predicted"] - frame["age"]
+    head, outputs = model.head, torch.from_numpy(predictions.outputs)
+    if isinstance(head, DistributionHead) and len(frame):
+        bounds = head.interval_bounds(outputs.to(head.centres.device)).cpu().numpy()
+        frame["lower"], frame["upper"] = bounds[:, 0], bounds[:, 1]
+    if isinstance(head, BinsHead) and len(frame):
+        frame["true_group"] = head.bin_of(torch.as_tensor(frame["age"].to_numpy())).numpy()
+        frame["predicted_group"] = outputs.argmax(dim=1).numpy()
+    return frame
+
+
+def evaluation_metrics(frame: pd.DataFrame, model: AgeModel) -> dict[str, Any]:
+    metrics = age_metrics(frame["age"].to_numpy(), frame["predicted"].to_numpy())
+    metrics["worst_groups"] = worst_groups(metrics)
+    head = model.head
+    if "lower" in frame:
+        metrics["interval"] = {"nominal": head.interval, **interval_coverage(frame["age"], frame["lower"], frame["upper"])}
+    if "predicted_group" in frame:
+        metrics["classification"] = {
+            "groups": head.labels(),
+            **classification_metrics(frame["true_group"], frame["predicted_group"], len(head.labels())),
+        }
+    return metrics
+
+
+def metrics_markdown(metrics: dict[str, Any]) -> str:
+    lines = [
+        "| images | MAE | RMSE | mean signed error | CS@5 |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {metrics['count']:,} | {metrics['mae']:.2f} | {metrics['rmse']:.2f} | "
+        f"{metrics['mean_signed_error']:+.2f} | {metrics['cs']['5']:.1%} |",
+        "",
+        "Error per true age group (signed error > 0: predicted too old):",
+        "",
+        "| age group | images | MAE | mean signed error |",
+        "|---|---:|---:|---:|",
+    ]
+    for group, stats in metrics["groups"].items():
+        lines.append(f"| {group} | {stats['count']:,} | {stats['mae']:.2f} | {stats['mean_signed_error']:+.2f} |")
+    lines += ["", f"Worst groups: {', '.join(metrics['worst_groups'])}.", ""]
+    cs = metrics["cs"]
+    lines += ["CS@k (share within k years): " + ", ".join(f"@{k} {v:.1%}" for k, v in cs.items()), ""]
+    if "interval" in metrics:
+        iv = metrics["interval"]
+        lines += [f"{iv['nominal']:.0%} age interval: real coverage {iv['coverage']:.1%}, "
+                  f"mean width {iv['mean_width']:.1f} years.", ""]
+    if "classification" in metrics:
+        cl = metrics["classification"]
+        lines += [f"Age groups: accuracy {cl['accuracy']:.1%}, macro F1 {cl['macro_f1']:.3f}.", ""]
+    return "\n".join(lines)
+
+
+def write_evaluation(
+    frame: pd.DataFrame, metrics: dict[str, Any], out_dir: Path, *, title: str, extra: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """predictions.csv, evaluation.json, evaluation.md and the figures under out_dir/plots/."""
+    out_dir = Path(out_dir)
+    plots = out_dir / "plots"
+    with atomic_path(out_dir / "predictions.csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.3f")
+    document = {**(extra or {}), "metrics": metrics}
+    write_text_atomic(out_dir / "evaluation.json", json.dumps(document, indent=2) + "\n")
+    written = {
+        "pred_vs_true": plot_predicted_vs_true(frame["age"], frame["predicted"], plots / "pred_vs_true.png",
+                                               title=f"{title}: MAE {metrics['mae']:.2f}"),
+        "group_errors": plot_group_errors(metrics["groups"], plots / "group_errors.png"),
+        "cs_curve": plot_cs_curve(metrics["cs"], plots / "cs_curve.png"),
+    }
+    if "classification" in metrics:
+        cl = metrics["classification"]
+        written["confusion"] = plot_confusion(cl["confusion"], cl["groups"], plots / "confusion.png")
+    markdown = [f"# {title}", ""]
+    markdown += [f"- {key}: {value}" for key, value in (extra or {}).items()] + [""]
+    markdown += [metrics_markdown(metrics)]
+    markdown += [f"![{name}](plots/{path.name})" for name, path in written.items()]
+    write_text_atomic(out_dir / "evaluation.md", "\n".join(markdown) + "\n")
+    return written
+
