@@ -14,6 +14,9 @@ COMMANDS = {
     "train": ("age_detect_resnet.train", "train, evaluate on the test split, write the report"),
     "evaluate": ("age_detect_resnet.evaluate", "evaluate a trained model on a dataset"),
     "pipeline": ("age_detect_resnet.pipeline", "the whole job on a dataset folder: metadata, training, report"),
+    "predict": ("age_detect_resnet.predict", "ages of the faces in photos (files, folders, globs)"),
+    "serve": ("age_detect_resnet.web.app", "a web page and JSON API for age estimation"),
+    "export": ("age_detect_resnet.export", "export a trained model to ONNX or TorchScript"),
 }
 
 

@@ -1,0 +1,64 @@
+"""How old do you look? Run the trained model on your own photo.
+
+    python check_your_age.py me.jpg                          # newest run under runs/
+    python check_your_age.py me.jpg --model runs/NAME --show  # also open the annotated photo
+
+Prints the age of every face found, and saves the photo with boxes and ages next to it
+(me_ages.jpg) or where --out says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from age_detect_resnet.annotate import age_label, draw_predictions
+from age_detect_resnet.checkpoint import ModelFileError
+from age_detect_resnet.faces import DetectorUnavailableError, create_detector
+from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.inference import AgePredictor, load_trained_model
+from age_detect_resnet.runtime import select_device
+
+
+def newest_run(runs: Path = Path("runs")) -> Path:
+    models = sorted(runs.glob("*/best.safetensors"), key=lambda p: p.stat().st_mtime)
+    if not models:
+        raise ModelFileError(f"no trained model under {runs}/; train one first (see README) or pass --model")
+    return models[-1].parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("photo", type=Path)
+    parser.add_argument("--model", type=Path, help="run folder or best.safetensors (default: newest under runs/)")
+    parser.add_argument("--out", type=Path, help="where to save the annotated photo (default: PHOTO_ages.jpg)")
+    parser.add_argument("--show", action="store_true", help="open the annotated photo in an image viewer")
+    parser.add_argument("--no-detect", action="store_true", help="the photo is already a face crop")
+    parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
+    args = parser.parse_args(argv)
+    try:
+        device = select_device("auto")
+        model = load_trained_model(args.model or newest_run(), device)
+        detector = None if args.no_detect else create_detector("auto", args.detector_model)
+        image = load_rgb(args.photo)
+        faces = AgePredictor(model, device=device, detector=detector, tta_flip=True).predict_image(image)
+    except (ModelFileError, DetectorUnavailableError, ImageReadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not faces:
+        print(f"no face found in {args.photo}; try a photo where the face is larger, or --no-detect", file=sys.stderr)
+        return 1
+    for face in faces:
+        print(f"face {face.face_index + 1}: you look {age_label(face)} years old")
+    out = args.out or args.photo.with_name(f"{args.photo.stem}_ages.jpg")
+    annotated = draw_predictions(image, faces)
+    annotated.save(out, quality=92)
+    print(f"annotated photo: {out}")
+    if args.show:
+        annotated.show()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

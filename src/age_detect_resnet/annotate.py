@@ -1,0 +1,36 @@
+"""Drawing predictions on photos: a box around each face and its age above it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from age_detect_resnet.inference import FacePrediction
+
+
+def age_label(face: FacePrediction) -> str:
+    if face.interval is None:
+        return f"{face.age:.0f}"
+    low, high = face.interval
+    return f"{face.age:.0f} ({low:.0f}-{high:.0f})"
+
+
+def draw_predictions(image: Image.Image, faces: Sequence[FacePrediction]) -> Image.Image:
+    """A copy of `image` with every face boxed and labelled with its age; line widths and text
+    scale with the photo so labels stay legible on large and small images."""
+    annotated = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(annotated)
+    scale = max(annotated.size) / 800
+    width = max(2, round(3 * scale))
+    font = ImageFont.load_default(size=max(12, round(22 * scale)))
+    for face in faces:
+        x1, y1, x2, y2 = face.box
+        draw.rectangle((x1, y1, x2, y2), outline=(40, 220, 90), width=width)
+        text = age_label(face)
+        left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
+        height = bottom - top
+        y = y1 - height - 2 * width if y1 - height - 2 * width >= 0 else y2 + width
+        draw.rectangle((x1, y, x1 + (right - left) + 2 * width, y + height + 2 * width), fill=(40, 220, 90))
+        draw.text((x1 + width, y + width - (top - y1)), text, fill=(0, 0, 0), font=font)
+    return annotated

@@ -1,0 +1,73 @@
+"""Dataset adapters: UTKFace names (malformed ones too), CSV tables, and recognising a dataset folder."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from PIL import Image
+
+from age_detect_resnet.preprocessing.csv_table import CsvTableError, load_csv_table
+from age_detect_resnet.preprocessing.sources import DatasetNotFoundError, guess_dataset, load_table
+from age_detect_resnet.preprocessing.utkface import load_utkface, parse_utkface_name
+from conftest import REPLICA, UTKFACE, require
+
+
+@pytest.mark.parametrize(
+    ("name", "age", "gender", "race"),
+    [
+        ("25_0_2_20170116174525125.jpg.chip.jpg", 25, "male", 2),
+        ("39_1_20170116174525125.jpg.chip.jpg", 39, "female", -1),  # race missing upstream
+        ("24_0_1_20170116220224657 .jpg.chip.jpg", 24, "male", 1),  # stray space
+        ("55_0_0_20170116232725357jpg.chip.jpg", 55, "male", 0),  # missing dot
+        ("100_1_0_20170112213500903.jpg.chip.jpg", 100, "female", 0),
+    ],
+)
+def test_utkface_names_parse_including_upstream_defects(name, age, gender, race):
+    assert parse_utkface_name(name) == {"age": age, "gender": gender, "race": race}
+
+
+def test_unparsable_utkface_names_are_reported_not_fatal(tmp_path, caplog):
+    for name in ("30_0_1_2017.jpg.chip.jpg", "portrait.jpg"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "README.md").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        table = load_utkface(tmp_path)
+    assert table["path"].tolist() == ["30_0_1_2017.jpg.chip.jpg"]
+    assert "portrait.jpg" in caplog.text
+
+
+def test_the_whole_utkface_folder_loads_with_every_image_labelled():
+    folder = require(UTKFACE)
+    table = load_utkface(folder)
+    assert len(table) == 23708  # all of them, malformed names included
+    assert table["age"].between(1, 116).all()
+
+
+def test_csv_paths_relative_to_the_csv_and_bad_rows_reported(tmp_path, caplog):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.jpg")
+    csv = tmp_path / "faces.csv"
+    csv.write_text(f"path,age\nimg/a.jpg,31\n{tmp_path / 'img' / 'a.jpg'},40\nimg/b.jpg,\nimg/c.jpg,old\n")
+    with caplog.at_level(logging.WARNING):
+        table, root = load_table("csv", csv)
+    assert root == tmp_path
+    assert table["age"].tolist() == [31, 40]
+    assert "lines 4, 5" in caplog.text
+
+
+def test_csv_without_the_needed_columns_is_refused(tmp_path):
+    csv = tmp_path / "x.csv"
+    csv.write_text("file,years\na.jpg,3\n")
+    with pytest.raises(CsvTableError, match="path, age|age, path|lacks"):
+        load_csv_table(csv)
+
+
+def test_dataset_kind_is_recognised_from_the_folder(tmp_path):
+    assert guess_dataset(require(REPLICA)) == "imdb-wiki"
+    assert guess_dataset(require(UTKFACE)) == "utkface"
+    csv = tmp_path / "a.csv"
+    csv.write_text("path,age\n")
+    assert guess_dataset(csv) == "csv"
+    with pytest.raises(DatasetNotFoundError, match="imdb_crop.tar"):
+        guess_dataset(tmp_path / "nothing-here")

@@ -1,0 +1,80 @@
+"""Dataset, loaders and the prepared-image cache."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from age_detect_resnet.cache import prepare_cache
+from age_detect_resnet.dataset import AgeDataset, FileImages, collate_batch, create_dataloaders, train_transform
+from age_detect_resnet.images import ImageReadError
+
+
+def make_images(folder, n=6):
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (50 + i, 40), (i * 40, 100, 200 - i * 30)).save(folder / f"{i}.jpg")
+    return [f"{i}.jpg" for i in range(n)]
+
+
+def test_items_are_uint8_images_and_float32_ages(tmp_path):
+    paths = make_images(tmp_path)
+    dataset = AgeDataset(FileImages(tmp_path, paths, 32), [20, 30, 40, 50, 60, 70])
+    image, age = dataset[2]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    assert age.dtype == torch.float32 and age.item() == 40
+
+
+def test_a_bad_image_names_the_file_or_is_skipped_and_counted(tmp_path):
+    paths = make_images(tmp_path, 3)
+    (tmp_path / "1.jpg").write_bytes(b"")  # zero bytes
+    strict = AgeDataset(FileImages(tmp_path, paths, 16), [1, 2, 3])
+    with pytest.raises(ImageReadError, match=r"1\.jpg.*--skip-bad-images"):
+        strict[1]
+    lenient = AgeDataset(FileImages(tmp_path, paths, 16), [1, 2, 3], skip_bad_images=True)
+    batch = collate_batch([lenient[i] for i in range(3)])
+    assert batch.images.shape[0] == 2 and batch.kept.tolist() == [True, False, True]
+
+
+def test_dataloaders_shuffle_and_augment_only_training(tmp_path):
+    paths = make_images(tmp_path, 8)
+    frame = pd.DataFrame({"path": paths, "age": range(20, 28)})
+    loaders = create_dataloaders({"train": frame, "val": frame}, tmp_path, image_size=24, batch_size=4,
+                                 num_workers=0, augment="light")
+    assert len(loaders["train"]) == 2 and len(loaders["val"]) == 2
+    val = next(iter(loaders["val"]))
+    assert val.ages.tolist() == [20, 21, 22, 23]  # evaluation keeps the table's order
+    assert loaders["train"].dataset.transform is not None and loaders["val"].dataset.transform is None
+    assert train_transform("none", 24) is None
+
+
+def test_the_cache_serves_the_same_pixels_as_decoding(tmp_path):
+    paths = make_images(tmp_path / "img")
+    cache = prepare_cache(tmp_path / "img", paths, image_size=32, cache_dir=tmp_path / "cache", workers=1)
+    files = FileImages(tmp_path / "img", paths, 32)
+    for i in range(len(paths)):
+        assert torch.equal(cache.load(i), files.load(i))
+    view = cache.subset([4, 1])
+    assert torch.equal(view.load(0), files.load(4)) and view.name(1) == "1.jpg"
+
+
+def test_the_cache_is_rebuilt_when_inputs_or_size_change(tmp_path):
+    paths = make_images(tmp_path / "img", 3)
+    first = prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache", workers=1)
+    assert prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache").folder == first.folder
+    assert prepare_cache(tmp_path / "img", paths, image_size=24, cache_dir=tmp_path / "cache").folder != first.folder
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(tmp_path / "img" / "0.jpg")  # an input changed
+    rebuilt = prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache", workers=1)
+    assert rebuilt.folder != first.folder
+    assert rebuilt.load(0).sum() == 0
+
+
+def test_unreadable_images_in_the_cache_raise_when_used(tmp_path):
+    paths = make_images(tmp_path / "img", 2)
+    (tmp_path / "img" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    cache = prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache", workers=1)
+    assert cache.load(0).shape == (3, 16, 16)
+    with pytest.raises(ImageReadError, match=r"1\.jpg"):
+        cache.load(1)

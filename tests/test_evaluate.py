@@ -1,0 +1,83 @@
+"""Evaluation: sample-level metrics, the run's own test split, any dataset, detection on uncropped photos."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from age_detect_resnet.evaluate import main as evaluate_main
+from age_detect_resnet.metrics import age_group_label, age_metrics, classification_metrics
+from conftest import TEST_IMAGES, require
+
+
+def test_mae_is_over_samples_not_a_mean_of_batch_means():
+    true = np.array([10, 20, 30, 40, 50.0])
+    pred = np.array([12, 20, 30, 40, 40.0])
+    metrics = age_metrics(true, pred)
+    assert metrics["mae"] == pytest.approx(12 / 5)  # batches of (2, 3) would give mean(1, 3.33) = 2.17
+    assert metrics["rmse"] == pytest.approx(np.sqrt((4 + 100) / 5))
+    assert metrics["cs"]["5"] == pytest.approx(0.8)
+    assert metrics["groups"]["50-59"] == {"count": 1, "mae": 10.0, "mean_signed_error": -10.0}
+    assert [age_group_label(a) for a in (0, 9.9, 10, 69, 70, 95)] == ["0-9", "0-9", "10-19", "60-69", "70+", "70+"]
+
+
+def test_classification_metrics():
+    result = classification_metrics(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 2]), 3)
+    assert result["accuracy"] == 0.75
+    assert result["confusion"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]
+    assert result["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+
+
+def test_evaluate_reproduces_the_runs_test_report(tiny_run, tmp_path):
+    out = tmp_path / "again"
+    assert evaluate_main(["--model", str(tiny_run), "--out", str(out), "--num-workers", "0"]) == 0
+    again = json.loads((out / "evaluation.json").read_text())["metrics"]
+    original = json.loads((tiny_run / "evaluation.json").read_text())["metrics"]
+    assert again["count"] == original["count"]
+    assert again["mae"] == pytest.approx(original["mae"], abs=0.01)
+    for name in ("evaluation.md", "predictions.csv", "plots/pred_vs_true.png", "plots/group_errors.png"):
+        assert (out / name).is_file()
+
+
+def test_evaluate_any_csv_dataset_with_split_all(tiny_run, tmp_path):
+    root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
+    names = sorted(p.name for p in __import__("pathlib").Path(root).iterdir())[:12]
+    csv = tmp_path / "other.csv"
+    pd.DataFrame({"path": [f"{root}/{n}" for n in names], "age": [int(n.split("_")[0]) for n in names]}).to_csv(
+        csv, index=False)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--model", str(tiny_run), "--dataset", "csv", "--data-root", str(csv), "--split", "all",
+                          "--out", str(out), "--num-workers", "0", "--tta"]) == 0
+    document = json.loads((out / "evaluation.json").read_text())
+    assert document["metrics"]["count"] == 12 and document["test-time flip"] is True
+
+
+def test_split_test_on_another_dataset_is_refused_with_advice(tiny_run, tmp_path, caplog):
+    csv = tmp_path / "x.csv"
+    csv.write_text("path,age\na.jpg,20\n")
+    assert evaluate_main(["--model", str(tiny_run), "--dataset", "csv", "--data-root", str(csv)]) == 2
+    assert "--split all" in caplog.text
+
+
+def test_evaluate_with_detection_on_uncropped_photos(tiny_run, tmp_path):
+    photos = require(TEST_IMAGES)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = []
+    for name in ("obama.jpg", "biden.jpg"):
+        shutil.copy(photos / name, folder / name)
+        rows.append({"path": name, "age": 50})
+    from PIL import Image
+
+    Image.new("RGB", (200, 200), (128, 128, 128)).save(folder / "blank.png")  # no face: whole image used
+    rows.append({"path": "blank.png", "age": 30})
+    pd.DataFrame(rows).to_csv(folder / "photos.csv", index=False)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--model", str(tiny_run), "--dataset", "csv", "--data-root", str(folder / "photos.csv"),
+                          "--split", "all", "--detect", "--out", str(out), "--num-workers", "1"]) == 0
+    detection = json.loads((out / "evaluation.json").read_text())["metrics"]["detection"]
+    assert detection == {"faces_found": 2, "whole_image_used": 1}

@@ -1,0 +1,93 @@
+"""Model factories: the seed's architecture, weights from a file or the download, every backbone and head."""
+
+from __future__ import annotations
+
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from age_detect_resnet.heads import BinsHead, DistributionHead, RegressionHead
+from age_detect_resnet.model import WeightsError, create_backbone, create_model, create_resnet50_regressor
+from conftest import WEIGHTS, require
+
+
+def test_the_seed_architecture():
+    model = create_resnet50_regressor(pretrained=False)
+    layers = list(model.head.layers)
+    assert [type(layer) for layer in layers] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert (layers[0].in_features, layers[0].out_features, layers[2].out_features) == (2048, 256, 1)
+    assert isinstance(model.backbone, torchvision.models.ResNet)
+    ages = model.eval().predict_ages(torch.zeros(2, 3, 64, 64, dtype=torch.uint8))
+    assert ages.shape == (2,)
+
+
+def test_imagenet_weights_from_a_local_file_are_loaded():
+    weights = require(WEIGHTS / "resnet50_imagenet_v1_fp16.safetensors")
+    model = create_resnet50_regressor(weights=weights)
+    reference = torchvision.models.resnet50()
+    from safetensors.torch import load_file
+
+    reference.load_state_dict(load_file(weights))
+    assert torch.equal(model.backbone.conv1.weight, reference.conv1.weight)
+
+
+def test_offline_without_a_weights_file_says_how_to_fix_it(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(WeightsError, match="--weights FILE.*--no-pretrained"):
+        create_resnet50_regressor(pretrained=True)
+
+
+def test_a_weights_file_for_another_architecture_is_refused(tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(WeightsError, match="does not match"):
+        create_backbone("resnet50", weights=tmp_path / "r18.pth")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+                                  "convnext_tiny"])
+def test_every_backbone_gives_features_of_its_declared_width(name):
+    backbone, width = create_backbone(name, pretrained=False)
+    with torch.no_grad():
+        assert backbone.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, width)
+
+
+def test_regression_starts_at_the_mean_training_age():
+    model = create_model("resnet18", "regression", pretrained=False, init_age=33.0).eval()
+    assert isinstance(model.head, RegressionHead)
+    assert abs(model.predict_ages(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).item() - 33.0) < 5
+
+
+def test_heads_decode_ages_in_years():
+    bins = BinsHead(8, 4, min_age=10, max_age=75)
+    assert bins.labels()[:2] == ["10-14", "15-19"] and bins.labels()[-1] == "75-75"
+    certain = torch.full((1, len(bins.labels())), -50.0)
+    certain[0, 2] = 50.0  # all mass on 20-24
+    assert bins.decode(certain).item() == pytest.approx(22.0)
+    assert bins.bin_of(torch.tensor([10.0, 24.4, 75.0])).tolist() == [0, 2, 13]
+
+    dist = DistributionHead(8, 4, label_sigma=2.0)
+    target = dist.target_distribution(torch.tensor([40.0]))
+    assert target.sum().item() == pytest.approx(1.0) and target.argmax().item() == 40
+    logits = torch.log(target + 1e-9)
+    assert dist.decode(logits).item() == pytest.approx(40.0, abs=0.01)
+    low, high = dist.interval_bounds(logits, 0.8)[0].tolist()
+    assert low < 40 < high and high - low == pytest.approx(2 * 1.2816 * 2.0, rel=0.1)  # 80% of N(40, 2)
+
+
+def test_interval_calibration_reaches_the_nominal_coverage():
+    torch.manual_seed(0)
+    head = DistributionHead(8, 4, label_sigma=1.0, interval=0.8)
+    ages = torch.rand(2000) * 60 + 10
+    # an over-confident model: sharp predictions (sigma 1) for errors of sigma 4
+    centre = ages + torch.randn(2000) * 4
+    logits = torch.log(head.target_distribution(centre) + 1e-12)
+    head.calibrate_interval(logits, ages)
+    bounds = head.interval_bounds(logits)
+    coverage = ((ages >= bounds[:, 0]) & (ages <= bounds[:, 1])).float().mean().item()
+    assert abs(coverage - 0.8) < 0.02

@@ -1,0 +1,123 @@
+"""Training end to end on tiny real data: artefacts, resume, reload, config precedence, seed module path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from age_detect_resnet import checkpoint
+from age_detect_resnet.config import ConfigError, resolve_config
+from age_detect_resnet.inference import load_trained_model, predict_age_for_image
+from age_detect_resnet.train import inverse_frequency_weights, should_stop
+from conftest import train_tiny
+
+ARTEFACTS = ["config.json", "split.csv", "metrics.csv", "best.safetensors", "best.json", "last.pt", "report.md",
+             "predictions.csv", "evaluation.json", "evaluation.md", "plots/loss.png", "plots/mae.png",
+             "plots/pred_vs_true.png", "plots/group_errors.png", "plots/grid.png"]
+
+
+def test_a_run_writes_every_artefact(tiny_run):
+    for name in ARTEFACTS:
+        assert (tiny_run / name).is_file(), name
+    metrics = pd.read_csv(tiny_run / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2]
+    assert {"train_loss", "train_mae", "val_loss", "val_mae", "lr", "seconds"} <= set(metrics.columns)
+    meta = json.loads((tiny_run / "best.json").read_text())
+    assert meta["image_size"] == 40 and meta["age_range"] == [10, 75]
+    assert meta["model"]["backbone"] == "mobilenet_v2" and meta["model"]["head"]["kind"] == "regression"
+    assert set(meta["crop"]["margins"]) == {"left", "top", "right", "bottom"}
+    report = (tiny_run / "report.md").read_text()
+    assert "Test split" in report and "| age group | images | MAE | mean signed error |" in report
+
+
+def test_the_split_is_saved_and_shares_no_image(tiny_run):
+    split = pd.read_csv(tiny_run / "split.csv")
+    assert set(split["split"]) == {"train", "val", "test"}
+    assert not split["path"].duplicated().any()
+    predictions = pd.read_csv(tiny_run / "predictions.csv")
+    assert set(predictions["path"]) == set(split.loc[split["split"] == "test", "path"])
+
+
+def test_the_saved_model_reloads_and_predicts_the_same_values(tiny_run):
+    model = load_trained_model(tiny_run, "cpu")
+    predictions = pd.read_csv(tiny_run / "predictions.csv")
+    root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
+    row = predictions.iloc[0]
+    age, image = predict_age_for_image(f"{root}/{row['path']}", model, "cpu")
+    assert image.mode == "RGB"
+    assert age == pytest.approx(row["predicted"], abs=0.05)  # bf16 backbone: same inputs, same path
+    state = load_file(tiny_run / "best.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_resume_continues_from_the_saved_epoch(utkface_sample, tmp_path):
+    run = train_tiny(utkface_sample, tmp_path / "run")  # 2 epochs
+    before = pd.read_csv(run / "metrics.csv")
+    optimizer_steps = torch.load(run / "last.pt", weights_only=True)["optimizer"]["state"][0]["step"].item()
+    train_tiny(utkface_sample, run, "--resume", "--epochs", "3")
+    after = pd.read_csv(run / "metrics.csv")
+    assert after["epoch"].tolist() == [1, 2, 3]
+    pd.testing.assert_frame_equal(after.iloc[:2], before)  # the first epochs are kept, not redone
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["epoch"] == 3
+    assert state["optimizer"]["state"][0]["step"].item() == optimizer_steps * 3 / 2  # optimizer state continued
+
+
+def test_config_file_then_command_line(tmp_path):
+    config = tmp_path / "exp.toml"
+    config.write_text('[train]\nepochs = 3\nbatch_size = 16\n[data]\nimage_size = 96\n')
+    resolved = resolve_config(config, {"epochs": 5})
+    assert (resolved.train.epochs, resolved.train.batch_size, resolved.data.image_size) == (5, 16, 96)
+    assert resolved.optim.lr == 5e-5  # untouched settings keep the seed's defaults
+    with pytest.raises(ConfigError, match="unknown setting 'epoch'"):
+        resolve_config(None, {"epoch": 3})
+    with pytest.raises(ConfigError, match="head"):
+        resolve_config(None, {"head": "svm"})
+    assert resolve_config("cpu").data.image_size == 128  # a packaged recipe by name
+
+
+def test_the_seed_defaults():
+    config = resolve_config()
+    assert (config.model.backbone, config.model.head, config.optim.lr, config.train.epochs,
+            config.train.batch_size, config.data.num_workers) == ("resnet50", "regression", 5e-5, 20, 128, 4)
+    assert (config.data.min_age, config.data.max_age, config.data.max_per_age) == (10, 75, 5000)
+
+
+def test_early_stopping_rules():
+    config = resolve_config(None, {"patience": 2})
+    flat = [{"val_loss": 3.0, "val_mae": 5.0}, {"val_loss": 3.0 + 1e-7, "val_mae": 4.9}]
+    assert "changed by less than" in should_stop(flat, config)
+    stalled = [{"val_loss": 3 + i, "val_mae": m} for i, m in enumerate([5.0, 4.0, 4.5, 4.2])]
+    assert "no better validation MAE for 2 epochs" in should_stop(stalled, config)
+    assert should_stop(stalled[:3], config) is None
+
+
+def test_inverse_frequency_weights_favour_rare_ages():
+    import numpy as np
+
+    ages = np.array([25] * 90 + [70] * 10, dtype=float)
+    weights = inverse_frequency_weights(ages)
+    assert weights[70] > 5 * weights[25]
+    assert abs(weights[ages.astype(int)].mean().item() - 1) < 0.05 or weights.max().item() == 10.0
+
+
+def test_seed_module_path_and_console_script_share_options():
+    for command in ([sys.executable, "-m", "age_detect_resnet.train", "--help"], ["age-detect", "train", "--help"]):
+        done = subprocess.run(command, capture_output=True, text=True, check=True,
+                              env={"PATH": f"{sys.prefix}/bin", "HOME": "/tmp"})
+        for option in ("--dataset", "--data-root", "--meta", "--weights", "--no-pretrained", "--backbone",
+                       "--image-size", "--epochs", "--batch-size", "--lr", "--limit", "--seed", "--out",
+                       "--resume", "--device", "--config", "--skip-bad-images", "--head"):
+            assert option in done.stdout, (command, option)
+
+
+def test_an_unusable_model_file_is_refused_with_its_name(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"not a model")
+    with pytest.raises(checkpoint.ModelFileError, match="model.safetensors"):
+        load_trained_model(tmp_path / "model.safetensors")
