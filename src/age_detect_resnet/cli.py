@@ -17,6 +17,7 @@ COMMANDS = {
     "predict": ("age_detect_resnet.predict", "ages of the faces in photos (files, folders, globs)"),
     "serve": ("age_detect_resnet.web.app", "a web page and JSON API for age estimation"),
     "export": ("age_detect_resnet.export", "export a trained model to ONNX or TorchScript"),
+    "compare": ("age_detect_resnet.compare", "a Markdown table comparing finished runs"),
 }
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 DATASETS = ("imdb-wiki", "utkface", "csv")
@@ -130,10 +131,15 @@ def setting_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     return found
 
 
-def resolve_config(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the file (TOML or JSON, sections or flat keys), then `overrides` by setting name."""
+def resolve_config(
+    config_files: Path | str | Sequence[Path | str] | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Defaults, then each config file in order (TOML or JSON, sections or flat keys; a packaged
+    recipe by name), then `overrides` by setting name: later sources win."""
     values: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
-    if config_file is not None:
+    if isinstance(config_files, (str, Path)):
+        config_files = [config_files]
+    for config_file in config_files or []:
         _merge(values, read_config_file(Path(config_file)), source=str(config_file))
     _merge(values, {k: v for k, v in (overrides or {}).items() if v is not None}, source="command line")
     return Config(**{group: GROUPS[group](**values[group]) for group in GROUPS})
@@ -214,7 +220,8 @@ def _validate(config: Config) -> None:
 def add_config_arguments(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
     """One `--option` per setting (all of them, or those named in `only`); unset options stay None
     so that the config file's values are not overridden by argparse defaults."""
-    parser.add_argument("--config", type=Path, default=None, help="TOML or JSON file of settings (see experiments/)")
+    parser.add_argument("--config", type=Path, action="append", default=None,
+                        help="TOML/JSON settings file or packaged recipe name (cpu); repeat to layer files")
     for name, (group, f) in setting_fields().items():
         if only is not None and name not in only:
             continue

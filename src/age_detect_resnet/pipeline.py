@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.meta = str(meta)
     if args.config is None and select_device(args.device or "auto").type == "cpu":
         log.info("no GPU: using the packaged CPU recipe (--config cpu); pass --config to choose another")
-        args.config = Path("cpu")
+        args.config = [Path("cpu")]
     return train_module.run(args, argv)
 
 

@@ -14,6 +14,7 @@ predictions.csv, evaluation.json/.md (test split), report.md, and tensorboard/ w
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
@@ -239,6 +240,9 @@ def write_run_report(run_dir: Path, config: Config, prepared: PreparedData, hist
         "![prediction grid](plots/grid.png)" if config.train.grid_size > 0 else "",
     ]
     write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+    summary = {**info, "best_epoch": int(best_row["epoch"]), "best_val_mae": best_row["val_mae"],
+               "epochs_run": len(history), "splits": {k: int(v) for k, v in counts.items()}}
+    write_text_atomic(run_dir / "run.json", json.dumps(summary, indent=2) + "\n")
 
 
 def train(config: Config, *, resume: bool = False, progress: bool = True, command: str = "") -> dict[str, Any]:
@@ -284,7 +288,7 @@ def train(config: Config, *, resume: bool = False, progress: bool = True, comman
         runnable = torch.compile(runnable)
     age_weights = inverse_frequency_weights(train_ages).to(dist.device) if config.optim.age_weighting else None
     framing = training_framing(config.data.dataset, prepared.root, prepared.split("train")["path"].tolist(),
-                               detector_model=config.data.detector_model)
+                               detector_model=config.data.detector_model) if dist.is_main else {}
     metadata = model_metadata(config, prepared, framing)
     writer = open_tensorboard(config, run_dir) if dist.is_main else None
     main_progress = progress and dist.is_main

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The accuracy experiments of the README, on UTKFace from ../shared, each within the 2-hour CPU budget:
+# same split (seed 0), same recipe (--config cpu), one change per run. Then the comparison table.
+#   ./experiments/run_utkface_cpu.sh [NAME ...]      (default: all, in this order)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+declare -A VARIANT=(
+    [regression]=""
+    [distribution]="experiments/head_distribution.toml"
+    [bins]="experiments/head_bins.toml"
+    [seed-optimiser]="experiments/seed_optimiser.toml"
+    [distribution-weighted]="experiments/head_distribution.toml experiments/age_weighting.toml"
+    [mobilenet-distribution]="experiments/backbone_mobilenet_v2.toml experiments/head_distribution.toml"
+)
+ORDER=(regression distribution bins seed-optimiser distribution-weighted mobilenet-distribution)
+for name in "${@:-${ORDER[@]}}"; do
+    configs=(--config cpu --config experiments/utkface.toml)
+    for file in ${VARIANT[$name]}; do configs+=(--config "$file"); done
+    .venv/bin/age-detect train "${configs[@]}" --out "runs/utkface-$name" --no-progress
+done
+.venv/bin/age-detect compare runs/utkface-*/

@@ -1,0 +1,59 @@
+"""Compare finished runs side by side: the Markdown table of the README's results sections.
+
+    age-detect compare runs/utkface-resnet50-regression runs/utkface-resnet50-distribution ...
+
+Every number comes from the runs' own files (run.json, evaluation.json, config.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    read = lambda name: json.loads((run_dir / name).read_text(encoding="utf-8"))  # noqa: E731
+    missing = [n for n in ("run.json", "evaluation.json", "config.json") if not (run_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} is not a finished run (missing {', '.join(missing)})")
+    return {"name": run_dir.name, "run": read("run.json"), "metrics": read("evaluation.json")["metrics"],
+            "config": read("config.json")}
+
+
+def comparison_table(runs: Sequence[dict[str, Any]]) -> str:
+    groups = sorted({g for r in runs for g in r["metrics"]["groups"]}, key=lambda g: int(g.split("-")[0].rstrip("+")))
+    header = ["run", "backbone", "head", "px", "epochs", "wall time", "val MAE", "test MAE", "RMSE", "CS@5",
+              *[f"MAE {g}" for g in groups], "80% interval coverage"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in runs:
+        m, c, info = r["metrics"], r["config"], r["run"]
+        coverage = f"{m['interval']['coverage']:.1%}" if "interval" in m else "-"
+        cells = [r["name"], c["model"]["backbone"], c["model"]["head"] + (" + age weights" if c["optim"]["age_weighting"] else ""),
+                 str(c["data"]["image_size"]), str(info["epochs_run"]), f"{info['wall_time'] / 60:.0f} min",
+                 f"{info['best_val_mae']:.2f}", f"**{m['mae']:.2f}**", f"{m['rmse']:.2f}", f"{m['cs']['5']:.1%}",
+                 *[f"{m['groups'][g]['mae']:.2f}" if g in m["groups"] else "-" for g in groups], coverage]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="age-detect compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(r) for r in args.runs]
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(comparison_table(runs))
+    hardware = {r["run"]["hardware"] for r in runs}
+    print(f"\nHardware: {'; '.join(sorted(hardware))}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
