@@ -31,8 +31,12 @@ def newest_run(runs: Path = Path("runs")) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("photo", type=Path)
-    parser.add_argument("--model", type=Path, help="run folder or best.safetensors (default: newest under runs/)")
-    parser.add_argument("--out", type=Path, help="where to save the annotated photo (default: PHOTO_ages.jpg)")
+    parser.add_argument(
+        "--model", type=Path, help="run folder or best.safetensors (default: newest under runs/)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where to save the annotated photo (default: PHOTO_ages.jpg)"
+    )
     parser.add_argument("--show", action="store_true", help="open the annotated photo in an image viewer")
     parser.add_argument("--no-detect", action="store_true", help="the photo is already a face crop")
     parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
@@ -47,7 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not faces:
-        print(f"no face found in {args.photo}; try a photo where the face is larger, or --no-detect", file=sys.stderr)
+        print(
+            f"no face found in {args.photo}; try a photo where the face is larger, or --no-detect",
+            file=sys.stderr,
+        )
         return 1
     for face in faces:
         print(f"face {face.face_index + 1}: you look {age_label(face)} years old")

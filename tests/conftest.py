@@ -44,9 +44,32 @@ def train_tiny(data_root: Path, out: Path, *extra: str) -> Path:
     """Train a small MobileNetV2 for 2 epochs on 40 px images: seconds on a CPU."""
     from age_detect_resnet.train import main
 
-    args = ["--dataset", "utkface", "--data-root", str(data_root), "--backbone", "mobilenet_v2", "--no-pretrained",
-            "--image-size", "40", "--epochs", "2", "--batch-size", "8", "--num-workers", "0", "--lr", "1e-3",
-            "--no-progress", "--grid-size", "4", "--no-tensorboard", "--out", str(out), *extra]
+    args = [
+        "--dataset",
+        "utkface",
+        "--data-root",
+        str(data_root),
+        "--backbone",
+        "mobilenet_v2",
+        "--no-pretrained",
+        "--image-size",
+        "40",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--num-workers",
+        "0",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "--grid-size",
+        "4",
+        "--no-tensorboard",
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert main(args) == 0
     return out
 

@@ -59,7 +59,7 @@ def test_csv_paths_relative_to_the_csv_and_bad_rows_reported(tmp_path, caplog):
 def test_csv_without_the_needed_columns_is_refused(tmp_path):
     csv = tmp_path / "x.csv"
     csv.write_text("file,years\na.jpg,3\n")
-    with pytest.raises(CsvTableError, match="path, age|age, path|lacks"):
+    with pytest.raises(CsvTableError, match=r"path, age|age, path|lacks"):
         load_csv_table(csv)
 
 
@@ -69,5 +69,5 @@ def test_dataset_kind_is_recognised_from_the_folder(tmp_path):
     csv = tmp_path / "a.csv"
     csv.write_text("path,age\n")
     assert guess_dataset(csv) == "csv"
-    with pytest.raises(DatasetNotFoundError, match="imdb_crop.tar"):
+    with pytest.raises(DatasetNotFoundError, match=r"imdb_crop\.tar"):
         guess_dataset(tmp_path / "nothing-here")

@@ -55,11 +55,15 @@ def write_wiki(root: Path, rows: list[dict]) -> None:
 
 
 def test_datenum_conversion_and_official_age_rule():
-    year, month, valid = datenum_to_year_month(np.array([datenum(1981, 5, 5), datenum(1970, 7, 1), 1.0, 366.0, np.nan]))
+    year, month, valid = datenum_to_year_month(
+        np.array([datenum(1981, 5, 5), datenum(1970, 7, 1), 1.0, 366.0, np.nan])
+    )
     assert list(year[:2]) == [1981, 1970] and list(month[:2]) == [5, 7]
     assert list(valid) == [True, True, False, False, False]
     # photo taken on 1 July: born in May -> had the birthday; born in July or later -> not yet
-    ages = official_age(np.array([datenum(1981, 5, 5), datenum(1981, 7, 2), 1.0]), np.array([2009, 2009, 2009]))
+    ages = official_age(
+        np.array([datenum(1981, 5, 5), datenum(1981, 7, 2), 1.0]), np.array([2009, 2009, 2009])
+    )
     assert ages[0] == 28 and ages[1] == 27 and np.isnan(ages[2])
 
 
@@ -67,11 +71,26 @@ def test_filters_remove_exactly_the_rows_they_should(tmp_path):
     ok = {"face_score": 2.5, "second_face_score": np.nan, "photo_taken": 2009}
     rows = [
         {**ok, "full_path": "17/10000217_1981-05-05_2009.jpg", "dob": datenum(1981, 5, 5)},  # kept, age 28
-        {**ok, "full_path": "17/10000217_1981-05-05_2010.jpg", "dob": datenum(1981, 5, 5), "photo_taken": 2010,
-         "face_score": 3.5},
+        {
+            **ok,
+            "full_path": "17/10000217_1981-05-05_2010.jpg",
+            "dob": datenum(1981, 5, 5),
+            "photo_taken": 2010,
+            "face_score": 3.5,
+        },
         {**ok, "full_path": "20/20000020_1990-01-01_2009.jpg", "dob": 1.0},  # broken date of birth
-        {**ok, "full_path": "21/20000021_1990-01-01_2009.jpg", "dob": datenum(1990, 1, 1), "face_score": -np.inf},
-        {**ok, "full_path": "22/20000022_1990-01-01_2009.jpg", "dob": datenum(1990, 1, 1), "second_face_score": 1.2},
+        {
+            **ok,
+            "full_path": "21/20000021_1990-01-01_2009.jpg",
+            "dob": datenum(1990, 1, 1),
+            "face_score": -np.inf,
+        },
+        {
+            **ok,
+            "full_path": "22/20000022_1990-01-01_2009.jpg",
+            "dob": datenum(1990, 1, 1),
+            "second_face_score": 1.2,
+        },
         {**ok, "full_path": "23/20000023_2015-01-01_2009.jpg", "dob": datenum(2015, 1, 1)},  # negative age
         {**ok, "full_path": "24/20000024_1880-01-01_2009.jpg", "dob": datenum(1880, 1, 1)},  # 129 years old
         {**ok, "full_path": "25/20000025_1990-01-01_2009.jpg", "dob": datenum(1990, 1, 1), "face_score": 0.5},
@@ -87,7 +106,10 @@ def test_filters_remove_exactly_the_rows_they_should(tmp_path):
         "age outside 0-100": 2,
         "image file missing": 1,
     }
-    assert df["path"].tolist() == ["wiki_crop/17/10000217_1981-05-05_2009.jpg", "wiki_crop/17/10000217_1981-05-05_2010.jpg"]
+    assert df["path"].tolist() == [
+        "wiki_crop/17/10000217_1981-05-05_2009.jpg",
+        "wiki_crop/17/10000217_1981-05-05_2010.jpg",
+    ]
     assert df["age"].tolist() == [28, 29]
     assert set(df["person_id"]) == {"wiki:10000217"}  # one person: the id from the file name
     assert {"gender", "face_score", "second_face_score", "source", "sha1"} <= set(df.columns)
@@ -112,8 +134,8 @@ def test_matches_the_replica_oracle(source, tmp_path):
     df, _ = build_meta(root)
     expected = pd.read_csv(replica / f"{source}_expected.csv")
     expected = expected[expected["face_found"] & expected["single_face"] & expected["age"].between(0, 100)]
-    expected_ages = dict(zip(f"{source}_crop/" + expected["full_path"], expected["age"]))
-    assert dict(zip(df["path"], df["age"])) == expected_ages
+    expected_ages = dict(zip(f"{source}_crop/" + expected["full_path"], expected["age"], strict=True))
+    assert dict(zip(df["path"], df["age"], strict=True)) == expected_ages
     if source == "imdb":  # the identity is celeb_id
         assert df["person_id"].str.startswith("imdb:").all()
 
@@ -122,8 +144,18 @@ def test_module_path_from_the_seed_writes_the_table(tmp_path):
     replica = require(REPLICA)
     out = tmp_path / "processed" / "meta.csv"
     done = subprocess.run(
-        [sys.executable, "-m", "age_detect_resnet.preprocessing.build_meta", "--data-root", str(replica), "--out", str(out)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "age_detect_resnet.preprocessing.build_meta",
+            "--data-root",
+            str(replica),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "no face found" in done.stdout and "rows kept" in done.stdout
     table = pd.read_csv(out)

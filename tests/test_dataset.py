@@ -8,7 +8,13 @@ import torch
 from PIL import Image
 
 from age_detect_resnet.cache import prepare_cache
-from age_detect_resnet.dataset import AgeDataset, FileImages, collate_batch, create_dataloaders, train_transform
+from age_detect_resnet.dataset import (
+    AgeDataset,
+    FileImages,
+    collate_batch,
+    create_dataloaders,
+    train_transform,
+)
 from age_detect_resnet.images import ImageReadError
 
 
@@ -41,8 +47,9 @@ def test_a_bad_image_names_the_file_or_is_skipped_and_counted(tmp_path):
 def test_dataloaders_shuffle_and_augment_only_training(tmp_path):
     paths = make_images(tmp_path, 8)
     frame = pd.DataFrame({"path": paths, "age": range(20, 28)})
-    loaders = create_dataloaders({"train": frame, "val": frame}, tmp_path, image_size=24, batch_size=4,
-                                 num_workers=0, augment="light")
+    loaders = create_dataloaders(
+        {"train": frame, "val": frame}, tmp_path, image_size=24, batch_size=4, num_workers=0, augment="light"
+    )
     assert len(loaders["train"]) == 2 and len(loaders["val"]) == 2
     val = next(iter(loaders["val"]))
     assert val.ages.tolist() == [20, 21, 22, 23]  # evaluation keeps the table's order
@@ -63,8 +70,14 @@ def test_the_cache_serves_the_same_pixels_as_decoding(tmp_path):
 def test_the_cache_is_rebuilt_when_inputs_or_size_change(tmp_path):
     paths = make_images(tmp_path / "img", 3)
     first = prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache", workers=1)
-    assert prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache").folder == first.folder
-    assert prepare_cache(tmp_path / "img", paths, image_size=24, cache_dir=tmp_path / "cache").folder != first.folder
+    assert (
+        prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache").folder
+        == first.folder
+    )
+    assert (
+        prepare_cache(tmp_path / "img", paths, image_size=24, cache_dir=tmp_path / "cache").folder
+        != first.folder
+    )
     Image.new("RGB", (20, 20), (0, 0, 0)).save(tmp_path / "img" / "0.jpg")  # an input changed
     rebuilt = prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache", workers=1)
     assert rebuilt.folder != first.folder

@@ -1,4 +1,4 @@
-"""DDP under torchrun with 2 CPU processes (Gloo): metrics over the whole validation set, rank-0 artefacts, resume."""
+"""DDP under torchrun, 2 CPU processes (Gloo): metrics over the whole validation set, rank-0 files, resume."""
 
 from __future__ import annotations
 
@@ -18,11 +18,41 @@ from age_detect_resnet.runtime import autocast_factory
 
 
 def torchrun(data_root, out, *extra):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
-               "-m", "age_detect_resnet.train", "--dataset", "utkface", "--data-root", str(data_root),
-               "--backbone", "mobilenet_v2", "--no-pretrained", "--image-size", "40", "--epochs", "2",
-               "--batch-size", "16", "--num-workers", "0", "--lr", "1e-3", "--no-progress", "--grid-size", "0",
-               "--no-tensorboard", "--precision", "fp32", "--out", str(out), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29561",
+        "-m",
+        "age_detect_resnet.train",
+        "--dataset",
+        "utkface",
+        "--data-root",
+        str(data_root),
+        "--backbone",
+        "mobilenet_v2",
+        "--no-pretrained",
+        "--image-size",
+        "40",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--num-workers",
+        "0",
+        "--lr",
+        "1e-3",
+        "--no-progress",
+        "--grid-size",
+        "0",
+        "--no-tensorboard",
+        "--precision",
+        "fp32",
+        "--out",
+        str(out),
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -39,10 +69,20 @@ def test_two_process_run_reports_metrics_over_the_whole_validation_set(utkface_s
     model = load_model(run)
     prepared = load_split(run / "split.csv", utkface_sample)
     val = prepared.split("val")
-    loader = make_loader(AgeDataset(FileImages(utkface_sample, val["path"].tolist(), 40), val["age"].to_numpy()),
-                         batch_size=8, train=False, num_workers=0, device=torch.device("cpu"))
-    single, _ = evaluate(model, loader, device=torch.device("cpu"), autocast=autocast_factory(torch.device("cpu"), "fp32"),
-                         progress=False)
+    loader = make_loader(
+        AgeDataset(FileImages(utkface_sample, val["path"].tolist(), 40), val["age"].to_numpy()),
+        batch_size=8,
+        train=False,
+        num_workers=0,
+        device=torch.device("cpu"),
+    )
+    single, _ = evaluate(
+        model,
+        loader,
+        device=torch.device("cpu"),
+        autocast=autocast_factory(torch.device("cpu"), "fp32"),
+        progress=False,
+    )
     assert single["images"] == len(val)
     assert single["mae"] == pytest.approx(best_epoch["val_mae"], abs=1e-3)
 

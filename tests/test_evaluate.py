@@ -22,7 +22,14 @@ def test_mae_is_over_samples_not_a_mean_of_batch_means():
     assert metrics["rmse"] == pytest.approx(np.sqrt((4 + 100) / 5))
     assert metrics["cs"]["5"] == pytest.approx(0.8)
     assert metrics["groups"]["50-59"] == {"count": 1, "mae": 10.0, "mean_signed_error": -10.0}
-    assert [age_group_label(a) for a in (0, 9.9, 10, 69, 70, 95)] == ["0-9", "0-9", "10-19", "60-69", "70+", "70+"]
+    assert [age_group_label(a) for a in (0, 9.9, 10, 69, 70, 95)] == [
+        "0-9",
+        "0-9",
+        "10-19",
+        "60-69",
+        "70+",
+        "70+",
+    ]
 
 
 def test_classification_metrics():
@@ -47,11 +54,30 @@ def test_evaluate_any_csv_dataset_with_split_all(tiny_run, tmp_path):
     root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
     names = sorted(p.name for p in __import__("pathlib").Path(root).iterdir())[:12]
     csv = tmp_path / "other.csv"
-    pd.DataFrame({"path": [f"{root}/{n}" for n in names], "age": [int(n.split("_")[0]) for n in names]}).to_csv(
-        csv, index=False)
+    pd.DataFrame(
+        {"path": [f"{root}/{n}" for n in names], "age": [int(n.split("_")[0]) for n in names]}
+    ).to_csv(csv, index=False)
     out = tmp_path / "eval"
-    assert evaluate_main(["--model", str(tiny_run), "--dataset", "csv", "--data-root", str(csv), "--split", "all",
-                          "--out", str(out), "--num-workers", "0", "--tta"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                str(tiny_run),
+                "--dataset",
+                "csv",
+                "--data-root",
+                str(csv),
+                "--split",
+                "all",
+                "--out",
+                str(out),
+                "--num-workers",
+                "0",
+                "--tta",
+            ]
+        )
+        == 0
+    )
     document = json.loads((out / "evaluation.json").read_text())
     assert document["metrics"]["count"] == 12 and document["test-time flip"] is True
 
@@ -77,7 +103,25 @@ def test_evaluate_with_detection_on_uncropped_photos(tiny_run, tmp_path):
     rows.append({"path": "blank.png", "age": 30})
     pd.DataFrame(rows).to_csv(folder / "photos.csv", index=False)
     out = tmp_path / "eval"
-    assert evaluate_main(["--model", str(tiny_run), "--dataset", "csv", "--data-root", str(folder / "photos.csv"),
-                          "--split", "all", "--detect", "--out", str(out), "--num-workers", "1"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                str(tiny_run),
+                "--dataset",
+                "csv",
+                "--data-root",
+                str(folder / "photos.csv"),
+                "--split",
+                "all",
+                "--detect",
+                "--out",
+                str(out),
+                "--num-workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     detection = json.loads((out / "evaluation.json").read_text())["metrics"]["detection"]
     assert detection == {"faces_found": 2, "whole_image_used": 1}

@@ -1,4 +1,4 @@
-"""Inference on real photos: detection, training-style crops, the predictor, the predict CLI, check_your_age."""
+"""Inference on real photos: detection, training-style crops, the predictor, predict CLI, check_your_age."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from age_detect_resnet.faces import Face, HaarDetector, crop_face, create_detector, expand_box, measure_framing
+from age_detect_resnet.faces import (
+    Face,
+    HaarDetector,
+    create_detector,
+    crop_face,
+    expand_box,
+    measure_framing,
+)
 from age_detect_resnet.inference import AgePredictor, load_trained_model
 from age_detect_resnet.predict import main as predict_main
 from conftest import REPO, TEST_IMAGES, UTKFACE, require
@@ -83,9 +90,21 @@ def test_predict_cli_reports_bad_files_and_writes_csv(tiny_run, tmp_path, capsys
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "notes.jpg").write_text("not an image")
     out = tmp_path / "ages.csv"
-    status = predict_main(["--model", str(tiny_run), str(photos / "obama.jpg"), str(photos / "biden.jpg"),
-                           str(tmp_path / "empty.jpg"), str(tmp_path / "notes.jpg"), str(tmp_path / "missing.jpg"),
-                           "--output", str(out), "--annotate", str(tmp_path / "annotated")])
+    status = predict_main(
+        [
+            "--model",
+            str(tiny_run),
+            str(photos / "obama.jpg"),
+            str(photos / "biden.jpg"),
+            str(tmp_path / "empty.jpg"),
+            str(tmp_path / "notes.jpg"),
+            str(tmp_path / "missing.jpg"),
+            "--output",
+            str(out),
+            "--annotate",
+            str(tmp_path / "annotated"),
+        ]
+    )
     assert status == 1  # something failed
     table = pd.read_csv(out)
     assert table.columns[0] == "path" and "age" in table.columns
@@ -99,7 +118,12 @@ def test_predict_cli_reports_bad_files_and_writes_csv(tiny_run, tmp_path, capsys
 def test_predict_folders_globs_json_and_no_detect(tiny_run, tmp_path):
     photos = require(TEST_IMAGES)
     out = tmp_path / "ages.json"
-    assert predict_main(["--model", str(tiny_run), str(photos / "obama*.jpg"), "--no-detect", "--output", str(out)]) == 0
+    assert (
+        predict_main(
+            ["--model", str(tiny_run), str(photos / "obama*.jpg"), "--no-detect", "--output", str(out)]
+        )
+        == 0
+    )
     document = json.loads(out.read_text())
     assert [entry["path"].split("/")[-1] for entry in document] == ["obama.jpg", "obama2.jpg", "obama3.jpg"]
     assert all(len(entry["faces"]) == 1 and entry["faces"][0]["x1"] == 0 for entry in document)
@@ -109,7 +133,18 @@ def test_predict_folders_globs_json_and_no_detect(tiny_run, tmp_path):
 def test_check_your_age_prints_the_age_and_saves_the_annotated_photo(tiny_run, tmp_path):
     photo = require(TEST_IMAGES) / "biden.jpg"
     out = tmp_path / "me_ages.jpg"
-    done = subprocess.run([sys.executable, str(REPO / "check_your_age.py"), str(photo), "--model", str(tiny_run),
-                           "--out", str(out)], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "check_your_age.py"),
+            str(photo),
+            "--model",
+            str(tiny_run),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "you look" in done.stdout and out.is_file()

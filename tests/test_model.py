@@ -39,7 +39,7 @@ def test_offline_without_a_weights_file_says_how_to_fix_it(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models._api.WeightsEnum, "get_state_dict", offline)
-    with pytest.raises(WeightsError, match="--weights FILE.*--no-pretrained"):
+    with pytest.raises(WeightsError, match=r"--weights FILE.*--no-pretrained"):
         create_resnet50_regressor(pretrained=True)
 
 
@@ -49,8 +49,9 @@ def test_a_weights_file_for_another_architecture_is_refused(tmp_path):
         create_backbone("resnet50", weights=tmp_path / "r18.pth")
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
-                                  "convnext_tiny"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet34", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "convnext_tiny"]
+)
 def test_every_backbone_gives_features_of_its_declared_width(name):
     backbone, width = create_backbone(name, pretrained=False)
     with torch.no_grad():

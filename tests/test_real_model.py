@@ -19,7 +19,9 @@ REAL_MODEL = Path(os.environ.get("AGE_DETECT_REAL_MODEL", REPO / "runs" / "utkfa
 @pytest.mark.parametrize("name", ["astronaut.png", "obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"])
 def test_adults_in_real_photos_get_plausible_ages(name):
     if not (REAL_MODEL / "best.safetensors").is_file():
-        pytest.skip(f"no trained model at {REAL_MODEL}: run the quick-start pipeline or set AGE_DETECT_REAL_MODEL")
+        pytest.skip(
+            f"no trained model at {REAL_MODEL}: run the quick-start pipeline or set AGE_DETECT_REAL_MODEL"
+        )
     predictor = AgePredictor(load_trained_model(REAL_MODEL), detector=create_detector("yunet"))
     faces = predictor.predict(require(TEST_IMAGES) / name)
     assert len(faces) == 1

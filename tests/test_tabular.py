@@ -21,7 +21,9 @@ def people_table(n_people: int = 400, seed: int = 0) -> pd.DataFrame:
     for person in range(n_people):
         base = int(rng.integers(10, 76))
         for k in range(int(rng.integers(1, 8))):
-            rows.append({"path": f"p{person}_{k}.jpg", "age": min(75, base + k), "person_id": f"wiki:{person}"})
+            rows.append(
+                {"path": f"p{person}_{k}.jpg", "age": min(75, base + k), "person_id": f"wiki:{person}"}
+            )
     return pd.DataFrame(rows)
 
 
@@ -45,11 +47,18 @@ def test_duplicates_keep_one_copy_and_drop_conflicting_ages(tmp_path):
         Image.new("RGB", (8, 8), colour).save(tmp_path / name, format="PNG")
         return name
 
-    df = pd.DataFrame({
-        "path": [save("a.png", (1, 2, 3)), save("a_copy.png", (1, 2, 3)), save("b.png", (9, 9, 9)),
-                 save("b_copy.png", (9, 9, 9)), save("c.png", (5, 5, 5))],
-        "age": [30, 30, 20, 45, 50],
-    })
+    df = pd.DataFrame(
+        {
+            "path": [
+                save("a.png", (1, 2, 3)),
+                save("a_copy.png", (1, 2, 3)),
+                save("b.png", (9, 9, 9)),
+                save("b_copy.png", (9, 9, 9)),
+                save("c.png", (5, 5, 5)),
+            ],
+            "age": [30, 30, 20, 45, 50],
+        }
+    )
     kept, counts = drop_duplicate_images(df, tmp_path)
     assert sorted(kept["path"]) == ["a.png", "c.png"]  # b's copies disagree (20 vs 45): both dropped
     assert counts == {"unreadable files": 0, "copies with conflicting ages": 2, "repeated copies": 1}
@@ -80,7 +89,9 @@ def test_split_is_reproducible_from_the_seed():
 
 
 def test_rows_without_a_person_id_are_their_own_group():
-    df = pd.DataFrame({"path": [f"{i}.jpg" for i in range(200)], "age": np.arange(200) % 60 + 10, "person_id": None})
+    df = pd.DataFrame(
+        {"path": [f"{i}.jpg" for i in range(200)], "age": np.arange(200) % 60 + 10, "person_id": None}
+    )
     labels = assign_splits(df, seed=0)
     assert set(labels) == {"train", "val", "test"}
     assert (labels == "train").mean() > 0.7

@@ -17,9 +17,23 @@ from age_detect_resnet.inference import load_trained_model, predict_age_for_imag
 from age_detect_resnet.train import inverse_frequency_weights, should_stop
 from conftest import train_tiny
 
-ARTEFACTS = ["config.json", "split.csv", "metrics.csv", "best.safetensors", "best.json", "last.pt", "report.md",
-             "predictions.csv", "evaluation.json", "evaluation.md", "plots/loss.png", "plots/mae.png",
-             "plots/pred_vs_true.png", "plots/group_errors.png", "plots/grid.png"]
+ARTEFACTS = [
+    "config.json",
+    "split.csv",
+    "metrics.csv",
+    "best.safetensors",
+    "best.json",
+    "last.pt",
+    "report.md",
+    "predictions.csv",
+    "evaluation.json",
+    "evaluation.md",
+    "plots/loss.png",
+    "plots/mae.png",
+    "plots/pred_vs_true.png",
+    "plots/group_errors.png",
+    "plots/grid.png",
+]
 
 
 def test_a_run_writes_every_artefact(tiny_run):
@@ -66,12 +80,14 @@ def test_resume_continues_from_the_saved_epoch(utkface_sample, tmp_path):
     pd.testing.assert_frame_equal(after.iloc[:2], before)  # the first epochs are kept, not redone
     state = torch.load(run / "last.pt", weights_only=True)
     assert state["epoch"] == 3
-    assert state["optimizer"]["state"][0]["step"].item() == optimizer_steps * 3 / 2  # optimizer state continued
+    assert (
+        state["optimizer"]["state"][0]["step"].item() == optimizer_steps * 3 / 2
+    )  # optimizer state continued
 
 
 def test_config_file_then_command_line(tmp_path):
     config = tmp_path / "exp.toml"
-    config.write_text('[train]\nepochs = 3\nbatch_size = 16\n[data]\nimage_size = 96\n')
+    config.write_text("[train]\nepochs = 3\nbatch_size = 16\n[data]\nimage_size = 96\n")
     resolved = resolve_config(config, {"epochs": 5})
     assert (resolved.train.epochs, resolved.train.batch_size, resolved.data.image_size) == (5, 16, 96)
     assert resolved.optim.lr == 5e-5  # untouched settings keep the seed's defaults
@@ -84,8 +100,14 @@ def test_config_file_then_command_line(tmp_path):
 
 def test_the_seed_defaults():
     config = resolve_config()
-    assert (config.model.backbone, config.model.head, config.optim.lr, config.train.epochs,
-            config.train.batch_size, config.data.num_workers) == ("resnet50", "regression", 5e-5, 20, 128, 4)
+    assert (
+        config.model.backbone,
+        config.model.head,
+        config.optim.lr,
+        config.train.epochs,
+        config.train.batch_size,
+        config.data.num_workers,
+    ) == ("resnet50", "regression", 5e-5, 20, 128, 4)
     assert (config.data.min_age, config.data.max_age, config.data.max_per_age) == (10, 75, 5000)
 
 
@@ -108,16 +130,41 @@ def test_inverse_frequency_weights_favour_rare_ages():
 
 
 def test_seed_module_path_and_console_script_share_options():
-    for command in ([sys.executable, "-m", "age_detect_resnet.train", "--help"], ["age-detect", "train", "--help"]):
-        done = subprocess.run(command, capture_output=True, text=True, check=True,
-                              env={"PATH": f"{sys.prefix}/bin", "HOME": "/tmp"})
-        for option in ("--dataset", "--data-root", "--meta", "--weights", "--no-pretrained", "--backbone",
-                       "--image-size", "--epochs", "--batch-size", "--lr", "--limit", "--seed", "--out",
-                       "--resume", "--device", "--config", "--skip-bad-images", "--head"):
+    for command in (
+        [sys.executable, "-m", "age_detect_resnet.train", "--help"],
+        ["age-detect", "train", "--help"],
+    ):
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PATH": f"{sys.prefix}/bin", "HOME": "/tmp"},
+        )
+        for option in (
+            "--dataset",
+            "--data-root",
+            "--meta",
+            "--weights",
+            "--no-pretrained",
+            "--backbone",
+            "--image-size",
+            "--epochs",
+            "--batch-size",
+            "--lr",
+            "--limit",
+            "--seed",
+            "--out",
+            "--resume",
+            "--device",
+            "--config",
+            "--skip-bad-images",
+            "--head",
+        ):
             assert option in done.stdout, (command, option)
 
 
 def test_an_unusable_model_file_is_refused_with_its_name(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a model")
-    with pytest.raises(checkpoint.ModelFileError, match="model.safetensors"):
+    with pytest.raises(checkpoint.ModelFileError, match=r"model\.safetensors"):
         load_trained_model(tmp_path / "model.safetensors")

@@ -74,7 +74,9 @@ class CachedImages:
             raise ImageReadError(error)
         if self._array is None:
             size = self.image_size
-            self._array = np.memmap(self.folder / "images.u8", dtype=np.uint8, mode="r").reshape(-1, size, size, 3)
+            self._array = np.memmap(self.folder / "images.u8", dtype=np.uint8, mode="r").reshape(
+                -1, size, size, 3
+            )
         # (S, S, 3) -> (3, S, S); the copy detaches the sample from the map.
         return torch.from_numpy(np.array(self._array[row])).permute(2, 0, 1)
 
@@ -105,7 +107,9 @@ def prepare_cache(
         array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, image_size, image_size, 3))
         with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
             results = pool.map(_decode, jobs, chunksize=_CHUNK)
-            for row, result in enumerate(tqdm(results, total=n, desc="preparing image cache", unit="img", disable=None)):
+            for row, result in enumerate(
+                tqdm(results, total=n, desc="preparing image cache", unit="img", disable=None)
+            ):
                 if isinstance(result, str):
                     errors[str(row)] = result
                 else:
@@ -114,10 +118,16 @@ def prepare_cache(
         del array
     write_text_atomic(
         folder / "index.json",
-        json.dumps({"format": CACHE_FORMAT, "image_size": image_size, "root": str(root), "paths": list(paths),
-                    "errors": errors}),
+        json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "image_size": image_size,
+                "root": str(root),
+                "paths": list(paths),
+                "errors": errors,
+            }
+        ),
     )
     if errors:
         log.warning("%d of %d images could not be decoded while preparing the cache", len(errors), n)
     return CachedImages(folder)
-

@@ -1,10 +1,10 @@
 """Saving and loading: the best model as safetensors + JSON (no pickle), and a resumable training state.
 
-    best.safetensors   the weights
-    best.json          architecture, head, image size, normalisation, age range, crop framing,
-                       the weights' sha256 (a changed or foreign file is refused)
-    last.pt            model, optimizer, scheduler and RNG state of the last finished epoch,
-                       loaded with weights_only=True
+best.safetensors   the weights
+best.json          architecture, head, image size, normalisation, age range, crop framing,
+                   the weights' sha256 (a changed or foreign file is refused)
+last.pt            model, optimizer, scheduler and RNG state of the last finished epoch,
+                   loaded with weights_only=True
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def resolve_model_path(path: Path) -> Path:
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist; pass a run folder (runs/NAME) or its best.safetensors")
     if path.suffix != ".safetensors":
-        raise ModelFileError(f"{path} is not a .safetensors model; trained models are saved as best.safetensors")
+        raise ModelFileError(
+            f"{path} is not a .safetensors model; trained models are saved as best.safetensors"
+        )
     return path
 
 
@@ -67,7 +69,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
     path = resolve_model_path(path)
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
-        raise ModelFileError(f"{path} has no metadata file {meta_path.name} beside it; it was not saved by this project")
+        raise ModelFileError(
+            f"{path} has no metadata file {meta_path.name} beside it; it was not saved by this project"
+        )
     try:
         metadata = json.loads(meta_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -82,8 +86,10 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> AgeModel:
     path = resolve_model_path(path)
     metadata = read_metadata(path)
     if metadata.get("sha256") != _sha256(path):
-        raise ModelFileError(f"{path} does not match the checksum in {path.with_suffix('.json').name}: "
-                             "the file was changed or replaced; re-copy it from the run folder")
+        raise ModelFileError(
+            f"{path} does not match the checksum in {path.with_suffix('.json').name}: "
+            "the file was changed or replaced; re-copy it from the run folder"
+        )
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
@@ -92,7 +98,9 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> AgeModel:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise ModelFileError(f"{path} does not fit the architecture in its metadata: {str(err)[:300]}") from err
+        raise ModelFileError(
+            f"{path} does not fit the architecture in its metadata: {str(err)[:300]}"
+        ) from err
     model.metadata = metadata
     return model.to(device).eval()
 
@@ -112,7 +120,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"], 0, 0.0))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"], 0, 0.0)
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -13,7 +13,10 @@ COMMANDS = {
     "build-meta": ("age_detect_resnet.preprocessing.build_meta", "build the IMDB-WIKI metadata table"),
     "train": ("age_detect_resnet.train", "train, evaluate on the test split, write the report"),
     "evaluate": ("age_detect_resnet.evaluate", "evaluate a trained model on a dataset"),
-    "pipeline": ("age_detect_resnet.pipeline", "the whole job on a dataset folder: metadata, training, report"),
+    "pipeline": (
+        "age_detect_resnet.pipeline",
+        "the whole job on a dataset folder: metadata, training, report",
+    ),
     "predict": ("age_detect_resnet.predict", "ages of the faces in photos (files, folders, globs)"),
     "serve": ("age_detect_resnet.web.app", "a web page and JSON API for age estimation"),
     "export": ("age_detect_resnet.export", "export a trained model to ONNX or TorchScript"),
@@ -30,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv)  # prints usage or the unknown-command error and exits
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     module = import_module(COMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 

@@ -20,22 +20,50 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     missing = [n for n in ("run.json", "evaluation.json", "config.json") if not (run_dir / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a finished run (missing {', '.join(missing)})")
-    return {"name": run_dir.name, "run": read("run.json"), "metrics": read("evaluation.json")["metrics"],
-            "config": read("config.json")}
+    return {
+        "name": run_dir.name,
+        "run": read("run.json"),
+        "metrics": read("evaluation.json")["metrics"],
+        "config": read("config.json"),
+    }
 
 
 def comparison_table(runs: Sequence[dict[str, Any]]) -> str:
-    groups = sorted({g for r in runs for g in r["metrics"]["groups"]}, key=lambda g: int(g.split("-")[0].rstrip("+")))
-    header = ["run", "backbone", "head", "px", "epochs", "wall time", "val MAE", "test MAE", "RMSE", "CS@5",
-              *[f"MAE {g}" for g in groups], "80% interval coverage"]
+    groups = sorted(
+        {g for r in runs for g in r["metrics"]["groups"]}, key=lambda g: int(g.split("-")[0].rstrip("+"))
+    )
+    header = [
+        "run",
+        "backbone",
+        "head",
+        "px",
+        "epochs",
+        "wall time",
+        "val MAE",
+        "test MAE",
+        "RMSE",
+        "CS@5",
+        *[f"MAE {g}" for g in groups],
+        "80% interval coverage",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         m, c, info = r["metrics"], r["config"], r["run"]
         coverage = f"{m['interval']['coverage']:.1%}" if "interval" in m else "-"
-        cells = [r["name"], c["model"]["backbone"], c["model"]["head"] + (" + age weights" if c["optim"]["age_weighting"] else ""),
-                 str(c["data"]["image_size"]), str(info["epochs_run"]), f"{info['wall_time'] / 60:.0f} min",
-                 f"{info['best_val_mae']:.2f}", f"**{m['mae']:.2f}**", f"{m['rmse']:.2f}", f"{m['cs']['5']:.1%}",
-                 *[f"{m['groups'][g]['mae']:.2f}" if g in m["groups"] else "-" for g in groups], coverage]
+        cells = [
+            r["name"],
+            c["model"]["backbone"],
+            c["model"]["head"] + (" + age weights" if c["optim"]["age_weighting"] else ""),
+            str(c["data"]["image_size"]),
+            str(info["epochs_run"]),
+            f"{info['wall_time'] / 60:.0f} min",
+            f"{info['best_val_mae']:.2f}",
+            f"**{m['mae']:.2f}**",
+            f"{m['rmse']:.2f}",
+            f"{m['cs']['5']:.1%}",
+            *[f"{m['groups'][g]['mae']:.2f}" if g in m["groups"] else "-" for g in groups],
+            coverage,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 DATASETS = ("imdb-wiki", "utkface", "csv")
@@ -56,9 +56,12 @@ class DataConfig:
     augment: str = _setting("none", "training augmentation", choices=("none", "light"))
     cache: bool = _setting(False, "decode and resize every image once into a memory-mapped cache")
     cache_dir: str = _setting("data/cache", "where prepared-image caches live")
-    skip_bad_images: bool = _setting(False, "skip unreadable images (counted in the report) instead of stopping")
+    skip_bad_images: bool = _setting(
+        False, "skip unreadable images (counted in the report) instead of stopping"
+    )
     detector_model: str | None = _setting(
-        None, "YuNet ONNX file for measuring the crop framing (default: $AGE_DETECT_YUNET_MODEL or a one-time download)"
+        None,
+        "YuNet ONNX file to measure the crop framing (default: $AGE_DETECT_YUNET_MODEL or downloaded once)",
     )
     num_workers: int = _setting(4, "DataLoader worker processes")
 
@@ -119,7 +122,12 @@ class Config:
         return Path("runs") / f"{self.data.dataset}-{self.model.backbone}-{self.model.head}"
 
 
-GROUPS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig}
+GROUPS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+}
 
 
 def setting_fields() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -189,7 +197,9 @@ def _merge(values: dict[str, dict[str, Any]], incoming: dict[str, Any], *, sourc
             continue
         name = key.replace("-", "_")
         if name not in known:
-            raise ConfigError(f"unknown setting '{key}' in {source}; known settings: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown setting '{key}' in {source}; known settings: {', '.join(sorted(known))}"
+            )
         group, _ = known[name]
         values[group][name] = value
 
@@ -220,8 +230,13 @@ def _validate(config: Config) -> None:
 def add_config_arguments(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:
     """One `--option` per setting (all of them, or those named in `only`); unset options stay None
     so that the config file's values are not overridden by argparse defaults."""
-    parser.add_argument("--config", type=Path, action="append", default=None,
-                        help="TOML/JSON settings file or packaged recipe name (cpu); repeat to layer files")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        default=None,
+        help="TOML/JSON settings file or packaged recipe name (cpu); repeat to layer files",
+    )
     for name, (group, f) in setting_fields().items():
         if only is not None and name not in only:
             continue

@@ -67,8 +67,9 @@ class FileImages:
     """Decode and resize the image file on every access (the reference data path); where `boxes`
     gives a region for an image (a detected face with its margins), only that region is used."""
 
-    def __init__(self, root: Path, paths: Sequence[str], image_size: int,
-                 boxes: Sequence[Box | None] | None = None) -> None:
+    def __init__(
+        self, root: Path, paths: Sequence[str], image_size: int, boxes: Sequence[Box | None] | None = None
+    ) -> None:
         self.root, self.paths, self.image_size = Path(root), list(paths), image_size
         self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
 
@@ -132,7 +133,7 @@ def collate_batch(items: list[tuple[torch.Tensor, torch.Tensor] | None]) -> Batc
     good = [item for item in items if item is not None]
     if not good:
         return Batch(torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0), kept)
-    images, ages = zip(*good)
+    images, ages = zip(*good, strict=True)
     return Batch(torch.stack(images), torch.stack(ages), kept)
 
 

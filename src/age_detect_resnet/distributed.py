@@ -13,9 +13,9 @@ from age_detect_resnet.runtime import select_device
 
 @dataclass(frozen=True)
 class Distributed:
+    device: torch.device
     rank: int = 0
     world: int = 1
-    device: torch.device = torch.device("cpu")
 
     @property
     def enabled(self) -> bool:

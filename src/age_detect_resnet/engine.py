@@ -68,7 +68,11 @@ def train_one_epoch(
             continue
         images = to_device(batch.images, device, channels_last=channels_last)
         ages = batch.ages.to(device, non_blocking=True)
-        weights = age_weights[ages.round().long().clamp(0, len(age_weights) - 1)] if age_weights is not None else None
+        weights = (
+            age_weights[ages.round().long().clamp(0, len(age_weights) - 1)]
+            if age_weights is not None
+            else None
+        )
         with autocast():
             outputs = model(images)
         loss = head.loss(outputs, ages, weights)
@@ -93,8 +97,10 @@ def train_one_epoch(
             totals[1] += (head.decode(outputs.detach()) - ages).abs().sum().double()
             totals[2] += n
         if progress and step % 10 == 0:
-            bar.set_postfix(loss=f"{totals[0].item() / max(totals[2].item(), 1):.2f}",
-                            mae=f"{totals[1].item() / max(totals[2].item(), 1):.2f}")
+            bar.set_postfix(
+                loss=f"{totals[0].item() / max(totals[2].item(), 1):.2f}",
+                mae=f"{totals[1].item() / max(totals[2].item(), 1):.2f}",
+            )
     totals = reduce(totals)
     count = max(totals[2].item(), 1.0)
     return {
@@ -157,8 +163,12 @@ def evaluate(
         outputs_all.append(outputs.cpu())
     totals = reduce(totals)
     count = max(totals[2].item(), 1.0)
-    metrics = {"loss": totals[0].item() / count, "mae": totals[1].item() / count,
-               "images": totals[2].item(), "skipped": totals[3].item()}
+    metrics = {
+        "loss": totals[0].item() / count,
+        "mae": totals[1].item() / count,
+        "images": totals[2].item(),
+        "skipped": totals[3].item(),
+    }
     order = np.asarray(list(iter(loader.sampler)))
     kept = torch.cat(kept_masks).numpy() if kept_masks else np.zeros(0, dtype=bool)
     predictions = Predictions(

@@ -51,8 +51,10 @@ def evaluation_table(args: argparse.Namespace, run_dir: Path | None) -> tuple[pd
     if args.split == "test":
         same_dataset = run_dir is not None and dataset == saved.get("dataset")
         if not same_dataset or not (run_dir / "split.csv").is_file():
-            raise ConfigError("--split test needs the model's run folder and its own dataset (the test split is "
-                              "saved there as split.csv); for another dataset use --split all")
+            raise ConfigError(
+                "--split test needs the model's run folder and its own dataset (the test split is "
+                "saved there as split.csv); for another dataset use --split all"
+            )
         prepared: PreparedData = load_split(run_dir / "split.csv", image_root(dataset, data_root))
         return prepared.split("test"), prepared.root, dataset
     table, root = load_table(dataset, data_root, meta=Path(args.meta) if args.meta else None)
@@ -73,20 +75,33 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("no images to evaluate (check --data-root and the age range)")
         boxes = None
         if args.detect:
-            boxes = largest_face_boxes([root / p for p in table["path"]], margins_of(model.metadata),
-                                       kind=args.detector, model_path=args.detector_model, workers=args.num_workers)
+            boxes = largest_face_boxes(
+                [root / p for p in table["path"]],
+                margins_of(model.metadata),
+                kind=args.detector,
+                model_path=args.detector_model,
+                workers=args.num_workers,
+            )
             table = table.assign(face_found=[b is not None for b in boxes])
         images = FileImages(root, table["path"].tolist(), image_size_of(model), boxes)
         dataset_ = AgeDataset(images, table["age"].to_numpy(), skip_bad_images=args.skip_bad_images)
-        loader = make_loader(dataset_, batch_size=args.batch_size, train=False, num_workers=args.num_workers,
-                             device=device)
+        loader = make_loader(
+            dataset_, batch_size=args.batch_size, train=False, num_workers=args.num_workers, device=device
+        )
         autocast = autocast_factory(device, resolve_precision("auto", device))
         model = model.to(memory_format=torch.channels_last)
-        _, predictions = evaluate(model, loader, device=device, autocast=autocast, tta_flip=args.tta, desc="evaluate")
+        _, predictions = evaluate(
+            model, loader, device=device, autocast=autocast, tta_flip=args.tta, desc="evaluate"
+        )
         frame = prediction_frame(table, predictions, model)
         metrics = evaluation_metrics(frame, model)
-        extra = {"model": str(model_path), "dataset": f"{dataset} at {root}", "split": args.split,
-                 "test-time flip": args.tta, "unreadable images skipped": len(table) - len(frame)}
+        extra = {
+            "model": str(model_path),
+            "dataset": f"{dataset} at {root}",
+            "split": args.split,
+            "test-time flip": args.tta,
+            "unreadable images skipped": len(table) - len(frame),
+        }
         if args.detect:
             found = table["face_found"].iloc[predictions.indices]
             frame["face_found"] = found.to_numpy()
@@ -94,8 +109,14 @@ def run(args: argparse.Namespace) -> int:
             extra["no face found (whole image used)"] = int((~found).sum())
         out = Path(args.out) if args.out else (run_dir or Path("runs")) / f"eval-{dataset}-{args.split}"
         write_evaluation(frame, metrics, out, title=f"Evaluation of {model_path}", extra=extra)
-    except (ConfigError, checkpoint.ModelFileError, DatasetNotFoundError, DetectorUnavailableError,
-            ImageReadError, ValueError) as err:
+    except (
+        ConfigError,
+        checkpoint.ModelFileError,
+        DatasetNotFoundError,
+        DetectorUnavailableError,
+        ImageReadError,
+        ValueError,
+    ) as err:
         log.error("%s", err)
         return 2
     print(f"MAE {metrics['mae']:.2f} years on {metrics['count']:,} images; report in {out / 'evaluation.md'}")
@@ -107,14 +128,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=DATASETS, help="default: the run's dataset")
     parser.add_argument("--data-root", help="default: the run's data root")
     parser.add_argument("--meta", help="imdb-wiki: a metadata CSV built by build-meta")
-    parser.add_argument("--split", choices=("test", "all"), default="test",
-                        help="test: the run's saved test split; all: every image of the dataset")
+    parser.add_argument(
+        "--split",
+        choices=("test", "all"),
+        default="test",
+        help="test: the run's saved test split; all: every image of the dataset",
+    )
     parser.add_argument("--out", help="report folder (default: <run>/eval-<dataset>-<split>)")
     parser.add_argument("--min-age", type=float, default=0, help="--split all: youngest age evaluated")
     parser.add_argument("--max-age", type=float, default=100, help="--split all: oldest age evaluated")
     parser.add_argument("--limit", type=int, help="--split all: evaluate a random sample of N images")
-    parser.add_argument("--detect", action="store_true",
-                        help="photos are uncropped: detect the largest face and crop it with the model's margins")
+    parser.add_argument(
+        "--detect",
+        action="store_true",
+        help="photos are uncropped: detect the largest face and crop it with the model's margins",
+    )
     parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
     parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
     parser.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")

@@ -99,7 +99,9 @@ def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True
             f"--detector-model FILE (or set {YUNET_ENV}), or pass --no-detect to use whole images"
         ) from err
     if hashlib.sha256(payload).hexdigest() != YUNET_SHA256:
-        raise DetectorUnavailableError(f"the file downloaded from {YUNET_URL} does not have the expected checksum")
+        raise DetectorUnavailableError(
+            f"the file downloaded from {YUNET_URL} does not have the expected checksum"
+        )
     with atomic_path(cached) as tmp:
         tmp.write_bytes(payload)
     return cached
@@ -110,7 +112,9 @@ class YuNetDetector:
 
     def __init__(self, model_path: Path, *, score_threshold: float = 0.7, nms_threshold: float = 0.3) -> None:
         self.model_path = Path(model_path)
-        self._detector = cv2.FaceDetectorYN.create(str(model_path), "", (320, 320), score_threshold, nms_threshold, 100)
+        self._detector = cv2.FaceDetectorYN.create(
+            str(model_path), "", (320, 320), score_threshold, nms_threshold, 100
+        )
 
     def detect(self, image: Image.Image) -> list[Face]:
         width, height = image.size
@@ -135,19 +139,24 @@ class HaarDetector:
         data = getattr(cv2, "data", None)
         if data is None or not hasattr(cv2, "CascadeClassifier"):
             raise DetectorUnavailableError("this OpenCV build has no Haar cascades (opencv-python >= 5)")
-        self._cascade = cv2.CascadeClassifier(str(Path(data.haarcascades) / "haarcascade_frontalface_default.xml"))
+        self._cascade = cv2.CascadeClassifier(
+            str(Path(data.haarcascades) / "haarcascade_frontalface_default.xml")
+        )
 
     def detect(self, image: Image.Image) -> list[Face]:
         width, height = image.size
         scale = min(1.0, DETECTION_MAX_SIDE / max(width, height))
         small = image if scale == 1.0 else image.resize((round(width * scale), round(height * scale)))
         grey = np.asarray(small.convert("L"))
-        boxes, _, weights = self._cascade.detectMultiScale3(grey, scaleFactor=1.1, minNeighbors=5,
-                                                            minSize=(24, 24), outputRejectLevels=True)
+        boxes, _, weights = self._cascade.detectMultiScale3(
+            grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24), outputRejectLevels=True
+        )
         faces = [
             # levelWeights are unbounded; squash them into (0, 1) so scores read like YuNet's.
-            Face((x / scale, y / scale, (x + w) / scale, (y + h) / scale), float(1 / (1 + np.exp(-float(wt)))))
-            for (x, y, w, h), wt in zip(boxes, np.asarray(weights).reshape(-1))
+            Face(
+                (x / scale, y / scale, (x + w) / scale, (y + h) / scale), float(1 / (1 + np.exp(-float(wt))))
+            )
+            for (x, y, w, h), wt in zip(boxes, np.asarray(weights).reshape(-1), strict=True)
         ]
         return sorted(faces, key=lambda f: f.score, reverse=True)
 
@@ -179,7 +188,9 @@ def expand_box(
     return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
-def crop_face(image: Image.Image, face: Face, margins: dict[str, float]) -> tuple[Image.Image, tuple[int, int, int, int]]:
+def crop_face(
+    image: Image.Image, face: Face, margins: dict[str, float]
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """The training-style crop around `face` and the crop's box in the image."""
     box = expand_box(face.box, margins, *image.size)
     return image.crop(box), box
@@ -195,7 +206,9 @@ def margins_of(metadata: dict[str, Any]) -> dict[str, float]:
     return {side: float(crop.get("margins", {}).get(side, IMDB_WIKI_MARGIN)) for side in SIDES}
 
 
-def measure_framing(detector: FaceDetector, image_paths: list[Path], *, min_faces: int = 20) -> dict[str, float] | None:
+def measure_framing(
+    detector: FaceDetector, image_paths: list[Path], *, min_faces: int = 20
+) -> dict[str, float] | None:
     """Median margins between detected boxes and the edges of training crops, or None with too few faces."""
     measured = []
     for path in image_paths:
@@ -215,11 +228,18 @@ def measure_framing(detector: FaceDetector, image_paths: list[Path], *, min_face
     if len(measured) < min_faces:
         return None
     medians = np.median(np.asarray(measured), axis=0)
-    return {side: round(float(value), 4) for side, value in zip(SIDES, medians)}
+    return {side: round(float(value), 4) for side, value in zip(SIDES, medians, strict=True)}
 
 
-def training_framing(dataset: str, root: Path, paths: list[str], *, detector_model: Path | str | None = None,
-                     sample: int = 200, seed: int = 0) -> dict[str, Any]:
+def training_framing(
+    dataset: str,
+    root: Path,
+    paths: list[str],
+    *,
+    detector_model: Path | str | None = None,
+    sample: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
     """The crop framing of a training set, for the model's metadata (see the module docstring)."""
     rng = np.random.default_rng(seed)
     chosen = [Path(root) / paths[i] for i in rng.permutation(len(paths))[:sample]]
@@ -230,7 +250,10 @@ def training_framing(dataset: str, root: Path, paths: list[str], *, detector_mod
         log.warning("cannot measure the crop framing (%s)", err)
         margins = None
     if margins is not None:
-        return {"margins": margins, "method": f"measured with YuNet on {min(sample, len(paths))} training crops"}
+        return {
+            "margins": margins,
+            "method": f"measured with YuNet on {min(sample, len(paths))} training crops",
+        }
     note = "IMDB-WIKI definition" if dataset == "imdb-wiki" else "IMDB-WIKI default, not measured"
     return {"margins": uniform_margins(IMDB_WIKI_MARGIN), "method": f"{note}: 40% of the box on every side"}
 
@@ -256,14 +279,28 @@ def _crop_box_of(job: tuple[str, dict[str, float]]) -> tuple[tuple[int, int, int
 
 
 def largest_face_boxes(
-    paths: list[Path], margins: dict[str, float], *, kind: str = "auto", model_path: Path | None = None,
+    paths: list[Path],
+    margins: dict[str, float],
+    *,
+    kind: str = "auto",
+    model_path: Path | None = None,
     workers: int = 2,
 ) -> list[tuple[int, int, int, int] | None]:
     """Per photo, the training-style crop box of its largest face (None: no face or unreadable)."""
     create_detector(kind, model_path)  # fail here, with the detector's message, not inside a worker
     jobs = [(str(p), margins) for p in paths]
-    with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_init_worker,
-                             initargs=(kind, str(model_path) if model_path else None)) as pool:
-        results = list(tqdm(pool.map(_crop_box_of, jobs, chunksize=16), total=len(jobs),
-                            desc="detecting faces", unit="img", disable=None))
+    with ProcessPoolExecutor(
+        max_workers=max(1, workers),
+        initializer=_init_worker,
+        initargs=(kind, str(model_path) if model_path else None),
+    ) as pool:
+        results = list(
+            tqdm(
+                pool.map(_crop_box_of, jobs, chunksize=16),
+                total=len(jobs),
+                desc="detecting faces",
+                unit="img",
+                disable=None,
+            )
+        )
     return [box for box, _ in results]

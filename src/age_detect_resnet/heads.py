@@ -24,7 +24,9 @@ BIN_WIDTH = 5
 
 
 def _trunk(in_features: int, hidden_dim: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_features, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, outputs))
+    return nn.Sequential(
+        nn.Linear(in_features, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, outputs)
+    )
 
 
 def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -46,7 +48,9 @@ class AgeHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, F) -> (B, K)
         return self.layers(features)
 
-    def loss(self, outputs: torch.Tensor, ages: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, outputs: torch.Tensor, ages: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -93,7 +97,9 @@ class ProbabilisticHead(AgeHead):
 class BinsHead(ProbabilisticHead):
     kind = "bins"
 
-    def __init__(self, in_features: int, hidden_dim: int = 256, *, min_age: int = 10, max_age: int = 75) -> None:
+    def __init__(
+        self, in_features: int, hidden_dim: int = 256, *, min_age: int = 10, max_age: int = 75
+    ) -> None:
         self.min_age, self.max_age = min_age, max_age
         starts = torch.arange(min_age, max_age + 1, BIN_WIDTH)
         ends = torch.clamp(starts + BIN_WIDTH - 1, max=max_age)
@@ -146,11 +152,13 @@ class DistributionHead(ProbabilisticHead):
         return _weighted_mean(losses, weights)
 
     def quantiles(self, outputs: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """(B, K) outputs, (Q,) levels in (0, 1) -> (B, Q) ages, treating class i as uniform on [i-0.5, i+0.5]."""
+        """(B, K) outputs, (Q,) levels in (0, 1) -> (B, Q) ages; class i is uniform on [i-0.5, i+0.5]."""
         probs = self.probabilities(outputs)
         cdf = probs.cumsum(dim=-1)  # (B, K)
         levels = levels.to(cdf).expand(cdf.shape[0], -1).contiguous()
-        index = torch.searchsorted(cdf, levels).clamp(max=probs.shape[-1] - 1)  # first class reaching the level
+        index = torch.searchsorted(cdf, levels).clamp(
+            max=probs.shape[-1] - 1
+        )  # first class reaching the level
         below = torch.where(index > 0, cdf.gather(1, (index - 1).clamp(min=0)), torch.zeros_like(levels))
         mass = probs.gather(1, index).clamp_min(1e-12)
         return index.float() - 0.5 + ((levels - below) / mass).clamp(0, 1)
@@ -187,7 +195,9 @@ def create_head(kind: str, in_features: int, **options: Any) -> AgeHead:
     if kind == "regression":
         return RegressionHead(in_features, hidden, init_age=options.get("init_age"))
     if kind == "bins":
-        return BinsHead(in_features, hidden, min_age=options.get("min_age", 10), max_age=options.get("max_age", 75))
+        return BinsHead(
+            in_features, hidden, min_age=options.get("min_age", 10), max_age=options.get("max_age", 75)
+        )
     if kind == "distribution":
         return DistributionHead(
             in_features,
@@ -197,4 +207,3 @@ def create_head(kind: str, in_features: int, **options: Any) -> AgeHead:
             interval_quantile_level=options.get("interval_quantile_level"),
         )
     raise ValueError(f"unknown head {kind!r}; use regression, bins or distribution")
-

@@ -1,12 +1,12 @@
 """Using a trained model: the seed's API, a batched photo predictor with face detection, and the grid.
 
-    from age_detect_resnet.inference import load_trained_model, predict_age_for_image
-    model = load_trained_model("runs/utkface-resnet50-regression", "cpu")
-    age, image = predict_age_for_image("face.jpg", model, "cpu")      # the image is the face (no detection)
+from age_detect_resnet.inference import load_trained_model, predict_age_for_image
+model = load_trained_model("runs/utkface-resnet50-regression", "cpu")
+age, image = predict_age_for_image("face.jpg", model, "cpu")      # the image is the face (no detection)
 
-    predictor = AgePredictor(model, device="cpu")                       # photos: detect, crop, predict
-    for face in predictor.predict("group_photo.jpg"):
-        print(face.box, face.age)
+predictor = AgePredictor(model, device="cpu")                       # photos: detect, crop, predict
+for face in predictor.predict("group_photo.jpg"):
+    print(face.box, face.age)
 """
 
 from __future__ import annotations
@@ -46,8 +46,14 @@ class TorchRunner:
     """Runs an `AgeModel` on batches: inference mode, bf16 autocast where the hardware has it,
     channels_last, optional flip test-time augmentation."""
 
-    def __init__(self, model: AgeModel, device: str | torch.device = "cpu", *, precision: str = "auto",
-                 tta_flip: bool = False) -> None:
+    def __init__(
+        self,
+        model: AgeModel,
+        device: str | torch.device = "cpu",
+        *,
+        precision: str = "auto",
+        tta_flip: bool = False,
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
@@ -68,7 +74,9 @@ class TorchRunner:
         return result
 
 
-def predict_age_for_image(path: str | Path, model: AgeModel, device: str | torch.device = "cpu") -> tuple[float, Image.Image]:
+def predict_age_for_image(
+    path: str | Path, model: AgeModel, device: str | torch.device = "cpu"
+) -> tuple[float, Image.Image]:
     """The seed's function: the age for an image that is already a face crop, and the image."""
     image = load_rgb(path)
     batch = to_input_tensor(image, image_size_of(model)).unsqueeze(0)
@@ -89,8 +97,15 @@ class FacePrediction:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        row = {"face_index": self.face_index, "x1": self.box[0], "y1": self.box[1], "x2": self.box[2],
-               "y2": self.box[3], "detector_score": self.detector_score, "age": round(self.age, 2)}
+        row = {
+            "face_index": self.face_index,
+            "x1": self.box[0],
+            "y1": self.box[1],
+            "x2": self.box[2],
+            "y2": self.box[3],
+            "detector_score": self.detector_score,
+            "age": round(self.age, 2),
+        }
         if self.interval is not None:
             row["age_low"], row["age_high"] = round(self.interval[0], 2), round(self.interval[1], 2)
         return row
@@ -103,9 +118,17 @@ class AgePredictor:
     `runner` replaces the PyTorch runner (e.g. ONNX Runtime, see export.py).
     """
 
-    def __init__(self, model: AgeModel | None = None, *, device: str | torch.device = "cpu",
-                 detector: FaceDetector | None = None, runner: AgeRunner | None = None,
-                 metadata: dict[str, Any] | None = None, batch_size: int = 32, tta_flip: bool = False) -> None:
+    def __init__(
+        self,
+        model: AgeModel | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        detector: FaceDetector | None = None,
+        runner: AgeRunner | None = None,
+        metadata: dict[str, Any] | None = None,
+        batch_size: int = 32,
+        tta_flip: bool = False,
+    ) -> None:
         if runner is None:
             if model is None:
                 raise ValueError("AgePredictor needs a model or a runner")
@@ -117,7 +140,9 @@ class AgePredictor:
         self.detector = detector
         self.batch_size = batch_size
 
-    def face_inputs(self, image: Image.Image) -> list[tuple[Face | None, tuple[int, int, int, int], torch.Tensor]]:
+    def face_inputs(
+        self, image: Image.Image
+    ) -> list[tuple[Face | None, tuple[int, int, int, int], torch.Tensor]]:
         """(face, crop box, model input) per face; the whole image when there is no detector."""
         if self.detector is None:
             whole = (0, 0, *image.size)
@@ -130,9 +155,15 @@ class AgePredictor:
 
     def run(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
         """Model outputs for many inputs, `batch_size` at a time."""
-        parts = [self.runner(torch.stack(list(tensors[i:i + self.batch_size])))
-                 for i in range(0, len(tensors), self.batch_size)]
-        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]} if parts else {"age": np.zeros(0)}
+        parts = [
+            self.runner(torch.stack(list(tensors[i : i + self.batch_size])))
+            for i in range(0, len(tensors), self.batch_size)
+        ]
+        return (
+            {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+            if parts
+            else {"age": np.zeros(0)}
+        )
 
     def predict_image(self, image: Image.Image) -> list[FacePrediction]:
         return self.predict_images([image])[0]
@@ -149,26 +180,47 @@ class AgePredictor:
         for entries in per_image:
             faces = []
             for index, (face, crop_box, _) in enumerate(entries):
-                interval = (float(outputs["lower"][position]), float(outputs["upper"][position])) \
-                    if "lower" in outputs else None
+                interval = (
+                    (float(outputs["lower"][position]), float(outputs["upper"][position]))
+                    if "lower" in outputs
+                    else None
+                )
                 box = tuple(round(v) for v in face.box) if face is not None else crop_box
-                faces.append(FacePrediction(index, box, crop_box, face.score if face else None,
-                                            float(outputs["age"][position]), interval))
+                faces.append(
+                    FacePrediction(
+                        index,
+                        box,
+                        crop_box,
+                        face.score if face else None,
+                        float(outputs["age"][position]),
+                        interval,
+                    )
+                )
                 position += 1
             results.append(faces)
         return results
 
 
-def prediction_grid(model: AgeModel, paths: Sequence[Path], ages: Sequence[float], out: Path, *,
-                    device: str | torch.device = "cpu", columns: int = 4) -> Path:
+def prediction_grid(
+    model: AgeModel,
+    paths: Sequence[Path],
+    ages: Sequence[float],
+    out: Path,
+    *,
+    device: str | torch.device = "cpu",
+    columns: int = 4,
+) -> Path:
     """The seed's demo: photos with their true and predicted ages, saved as one PNG."""
     readable = []
-    for path, age in zip(paths, ages):
+    for path, age in zip(paths, ages, strict=True):
         try:
             readable.append((load_rgb(path), age))
         except ImageReadError:
             continue  # the report counts unreadable images; the grid just shows the others
     images = [image for image, _ in readable]
-    predicted = AgePredictor(model, device=device).run([to_input_tensor(i, image_size_of(model)) for i in images])
-    captions = [f"true {age:g} / predicted {pred:.1f}" for (_, age), pred in zip(readable, predicted["age"])]
+    predicted = AgePredictor(model, device=device).run(
+        [to_input_tensor(i, image_size_of(model)) for i in images]
+    )
+    pairs = zip(readable, predicted["age"], strict=True)
+    captions = [f"true {age:g} / predicted {pred:.1f}" for (_, age), pred in pairs]
     return plot_prediction_grid(images, captions, out, columns=columns)

@@ -60,7 +60,9 @@ def classification_metrics(true_class: np.ndarray, pred_class: np.ndarray, n_cla
     tp = np.diag(confusion).astype(float)
     precision = np.divide(tp, confusion.sum(axis=0), out=np.zeros(n_classes), where=confusion.sum(axis=0) > 0)
     recall = np.divide(tp, confusion.sum(axis=1), out=np.zeros(n_classes), where=confusion.sum(axis=1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_classes), where=precision + recall > 0)
+    f1 = np.divide(
+        2 * precision * recall, precision + recall, out=np.zeros(n_classes), where=precision + recall > 0
+    )
     present = confusion.sum(axis=1) > 0
     return {
         "accuracy": float(tp.sum() / max(confusion.sum(), 1)),

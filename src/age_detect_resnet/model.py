@@ -63,7 +63,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # safetensors and torch.load raise many types for foreign files
-        raise WeightsError(f"{path} is not a readable state dict ({err}); use a .safetensors or .pth state dict") from err
+        raise WeightsError(
+            f"{path} is not a readable state dict ({err}); use a .safetensors or .pth state dict"
+        ) from err
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -71,7 +73,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def create_backbone(name: str, *, pretrained: bool = True, weights: Path | None = None) -> tuple[nn.Module, int]:
+def create_backbone(
+    name: str, *, pretrained: bool = True, weights: Path | None = None
+) -> tuple[nn.Module, int]:
     """A torchvision classifier without its last layer, and the width of the features it returns.
 
     ImageNet weights come from `weights` (a local state dict of the full classifier) when given,
@@ -161,7 +165,9 @@ def create_model(
     return AgeModel(features, create_head(head, width, **head_options), backbone_name=backbone)
 
 
-def create_resnet50_regressor(pretrained: bool = True, *, weights: Path | None = None, init_age: float | None = None) -> AgeModel:
+def create_resnet50_regressor(
+    pretrained: bool = True, *, weights: Path | None = None, init_age: float | None = None
+) -> AgeModel:
     """The seed's model: ResNet-50 with the head Linear(2048, 256) -> ReLU -> Linear(256, 1)."""
     return create_model("resnet50", "regression", pretrained=pretrained, weights=weights, init_age=init_age)
 

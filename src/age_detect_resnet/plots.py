@@ -104,7 +104,7 @@ def plot_prediction_grid(
     """Photos in a grid, each titled with its caption (e.g. 'true 34 / predicted 31.2')."""
     rows = max(1, int(np.ceil(len(images) / columns)))
     fig = Figure(figsize=(3 * columns, 3.3 * rows))
-    for i, (image, caption) in enumerate(zip(images, captions)):
+    for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(image)
         ax.set_title(caption, fontsize=10)

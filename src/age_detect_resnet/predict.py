@@ -54,9 +54,12 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+            matches = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+            )
         elif any(ch in item for ch in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            # glob.glob, unlike Path.glob, takes absolute patterns such as /data/*/*.jpg
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())  # noqa: PTH207
         else:
             matches = [path]  # missing files are reported when read, by name
         if not matches:
@@ -65,17 +68,20 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     return list(dict.fromkeys(found)), problems
 
 
-def predict_photos(predictor: AgePredictor, paths: Sequence[Path], *, max_file_mb: float = MAX_FILE_MB,
-                   progress: bool = True) -> Iterator[PhotoResult]:
+def predict_photos(
+    predictor: AgePredictor, paths: Sequence[Path], *, max_file_mb: float = MAX_FILE_MB, progress: bool = True
+) -> Iterator[PhotoResult]:
     """One result per path, in order; faces of several photos share model batches."""
     bar = tqdm(total=len(paths), desc="predicting", unit="photo", disable=not progress or None)
     for start in range(0, len(paths), FILES_PER_CHUNK):
-        chunk, images, results = paths[start:start + FILES_PER_CHUNK], [], []
+        chunk, images, results = paths[start : start + FILES_PER_CHUNK], [], []
         for path in chunk:
             result = PhotoResult(path)
             try:
                 if path.is_file() and path.stat().st_size > max_file_mb * 1_000_000:
-                    raise ImageReadError(f"{path} is larger than {max_file_mb:g} MB; pass --max-file-mb to allow it")
+                    raise ImageReadError(
+                        f"{path} is larger than {max_file_mb:g} MB; pass --max-file-mb to allow it"
+                    )
                 images.append(load_rgb(path))
             except ImageReadError as err:
                 result.error = str(err)
@@ -97,13 +103,16 @@ def result_rows(results: Sequence[PhotoResult]) -> list[dict]:
 
 def write_output(results: Sequence[PhotoResult], out: Path) -> None:
     if out.suffix.lower() == ".json":
-        document = [{"path": str(r.path), "faces": [f.as_dict() for f in r.faces], "error": r.error} for r in results]
+        document = [
+            {"path": str(r.path), "faces": [f.as_dict() for f in r.faces], "error": r.error} for r in results
+        ]
         write_text_atomic(out, json.dumps(document, indent=2) + "\n")
     elif out.suffix.lower() == ".csv":
         columns = ["path", "face_index", "x1", "y1", "x2", "y2", "detector_score", "age"]
         with atomic_path(out) as tmp:
-            pd.DataFrame(result_rows(results), columns=None if results and any(r.faces for r in results)
-                         else columns).to_csv(tmp, index=False)
+            pd.DataFrame(
+                result_rows(results), columns=None if results and any(r.faces for r in results) else columns
+            ).to_csv(tmp, index=False)
     else:
         raise ValueError(f"--output {out} must end in .csv or .json")
 
@@ -120,7 +129,9 @@ def build_predictor(args: argparse.Namespace) -> AgePredictor:
     detector = None if args.no_detect else create_detector(args.detector, args.detector_model)
     device = select_device(args.device)
     model = load_trained_model(args.model, device)
-    return AgePredictor(model, device=device, detector=detector, batch_size=args.batch_size, tta_flip=args.tta)
+    return AgePredictor(
+        model, device=device, detector=detector, batch_size=args.batch_size, tta_flip=args.tta
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,8 +20,9 @@ from age_detect_resnet.plots import plot_confusion, plot_cs_curve, plot_group_er
 def prediction_frame(table: pd.DataFrame, predictions: Predictions, model: AgeModel) -> pd.DataFrame:
     """One row per evaluated image: its table columns, the prediction, and head-specific extras."""
     rows = table.iloc[predictions.indices]
-    frame = pd.DataFrame({"path": rows["path"].to_numpy(), "age": predictions.ages,
-                          "predicted": predictions.predicted})
+    frame = pd.DataFrame(
+        {"path": rows["path"].to_numpy(), "age": predictions.ages, "predicted": predictions.predicted}
+    )
     frame["error"] = frame["predicted"] - frame["age"]
     head, outputs = model.head, torch.from_numpy(predictions.outputs)
     if isinstance(head, DistributionHead) and len(frame):
@@ -38,7 +39,10 @@ def evaluation_metrics(frame: pd.DataFrame, model: AgeModel) -> dict[str, Any]:
     metrics["worst_groups"] = worst_groups(metrics)
     head = model.head
     if "lower" in frame:
-        metrics["interval"] = {"nominal": head.interval, **interval_coverage(frame["age"], frame["lower"], frame["upper"])}
+        metrics["interval"] = {
+            "nominal": head.interval,
+            **interval_coverage(frame["age"], frame["lower"], frame["upper"]),
+        }
     if "predicted_group" in frame:
         metrics["classification"] = {
             "groups": head.labels(),
@@ -60,14 +64,19 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     for group, stats in metrics["groups"].items():
-        lines.append(f"| {group} | {stats['count']:,} | {stats['mae']:.2f} | {stats['mean_signed_error']:+.2f} |")
+        lines.append(
+            f"| {group} | {stats['count']:,} | {stats['mae']:.2f} | {stats['mean_signed_error']:+.2f} |"
+        )
     lines += ["", f"Worst groups: {', '.join(metrics['worst_groups'])}.", ""]
     cs = metrics["cs"]
     lines += ["CS@k (share within k years): " + ", ".join(f"@{k} {v:.1%}" for k, v in cs.items()), ""]
     if "interval" in metrics:
         iv = metrics["interval"]
-        lines += [f"{iv['nominal']:.0%} age interval: real coverage {iv['coverage']:.1%}, "
-                  f"mean width {iv['mean_width']:.1f} years.", ""]
+        lines += [
+            f"{iv['nominal']:.0%} age interval: real coverage {iv['coverage']:.1%}, "
+            f"mean width {iv['mean_width']:.1f} years.",
+            "",
+        ]
     if "classification" in metrics:
         cl = metrics["classification"]
         lines += [f"Age groups: accuracy {cl['accuracy']:.1%}, macro F1 {cl['macro_f1']:.3f}.", ""]
@@ -75,7 +84,12 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
 
 
 def write_evaluation(
-    frame: pd.DataFrame, metrics: dict[str, Any], out_dir: Path, *, title: str, extra: dict[str, Any] | None = None
+    frame: pd.DataFrame,
+    metrics: dict[str, Any],
+    out_dir: Path,
+    *,
+    title: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """predictions.csv, evaluation.json, evaluation.md and the figures under out_dir/plots/."""
     out_dir = Path(out_dir)
@@ -85,8 +99,12 @@ def write_evaluation(
     document = {**(extra or {}), "metrics": metrics}
     write_text_atomic(out_dir / "evaluation.json", json.dumps(document, indent=2) + "\n")
     written = {
-        "pred_vs_true": plot_predicted_vs_true(frame["age"], frame["predicted"], plots / "pred_vs_true.png",
-                                               title=f"{title}: MAE {metrics['mae']:.2f}"),
+        "pred_vs_true": plot_predicted_vs_true(
+            frame["age"],
+            frame["predicted"],
+            plots / "pred_vs_true.png",
+            title=f"{title}: MAE {metrics['mae']:.2f}",
+        ),
         "group_errors": plot_group_errors(metrics["groups"], plots / "group_errors.png"),
         "cs_curve": plot_cs_curve(metrics["cs"], plots / "cs_curve.png"),
     }
@@ -99,4 +117,3 @@ def write_evaluation(
     markdown += [f"![{name}](plots/{path.name})" for name, path in written.items()]
     write_text_atomic(out_dir / "evaluation.md", "\n".join(markdown) + "\n")
     return written
-

@@ -8,6 +8,7 @@ import platform
 import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -70,8 +71,10 @@ def hardware_summary(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
+        with Path("/proc/cpuinfo").open(encoding="utf-8") as handle:
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu
+            )
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}"

@@ -2,7 +2,7 @@
 
     python -m age_detect_resnet.train                                   # the seed: IMDB-WIKI in data/raw
     age-detect train --dataset utkface --data-root ../shared/data/utkface \\
-        --weights ../shared/weights/resnet50_imagenet_v1_fp16.safetensors --config experiments/utkface_cpu.toml
+        --weights ../shared/weights/resnet50_imagenet_v1_fp16.safetensors --config cpu
     age-detect train --out runs/NAME --resume                           # continue an interrupted run
     torchrun --nproc_per_node=4 -m age_detect_resnet.train --config ... # DDP: NCCL on GPUs, Gloo on CPUs
 
@@ -34,7 +34,14 @@ from torch.utils.data.distributed import DistributedSampler
 from age_detect_resnet import checkpoint
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.cache import prepare_cache
-from age_detect_resnet.config import Config, ConfigError, add_config_arguments, overrides_from_args, resolve_config, save_config
+from age_detect_resnet.config import (
+    Config,
+    ConfigError,
+    add_config_arguments,
+    overrides_from_args,
+    resolve_config,
+    save_config,
+)
 from age_detect_resnet.dataset import FileImages, ImageSource, ShardSampler, build_datasets, make_loader
 from age_detect_resnet.distributed import Distributed, cleanup_distributed, setup_distributed
 from age_detect_resnet.engine import NonFiniteLossError, evaluate, train_one_epoch
@@ -44,8 +51,8 @@ from age_detect_resnet.images import ImageReadError
 from age_detect_resnet.inference import prediction_grid
 from age_detect_resnet.model import AgeModel, WeightsError, create_model
 from age_detect_resnet.plots import plot_curves
-from age_detect_resnet.preprocessing.sources import image_root
 from age_detect_resnet.preprocessing.prepare import PreparedData, load_split, prepare_splits, save_split
+from age_detect_resnet.preprocessing.sources import image_root
 from age_detect_resnet.report import evaluation_metrics, metrics_markdown, prediction_frame, write_evaluation
 from age_detect_resnet.runtime import autocast_factory, hardware_summary, resolve_precision, seed_everything
 
@@ -96,12 +103,19 @@ def image_sources(prepared: PreparedData, config: Config, dist: Distributed) -> 
     """Per split: the files themselves, or views into the prepared cache (built once, by rank 0)."""
     data = config.data
     if not data.cache:
-        return {s: FileImages(prepared.root, prepared.split(s)["path"].tolist(), data.image_size)
-                for s in ("train", "val", "test")}
+        return {
+            s: FileImages(prepared.root, prepared.split(s)["path"].tolist(), data.image_size)
+            for s in ("train", "val", "test")
+        }
     paths = prepared.table["path"].tolist()
     if dist.is_main:
-        prepare_cache(prepared.root, paths, image_size=data.image_size, cache_dir=Path(data.cache_dir),
-                      workers=max(1, data.num_workers))
+        prepare_cache(
+            prepared.root,
+            paths,
+            image_size=data.image_size,
+            cache_dir=Path(data.cache_dir),
+            workers=max(1, data.num_workers),
+        )
     dist.barrier()
     cache = prepare_cache(prepared.root, paths, image_size=data.image_size, cache_dir=Path(data.cache_dir))
     rows = {s: np.flatnonzero(prepared.table["split"].to_numpy() == s) for s in ("train", "val", "test")}
@@ -121,20 +135,37 @@ def build_loaders(
     )
     per_process = max(1, train.batch_size // dist.world)
     train_sampler = (
-        DistributedSampler(datasets["train"], num_replicas=dist.world, rank=dist.rank, seed=train.seed, drop_last=True)
-        if dist.enabled else None
+        DistributedSampler(
+            datasets["train"], num_replicas=dist.world, rank=dist.rank, seed=train.seed, drop_last=True
+        )
+        if dist.enabled
+        else None
     )
     common = {"num_workers": data.num_workers, "device": dist.device}
     loaders = {
-        "train": make_loader(datasets["train"], batch_size=per_process, train=True, sampler=train_sampler,
-                             generator=torch.Generator(), persistent=not train.deterministic, **common),
-        "val": make_loader(datasets["val"], batch_size=per_process, train=False,
-                           sampler=ShardSampler(len(datasets["val"]), dist.rank, dist.world), **common),
+        "train": make_loader(
+            datasets["train"],
+            batch_size=per_process,
+            train=True,
+            sampler=train_sampler,
+            generator=torch.Generator(),
+            persistent=not train.deterministic,
+            **common,
+        ),
+        "val": make_loader(
+            datasets["val"],
+            batch_size=per_process,
+            train=False,
+            sampler=ShardSampler(len(datasets["val"]), dist.rank, dist.world),
+            **common,
+        ),
         "test": make_loader(datasets["test"], batch_size=per_process, train=False, **common),
     }
     if len(loaders["train"]) == 0:
-        raise ConfigError(f"the training split has {len(datasets['train'])} images, fewer than one batch of "
-                          f"{per_process}; lower --batch-size or use more data")
+        raise ConfigError(
+            f"the training split has {len(datasets['train'])} images, fewer than one batch of "
+            f"{per_process}; lower --batch-size or use more data"
+        )
     return loaders, train_sampler
 
 
@@ -187,32 +218,67 @@ def restore(run_dir: Path, model: AgeModel, optimizer, scheduler, scaler) -> Run
     checkpoint.set_rng_state(state["rng"])
     if isinstance(model.head, DistributionHead):
         model.head.interval_quantile_level = state["interval_quantile_level"]
-    log.info("resuming %s after epoch %d (best validation MAE %.3f)", run_dir, state["epoch"], state["best_mae"])
+    log.info(
+        "resuming %s after epoch %d (best validation MAE %.3f)", run_dir, state["epoch"], state["best_mae"]
+    )
     return RunState(epoch=state["epoch"], best_mae=state["best_mae"], history=state["history"])
 
 
-def final_test(config: Config, prepared: PreparedData, loader: DataLoader, run_dir: Path, dist: Distributed,
-               autocast, *, progress: bool) -> dict[str, Any]:
+def final_test(
+    config: Config,
+    prepared: PreparedData,
+    loader: DataLoader,
+    run_dir: Path,
+    dist: Distributed,
+    autocast,
+    *,
+    progress: bool,
+) -> dict[str, Any]:
     """The best model on the test split: predictions, metrics, figures and the prediction grid."""
     best = checkpoint.load_model(run_dir / checkpoint.BEST, dist.device)
     if config.train.channels_last:
         best = best.to(memory_format=torch.channels_last)
-    _, predictions = evaluate(best, loader, device=dist.device, autocast=autocast,
-                              channels_last=config.train.channels_last, desc="test", progress=progress)
+    _, predictions = evaluate(
+        best,
+        loader,
+        device=dist.device,
+        autocast=autocast,
+        channels_last=config.train.channels_last,
+        desc="test",
+        progress=progress,
+    )
     test_table = prepared.split("test")
     frame = prediction_frame(test_table, predictions, best)
     metrics = evaluation_metrics(frame, best)
-    write_evaluation(frame, metrics, run_dir, title=f"Test split of {run_dir.name}",
-                     extra={"model": str(run_dir / checkpoint.BEST), "split": "test"})
+    write_evaluation(
+        frame,
+        metrics,
+        run_dir,
+        title=f"Test split of {run_dir.name}",
+        extra={"model": str(run_dir / checkpoint.BEST), "split": "test"},
+    )
     if config.train.grid_size > 0 and len(test_table):
-        sample = test_table.sample(min(config.train.grid_size, len(test_table)), random_state=config.train.seed)
-        prediction_grid(best, [prepared.root / p for p in sample["path"]], sample["age"].tolist(),
-                        run_dir / "plots" / "grid.png", device=dist.device)
+        sample = test_table.sample(
+            min(config.train.grid_size, len(test_table)), random_state=config.train.seed
+        )
+        prediction_grid(
+            best,
+            [prepared.root / p for p in sample["path"]],
+            sample["age"].tolist(),
+            run_dir / "plots" / "grid.png",
+            device=dist.device,
+        )
     return metrics
 
 
-def write_run_report(run_dir: Path, config: Config, prepared: PreparedData, history: list[dict[str, float]],
-                     test_metrics: dict[str, Any], info: dict[str, Any]) -> None:
+def write_run_report(
+    run_dir: Path,
+    config: Config,
+    prepared: PreparedData,
+    history: list[dict[str, float]],
+    test_metrics: dict[str, Any],
+    info: dict[str, Any],
+) -> None:
     counts = prepared.table["split"].value_counts()
     best_row = min(history, key=lambda row: row["val_mae"])
     lines = [
@@ -221,8 +287,9 @@ def write_run_report(run_dir: Path, config: Config, prepared: PreparedData, hist
         f"- command: `{info['command']}`",
         f"- hardware: {info['hardware']}; precision {info['precision']}",
         f"- wall time: {info['wall_time'] / 60:.1f} min ({info['stop_reason']})",
-        f"- data: {config.data.dataset} at {config.data.data_root}; ages {config.data.min_age}-{config.data.max_age}; "
-        f"train {counts.get('train', 0):,} / val {counts.get('val', 0):,} / test {counts.get('test', 0):,} images "
+        f"- data: {config.data.dataset} at {config.data.data_root}; "
+        f"ages {config.data.min_age}-{config.data.max_age}; train {counts.get('train', 0):,} / "
+        f"val {counts.get('val', 0):,} / test {counts.get('test', 0):,} images "
         f"(split by person where known, stratified by age; see split.csv)",
         "- removed before splitting: " + ", ".join(f"{k} {v:,}" for k, v in prepared.removed.items()),
         f"- unreadable images skipped: {info['skipped']:,}",
@@ -240,12 +307,19 @@ def write_run_report(run_dir: Path, config: Config, prepared: PreparedData, hist
         "![prediction grid](plots/grid.png)" if config.train.grid_size > 0 else "",
     ]
     write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
-    summary = {**info, "best_epoch": int(best_row["epoch"]), "best_val_mae": best_row["val_mae"],
-               "epochs_run": len(history), "splits": {k: int(v) for k, v in counts.items()}}
+    summary = {
+        **info,
+        "best_epoch": int(best_row["epoch"]),
+        "best_val_mae": best_row["val_mae"],
+        "epochs_run": len(history),
+        "splits": {k: int(v) for k, v in counts.items()},
+    }
     write_text_atomic(run_dir / "run.json", json.dumps(summary, indent=2) + "\n")
 
 
-def train(config: Config, *, resume: bool = False, progress: bool = True, command: str = "") -> dict[str, Any]:
+def train(
+    config: Config, *, resume: bool = False, progress: bool = True, command: str = ""
+) -> dict[str, Any]:
     """Run the whole job for `config`; returns the test metrics (on rank 0; {} elsewhere)."""
     started = time.perf_counter()
     dist = setup_distributed(config.train.device)
@@ -265,30 +339,48 @@ def train(config: Config, *, resume: bool = False, progress: bool = True, comman
     train_ages = prepared.split("train")["age"].to_numpy(dtype=float)
 
     model = create_model(
-        config.model.backbone, config.model.head,
+        config.model.backbone,
+        config.model.head,
         pretrained=config.model.pretrained,
         weights=Path(config.model.weights) if config.model.weights else None,
-        hidden_dim=config.model.hidden_dim, init_age=float(train_ages.mean()),
-        min_age=config.data.min_age, max_age=config.data.max_age,
-        label_sigma=config.model.label_sigma, interval=config.model.interval,
+        hidden_dim=config.model.hidden_dim,
+        init_age=float(train_ages.mean()),
+        min_age=config.data.min_age,
+        max_age=config.data.max_age,
+        label_sigma=config.model.label_sigma,
+        interval=config.model.interval,
     ).to(dist.device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision = resolve_precision(config.train.precision, dist.device)
     autocast = autocast_factory(dist.device, precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, len(loaders["train"])))
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     state = restore(run_dir, model, optimizer, scheduler, scaler) if resume else RunState()
 
     runnable: torch.nn.Module = model
     if dist.enabled:
-        runnable = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        runnable = DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
     if config.train.compile:
         runnable = torch.compile(runnable)
-    age_weights = inverse_frequency_weights(train_ages).to(dist.device) if config.optim.age_weighting else None
-    framing = training_framing(config.data.dataset, prepared.root, prepared.split("train")["path"].tolist(),
-                               detector_model=config.data.detector_model) if dist.is_main else {}
+    age_weights = (
+        inverse_frequency_weights(train_ages).to(dist.device) if config.optim.age_weighting else None
+    )
+    framing = (
+        training_framing(
+            config.data.dataset,
+            prepared.root,
+            prepared.split("train")["path"].tolist(),
+            detector_model=config.data.detector_model,
+        )
+        if dist.is_main
+        else {}
+    )
     metadata = model_metadata(config, prepared, framing)
     writer = open_tensorboard(config, run_dir) if dist.is_main else None
     main_progress = progress and dist.is_main
@@ -297,38 +389,83 @@ def train(config: Config, *, resume: bool = False, progress: bool = True, comman
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
         loaders["train"].generator.manual_seed(config.train.seed * 1000 + epoch)
-        trained = train_one_epoch(runnable, loaders["train"], optimizer, device=dist.device, autocast=autocast,
-                                  epoch=epoch, scheduler=scheduler, scaler=scaler, age_weights=age_weights,
-                                  channels_last=config.train.channels_last, reduce=dist.all_reduce_sum,
-                                  progress=main_progress, module=model)
-        validated, val_predictions = evaluate(runnable, loaders["val"], device=dist.device, autocast=autocast,
-                                              channels_last=config.train.channels_last, reduce=dist.all_reduce_sum,
-                                              progress=main_progress, desc=f"epoch {epoch} val", module=model)
+        trained = train_one_epoch(
+            runnable,
+            loaders["train"],
+            optimizer,
+            device=dist.device,
+            autocast=autocast,
+            epoch=epoch,
+            scheduler=scheduler,
+            scaler=scaler,
+            age_weights=age_weights,
+            channels_last=config.train.channels_last,
+            reduce=dist.all_reduce_sum,
+            progress=main_progress,
+            module=model,
+        )
+        validated, val_predictions = evaluate(
+            runnable,
+            loaders["val"],
+            device=dist.device,
+            autocast=autocast,
+            channels_last=config.train.channels_last,
+            reduce=dist.all_reduce_sum,
+            progress=main_progress,
+            desc=f"epoch {epoch} val",
+            module=model,
+        )
         skipped += int(trained["skipped"] + validated["skipped"])
-        row = {"epoch": epoch, "train_loss": trained["loss"], "train_mae": trained["mae"],
-               "val_loss": validated["loss"], "val_mae": validated["mae"],
-               "lr": optimizer.param_groups[0]["lr"], "seconds": trained["seconds"],
-               "train_images_per_s": trained["images"] / max(trained["seconds"], 1e-9), "skipped": skipped}
+        row = {
+            "epoch": epoch,
+            "train_loss": trained["loss"],
+            "train_mae": trained["mae"],
+            "val_loss": validated["loss"],
+            "val_mae": validated["mae"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": trained["seconds"],
+            "train_images_per_s": trained["images"] / max(trained["seconds"], 1e-9),
+            "skipped": skipped,
+        }
         state.rows().append(row)
-        log.info("epoch %d: train loss %.3f MAE %.2f | val loss %.3f MAE %.2f | %.0f s", epoch, row["train_loss"],
-                 row["train_mae"], row["val_loss"], row["val_mae"], row["seconds"])
+        log.info(
+            "epoch %d: train loss %.3f MAE %.2f | val loss %.3f MAE %.2f | %.0f s",
+            epoch,
+            row["train_loss"],
+            row["train_mae"],
+            row["val_loss"],
+            row["val_mae"],
+            row["seconds"],
+        )
         improved = validated["mae"] < state.best_mae
         if improved:
             state.best_mae = validated["mae"]
             if isinstance(model.head, DistributionHead):  # on this process's share of the validation set
-                model.head.calibrate_interval(torch.from_numpy(val_predictions.outputs).to(dist.device),
-                                              torch.from_numpy(val_predictions.ages).to(dist.device))
+                model.head.calibrate_interval(
+                    torch.from_numpy(val_predictions.outputs).to(dist.device),
+                    torch.from_numpy(val_predictions.ages).to(dist.device),
+                )
         if dist.is_main:
             if improved:
-                checkpoint.save_model(model, run_dir / checkpoint.BEST,
-                                      {**metadata, "epoch": epoch, "val_mae": validated["mae"]})
-            checkpoint.save_training_state(run_dir / checkpoint.LAST, {
-                "epoch": epoch, "best_mae": state.best_mae, "history": state.history,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state(),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-                "interval_quantile_level": getattr(model.head, "interval_quantile_level", 0.0),
-            })
+                checkpoint.save_model(
+                    model,
+                    run_dir / checkpoint.BEST,
+                    {**metadata, "epoch": epoch, "val_mae": validated["mae"]},
+                )
+            checkpoint.save_training_state(
+                run_dir / checkpoint.LAST,
+                {
+                    "epoch": epoch,
+                    "best_mae": state.best_mae,
+                    "history": state.history,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": checkpoint.rng_state(),
+                    **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                    "interval_quantile_level": getattr(model.head, "interval_quantile_level", 0.0),
+                },
+            )
             write_history(state.history, run_dir)
             if writer is not None:
                 for key, value in row.items():
@@ -345,9 +482,21 @@ def train(config: Config, *, resume: bool = False, progress: bool = True, comman
     if not dist.is_main:
         return {}
     test_metrics = final_test(config, prepared, loaders["test"], run_dir, dist, autocast, progress=progress)
-    write_run_report(run_dir, config, prepared, state.rows(), test_metrics, {
-        "command": command, "hardware": hardware_summary(dist.device), "precision": precision,
-        "wall_time": time.perf_counter() - started, "stop_reason": stop_reason, "skipped": skipped})
+    write_run_report(
+        run_dir,
+        config,
+        prepared,
+        state.rows(),
+        test_metrics,
+        {
+            "command": command,
+            "hardware": hardware_summary(dist.device),
+            "precision": precision,
+            "wall_time": time.perf_counter() - started,
+            "stop_reason": stop_reason,
+            "skipped": skipped,
+        },
+    )
     log.info("test MAE %.2f; report in %s", test_metrics["mae"], run_dir / "report.md")
     return test_metrics
 
@@ -375,10 +524,19 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         command = " ".join(["age-detect train", *(argv if argv is not None else sys.argv[1:])])
         train(config, resume=args.resume, progress=not args.no_progress, command=command)
     except KeyboardInterrupt:
-        log.error("interrupted; the last finished epoch is saved: continue with the same command plus --resume")
+        log.error(
+            "interrupted; the last finished epoch is saved: continue with the same command plus --resume"
+        )
         return 130
-    except (ConfigError, WeightsError, ImageReadError, checkpoint.ModelFileError, NonFiniteLossError,
-            FileNotFoundError, ValueError) as err:
+    except (
+        ConfigError,
+        WeightsError,
+        ImageReadError,
+        checkpoint.ModelFileError,
+        NonFiniteLossError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
         log.error("%s", err)
         return 2
     finally:
@@ -387,9 +545,14 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    parser = argparse.ArgumentParser(prog="age-detect train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    parser = argparse.ArgumentParser(
+        prog="age-detect train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     return run(args, argv)

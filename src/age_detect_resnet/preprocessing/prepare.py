@@ -36,8 +36,12 @@ class PreparedData:
 
 def prepare_splits(data: DataConfig, *, seed: int) -> PreparedData:
     """Load, deduplicate, keep the age range, balance, cap, and split by person, stratified by age."""
-    table, root = load_table(data.dataset, Path(data.data_root), meta=Path(data.meta) if data.meta else None,
-                             min_face_score=data.min_face_score)
+    table, root = load_table(
+        data.dataset,
+        Path(data.data_root),
+        meta=Path(data.meta) if data.meta else None,
+        min_face_score=data.min_face_score,
+    )
     removed: dict[str, int] = {}
     table, duplicates = drop_duplicate_images(table, root)
     removed.update(duplicates)
@@ -52,8 +56,11 @@ def prepare_splits(data: DataConfig, *, seed: int) -> PreparedData:
         table = table.iloc[np.sort(np.random.default_rng(seed).choice(len(table), data.limit, replace=False))]
     if table.empty:
         raise ValueError(f"no images of ages {data.min_age}-{data.max_age} left in {data.data_root}")
-    table = table.assign(split=assign_splits(table, val_fraction=data.val_fraction,
-                                             test_fraction=data.test_fraction, seed=seed))
+    table = table.assign(
+        split=assign_splits(
+            table, val_fraction=data.val_fraction, test_fraction=data.test_fraction, seed=seed
+        )
+    )
     if "person_id" not in table.columns:
         table = table.assign(person_id=None)
     return PreparedData(table.reset_index(drop=True), root, removed)

@@ -13,6 +13,7 @@ from age_detect_resnet.preprocessing.utkface import is_image_file, load_utkface
 
 log = logging.getLogger(__name__)
 
+
 class DatasetNotFoundError(FileNotFoundError):
     """No dataset where the user pointed; the message says what to download and where to put it."""
 
@@ -65,7 +66,9 @@ def load_table(
 def _imdb_wiki_table(data_root: Path, meta: Path | None, min_face_score: float | None) -> pd.DataFrame:
     if meta is not None:
         if not Path(meta).is_file():
-            raise DatasetNotFoundError(f"metadata file {meta} does not exist; run `age-detect build-meta` first")
+            raise DatasetNotFoundError(
+                f"metadata file {meta} does not exist; run `age-detect build-meta` first"
+            )
         return pd.read_csv(meta, dtype={"person_id": str})
     if not any((data_root / rel).is_file() for rel in SOURCES.values()):
         raise DatasetNotFoundError(dataset_help(data_root))

@@ -74,7 +74,7 @@ def assign_splits(
     fractions = np.array([1.0 - val_fraction - test_fraction, val_fraction, test_fraction])
     if group_col in df.columns:
         groups = df[group_col].astype(object).where(df[group_col].notna(), None)
-        keys = [g if g is not None else f"__row{i}" for i, g in zip(df.index, groups)]
+        keys = [g if g is not None else f"__row{i}" for i, g in zip(df.index, groups, strict=True)]
     else:
         keys = [f"__row{i}" for i in df.index]
     key_series = pd.Series(keys, index=df.index)
@@ -84,7 +84,7 @@ def assign_splits(
     stats = stats.sort_values("median", kind="stable")
     assigned = np.zeros(3)
     split_of_group: dict[object, str] = {}
-    for key, size in zip(stats.index, stats["size"]):
+    for key, size in zip(stats.index, stats["size"], strict=True):
         deficit = fractions * (assigned.sum() + size) - assigned
         choice = int(np.argmax(deficit))
         assigned[choice] += size
@@ -101,5 +101,7 @@ def split_df_train_val_test(
     group_col: str = "person_id",
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The seed's three-way split, stratified by age and disjoint by person (see `assign_splits`)."""
-    labels = assign_splits(df, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, group_col=group_col)
+    labels = assign_splits(
+        df, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, group_col=group_col
+    )
     return tuple(df[labels == name] for name in SPLITS)  # type: ignore[return-value]
