@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config is None and select_device(args.device or "auto").type == "cpu":
         log.info("no GPU: using the packaged CPU recipe (--config cpu); pass --config to choose another")
         args.config = [Path("cpu")]
-    return train_module.run(args, argv)
+    return train_module.run(args, argv, prog="age-detect pipeline")
 
 
 if __name__ == "__main__":

@@ -518,10 +518,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
-def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None, *, prog: str = "age-detect train") -> int:
     try:
         config = config_for_run(args)
-        command = " ".join(["age-detect train", *(argv if argv is not None else sys.argv[1:])])
+        command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
         train(config, resume=args.resume, progress=not args.no_progress, command=command)
     except KeyboardInterrupt:
         log.error(
