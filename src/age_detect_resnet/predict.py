@@ -127,6 +127,12 @@ def annotate_to(result: PhotoResult, folder: Path) -> Path:
 
 def build_predictor(args: argparse.Namespace) -> AgePredictor:
     detector = None if args.no_detect else create_detector(args.detector, args.detector_model)
+    if args.backend == "onnx":
+        from age_detect_resnet.export import load_onnx_predictor  # onnxruntime only when asked for
+
+        return load_onnx_predictor(
+            args.model, detector=detector, batch_size=args.batch_size, threads=args.threads
+        )
     device = select_device(args.device)
     model = load_trained_model(args.model, device)
     return AgePredictor(
@@ -137,6 +143,9 @@ def build_predictor(args: argparse.Namespace) -> AgePredictor:
 def run(args: argparse.Namespace) -> int:
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         log.error("--output %s must end in .csv or .json", args.output)
+        return 2
+    if args.backend == "onnx" and args.tta:
+        log.error("--tta needs --backend torch: the exported ONNX graph has no flip averaging")
         return 2
     try:
         predictor = build_predictor(args)
@@ -167,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    parser.add_argument("--model", required=True, help="run folder or its best.safetensors")
+    parser.add_argument(
+        "--model", required=True, help="run folder or its best.safetensors (or an .onnx export)"
+    )
     parser.add_argument("--no-detect", action="store_true", help="treat each whole image as the face")
     parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
     parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
@@ -177,6 +188,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="average each face with its mirror image")
     parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB, help="skip larger files")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: --model is a file from `age-detect export` (its .json beside it) or a run folder holding "
+        "age_model.onnx, run on ONNX Runtime",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="--backend onnx: ONNX Runtime threads (default: all cores)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,175 @@
+"""Exported models (ONNX, TorchScript) give PyTorch's ages on real faces; prediction runs on ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from age_detect_resnet import checkpoint, export
+from age_detect_resnet.dataset import to_input_tensor
+from age_detect_resnet.faces import create_detector
+from age_detect_resnet.images import load_rgb
+from age_detect_resnet.inference import AgePredictor, TorchRunner
+from age_detect_resnet.model import AgeModel, create_backbone
+from conftest import TEST_IMAGES, UTKFACE, WEIGHTS, YUNET, require, train_tiny
+
+MOBILENET = WEIGHTS / "mobilenet_v2_imagenet_fp16.safetensors"
+TOLERANCE = 0.01  # years: the issue's contract
+
+
+def real_faces(size: int, count: int = 24) -> torch.Tensor:
+    """(N, 3, S, S) uint8 UTKFace crops, other ones than `export` checks itself on."""
+    files = sorted(require(UTKFACE).glob("*.jpg"))[5::997][:count]
+    return torch.stack([to_input_tensor(load_rgb(path), size) for path in files])
+
+
+def pytorch_fp32(model: AgeModel) -> TorchRunner:
+    """The project's own runner in float32: the ages an export must reproduce."""
+    return TorchRunner(model, "cpu", precision="fp32")
+
+
+def assert_same_outputs(expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name].shape == value.shape
+        assert np.abs(got[name] - value).max() < TOLERANCE, name
+
+
+@pytest.fixture(scope="module")
+def varied_run(tiny_run: Path, tmp_path_factory) -> Path:
+    """`tiny_run` with ImageNet MobileNetV2 features. Trained for 2 epochs from random weights, the tiny
+    model predicts one age for every image, which any export would match whatever it did to the pixels;
+    with ImageNet features its ages depend on the face."""
+    model = checkpoint.load_model(tiny_run)
+    backbone, _ = create_backbone("mobilenet_v2", weights=require(MOBILENET))
+    model.backbone.load_state_dict(backbone.state_dict())
+    folder = tmp_path_factory.mktemp("varied")
+    metadata = {k: v for k, v in model.metadata.items() if k not in ("format", "model", "sha256")}
+    checkpoint.save_model(model, folder / checkpoint.BEST, metadata)
+    for name in ("config.json", "split.csv"):  # the run's test split: what export checks on by default
+        shutil.copy(tiny_run / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def onnx_file(varied_run: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "age.onnx"
+    args = ["--model", str(varied_run), "--format", "onnx", "--out", str(out), "--check-images", str(UTKFACE)]
+    assert export.main(args) == 0
+    return out
+
+
+def test_onnx_export_gives_pytorch_ages_on_real_faces(onnx_file: Path, varied_run: Path):
+    model = checkpoint.load_model(varied_run)
+    images = real_faces(model.metadata["image_size"])
+    expected = pytorch_fp32(model)(images)
+    assert expected["age"].std() > 0.1  # the ages differ per face, so matching them means something
+    runner = export.OnnxRunner(onnx_file)
+    assert_same_outputs(expected, runner(images))
+    assert_same_outputs({"age": expected["age"][:1]}, runner(images[:1].numpy()))  # any batch size, numpy too
+
+    metadata = json.loads(onnx_file.with_suffix(".json").read_text(encoding="utf-8"))
+    assert metadata["image_size"] == model.metadata["image_size"]
+    assert metadata["crop"] == model.metadata["crop"]
+    assert (metadata["model_format"], metadata["head"], metadata["outputs"]) == (
+        "onnx",
+        "regression",
+        ["age"],
+    )
+    assert sorted(p.name for p in onnx_file.parent.iterdir()) == ["age.json", "age.onnx"]  # no external data
+
+
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit:FutureWarning"
+)  # TorchScript's deprecation, documented in export.py
+def test_torchscript_export_gives_pytorch_ages_on_real_faces(varied_run: Path, tmp_path: Path):
+    out = tmp_path / "age.torchscript.pt"
+    assert export.main(["--model", str(varied_run), "--format", "torchscript", "--out", str(out)]) == 0
+    assert json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["check"]["images"] == "real"
+    model = checkpoint.load_model(varied_run)
+    images = real_faces(model.metadata["image_size"])
+    module = torch.jit.load(str(out))
+    with torch.jit.optimized_execution(False):  # same results; skips the profiling runs' seconds
+        for batch in (images, images[:1]):
+            (ages,) = module(batch)
+            assert np.abs(ages.detach().numpy() - pytorch_fp32(model)(batch)["age"]).max() < TOLERANCE
+
+
+def test_onnx_predictor_finds_the_same_faces_and_ages_as_pytorch(onnx_file: Path, varied_run: Path):
+    model = checkpoint.load_model(varied_run)
+    detector = create_detector("yunet", require(YUNET))
+    torch_predictor = AgePredictor(runner=pytorch_fp32(model), metadata=model.metadata, detector=detector)
+    onnx_predictor = export.load_onnx_predictor(onnx_file, detector=detector)
+    photos = sorted(p for p in require(TEST_IMAGES).iterdir() if p.suffix in (".jpg", ".png"))
+    for photo in photos:
+        expected, got = torch_predictor.predict(photo), onnx_predictor.predict(photo)
+        assert len(got) == len(expected) == 1, photo.name
+        assert (got[0].box, got[0].crop_box) == (expected[0].box, expected[0].crop_box)
+        assert abs(got[0].age - expected[0].age) < TOLERANCE, photo.name
+
+
+def test_distribution_model_exports_its_interval(utkface_sample: Path, tmp_path: Path):
+    weights = str(require(MOBILENET))
+    run = train_tiny(
+        utkface_sample,
+        tmp_path / "run",
+        "--head",
+        "distribution",
+        "--pretrained",
+        "--weights",
+        weights,
+        "--epochs",
+        "1",
+    )
+    model = checkpoint.load_model(run)
+    out = tmp_path / "age.onnx"
+    metadata = export.export_model(model, out, check_images=[utkface_sample])
+    assert metadata["outputs"] == ["age", "lower", "upper"]
+
+    images = real_faces(model.metadata["image_size"])
+    expected = pytorch_fp32(model)(images)
+    got = export.OnnxRunner(out)(images)
+    assert_same_outputs(expected, got)
+    assert (got["lower"] < got["upper"]).all()
+    face = load_rgb(sorted(utkface_sample.iterdir())[0])  # a crop: the whole image is the face
+    (prediction,) = export.load_onnx_predictor(out).predict_image(face)
+    (reference,) = AgePredictor(runner=pytorch_fp32(model), metadata=model.metadata).predict_image(face)
+    assert np.allclose(prediction.interval, reference.interval, atol=TOLERANCE, rtol=0)
+
+
+def test_export_never_overwrites_the_trained_models_metadata(varied_run: Path):
+    before = (varied_run / "best.json").read_text(encoding="utf-8")
+    assert export.main(["--model", str(varied_run), "--out", str(varied_run / "best.onnx")]) == 2
+    assert (varied_run / "best.json").read_text(encoding="utf-8") == before
+    assert not (varied_run / "best.onnx").exists()
+
+
+def test_int8_needs_real_images_to_calibrate_and_check(varied_run: Path, tmp_path: Path):
+    for name in ("best.safetensors", "best.json"):  # the model alone, without its run's test images
+        shutil.copy(varied_run / name, tmp_path / name)
+    args = [
+        "--model",
+        str(tmp_path / "best.safetensors"),
+        "--out",
+        str(tmp_path / "a.onnx"),
+        "--quantize",
+        "int8",
+    ]
+    assert export.main(args) == 2
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_onnx_predictor_refuses_a_model_file_that_does_not_match_its_metadata(
+    onnx_file: Path, tmp_path: Path
+):
+    for path in (onnx_file, onnx_file.with_suffix(".json")):
+        shutil.copy(path, tmp_path / path.name)
+    with (tmp_path / onnx_file.name).open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(checkpoint.ModelFileError, match="checksum"):
+        export.load_onnx_predictor(tmp_path / onnx_file.name)
