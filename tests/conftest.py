@@ -53,18 +53,8 @@ def train_tiny(data_root: Path, out: Path, *extra: str) -> Path:
         "--backbone mobilenet_v2 --image-size 40 --epochs 2 --batch-size 8 --num-workers 0 --lr 1e-3 "
         "--no-progress --grid-size 4 --no-tensorboard"
     ).split()
-    args = [
-        "--dataset",
-        "utkface",
-        "--data-root",
-        str(data_root),
-        *weights,
-        *settings,
-        "--out",
-        str(out),
-        *extra,
-    ]
-    assert main(args) == 0
+    source = ["--dataset", "utkface", "--data-root", str(data_root)]
+    assert main([*source, *weights, *settings, "--out", str(out), *extra]) == 0
     return out
 
 

@@ -176,9 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    parser.add_argument(
-        "--model", required=True, help="run folder or its best.safetensors (or an .onnx export)"
-    )
+    parser.add_argument("--model", required=True, help="run folder, its best.safetensors, or an .onnx export")
     parser.add_argument("--no-detect", action="store_true", help="treat each whole image as the face")
     parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
     parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
@@ -195,9 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="onnx: --model is a file from `age-detect export` (its .json beside it) or a run folder holding "
         "age_model.onnx, run on ONNX Runtime",
     )
-    parser.add_argument(
-        "--threads", type=int, help="--backend onnx: ONNX Runtime threads (default: all cores)"
-    )
+    parser.add_argument("--threads", type=int, help="--backend onnx: ONNX Runtime threads (default: all)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

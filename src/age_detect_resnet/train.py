@@ -518,7 +518,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
-def run(args: argparse.Namespace, argv: Sequence[str] | None = None, *, prog: str = "age-detect train") -> int:
+def run(
+    args: argparse.Namespace, argv: Sequence[str] | None = None, *, prog: str = "age-detect train"
+) -> int:
     try:
         config = config_for_run(args)
         command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
