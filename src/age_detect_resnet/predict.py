@@ -125,31 +125,57 @@ def annotate_to(result: PhotoResult, folder: Path) -> Path:
     return out
 
 
+class PredictorOptionsError(ValueError):
+    """Options that cannot work together; the message says which."""
+
+
+# What build_predictor reports as a user error (exit 2, no traceback) in every command that uses it.
+PREDICTOR_ERRORS = (ModelFileError, DetectorUnavailableError, DeviceError, PredictorOptionsError)
+
+
 def build_predictor(args: argparse.Namespace) -> AgePredictor:
-    detector = None if args.no_detect else create_detector(args.detector, args.detector_model)
+    """The predictor of `add_predictor_arguments`' options (predict, serve). The model is loaded
+    before the detector, so a wrong --model fails before any detector download."""
     if args.backend == "onnx":
+        if args.tta:
+            raise PredictorOptionsError("--tta needs --backend torch: an ONNX export has no flip averaging")
         from age_detect_resnet.export import load_onnx_predictor  # onnxruntime only when asked for
 
-        return load_onnx_predictor(
-            args.model, detector=detector, batch_size=args.batch_size, threads=args.threads
-        )
-    device = select_device(args.device)
-    model = load_trained_model(args.model, device)
-    return AgePredictor(
-        model, device=device, detector=detector, batch_size=args.batch_size, tta_flip=args.tta
+        predictor = load_onnx_predictor(args.model, batch_size=args.batch_size, threads=args.threads)
+    else:
+        device = select_device(args.device)
+        model = load_trained_model(args.model, device)
+        predictor = AgePredictor(model, device=device, batch_size=args.batch_size, tta_flip=args.tta)
+    predictor.detector = None if args.no_detect else create_detector(args.detector, args.detector_model)
+    return predictor
+
+
+def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the model, backend and face detector (shared by predict and serve)."""
+    parser.add_argument("--model", required=True, help="run folder, its best.safetensors, or an .onnx export")
+    parser.add_argument("--no-detect", action="store_true", help="treat each whole image as the face")
+    parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
+    parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
+    parser.add_argument("--batch-size", type=int, default=32, help="faces per model batch")
+    parser.add_argument("--tta", action="store_true", help="average each face with its mirror image")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: --model is a file from `age-detect export` (its .json beside it) or a run folder holding "
+        "age_model.onnx, run on ONNX Runtime",
     )
+    parser.add_argument("--threads", type=int, help="--backend onnx: ONNX Runtime threads (default: all)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         log.error("--output %s must end in .csv or .json", args.output)
         return 2
-    if args.backend == "onnx" and args.tta:
-        log.error("--tta needs --backend torch: the exported ONNX graph has no flip averaging")
-        return 2
     try:
         predictor = build_predictor(args)
-    except (ModelFileError, DetectorUnavailableError, DeviceError) as err:
+    except PREDICTOR_ERRORS as err:
         log.error("%s", err)
         return 2
     paths, problems = expand_inputs(args.paths)
@@ -176,24 +202,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    parser.add_argument("--model", required=True, help="run folder, its best.safetensors, or an .onnx export")
-    parser.add_argument("--no-detect", action="store_true", help="treat each whole image as the face")
-    parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
-    parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
-    parser.add_argument("--batch-size", type=int, default=32, help="faces per model batch")
+    add_predictor_arguments(parser)
     parser.add_argument("--output", help="write the results to FILE.csv (one row per face) or FILE.json")
     parser.add_argument("--annotate", help="save each photo with boxes and ages into this folder")
-    parser.add_argument("--tta", action="store_true", help="average each face with its mirror image")
     parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB, help="skip larger files")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument(
-        "--backend",
-        choices=("torch", "onnx"),
-        default="torch",
-        help="onnx: --model is a file from `age-detect export` (its .json beside it) or a run folder holding "
-        "age_model.onnx, run on ONNX Runtime",
-    )
-    parser.add_argument("--threads", type=int, help="--backend onnx: ONNX Runtime threads (default: all)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

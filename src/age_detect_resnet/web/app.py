@@ -1,0 +1,354 @@
+"""`age-detect serve`: a web page and a JSON API that give the age of every face in a photo.
+
+    age-detect serve --model runs/utkface-resnet50-regression        # then open http://127.0.0.1:8000
+    curl -F file=@photo.jpg http://127.0.0.1:8000/api/predict
+
+POST /api/predict takes the photo in the multipart field `file` and answers
+  200  {"faces": [{face_index, x1, y1, x2, y2, detector_score, age[, age_low, age_high]}, ...],
+        "image": {"width", "height"}, "model": {...}}
+  413  the upload is over --max-upload-mb, or the image is over the decoder's pixel limit
+  415  the file is not an image this server can read: text, truncated, unknown format, or empty (0 bytes)
+  422  the field `file` is missing, or no face was found in the photo
+  503  --max-concurrent photos are being predicted and --max-queue more are waiting (with Retry-After)
+Every error body is {"detail": "a sentence for the user"}.
+
+Memory stays bounded under load: a request is admitted (or refused with 503) before its body is read,
+so at most max-concurrent + max-queue uploads of at most max-upload-mb are held, and only
+max-concurrent photos are decoded at a time; the model runs in worker threads, so the page and the
+health check keep answering while photos queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import logging
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+from http import HTTPStatus
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+import uvicorn
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from age_detect_resnet.faces import Face, FaceDetector
+from age_detect_resnet.images import MAX_IMAGE_PIXELS, ImageReadError, load_rgb
+from age_detect_resnet.inference import AgePredictor, FacePrediction
+from age_detect_resnet.predict import PREDICTOR_ERRORS, add_predictor_arguments, build_predictor
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+DEFAULT_MAX_UPLOAD_MB = 10.0  # a 12 MP phone JPEG is 3-6 MB
+# Multipart framing around the file (boundary lines, part headers): a body longer than the file limit
+# plus this cannot carry an acceptable file, so reading stops there.
+MULTIPART_OVERHEAD = 64 * 1024
+# On a CPU two predictions at once already keep the cores busy; the queue absorbs bursts.
+DEFAULT_MAX_CONCURRENT = 2
+DEFAULT_MAX_QUEUE = 16
+PAGE_PLACEHOLDER = "__MAX_UPLOAD_BYTES__"
+NO_FACE = (
+    "no face found in the photo; use one where the face is large, sharp, lit from the front "
+    "and turned to the camera"
+)
+UPLOAD_FIELD = "file"
+# The body of POST /api/predict, for /openapi.json (the endpoint parses the stream itself).
+PREDICT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [UPLOAD_FIELD],
+                    "properties": {
+                        UPLOAD_FIELD: {"type": "string", "format": "binary", "description": "the photo"}
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+class UploadTooLargeError(Exception):
+    """The request body outgrew the upload limit while it was being read."""
+
+
+class SerializedDetector:
+    """A face detector that runs for one thread at a time: OpenCV's detectors keep per-call state
+    (YuNet's input size), and concurrent predictions share the app's detector."""
+
+    def __init__(self, detector: FaceDetector) -> None:
+        self.detector = detector
+        self.name = detector.name
+        self._lock = threading.Lock()
+
+    def detect(self, image: Image.Image) -> list[Face]:
+        with self._lock:
+            return self.detector.detect(image)
+
+
+class PredictionGate:
+    """Bounds what uploads can hold in memory: at most `max_concurrent + max_queue` requests are read
+    and predicted at a time (later ones get 503 before their body is read), and of those at most
+    `max_concurrent` run the model."""
+
+    def __init__(self, max_concurrent: int, max_queue: int) -> None:
+        if max_concurrent < 1 or max_queue < 0:
+            raise ValueError(
+                f"max_concurrent must be >= 1 and max_queue >= 0, not {max_concurrent}, {max_queue}"
+            )
+        self.model_slots = anyio.Semaphore(max_concurrent)
+        self._capacity = max_concurrent + max_queue
+        self._admitted = 0  # requests between admission and answer; only touched on the event loop
+
+    @contextlib.asynccontextmanager
+    async def admission(self) -> AsyncIterator[None]:
+        if self._admitted >= self._capacity:
+            raise HTTPException(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the server is busy with other photos; retry in a moment",
+                headers={"Retry-After": "1"},
+            )
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
+
+def too_large(max_bytes: int) -> HTTPException:
+    return HTTPException(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+        f"the upload is larger than the {max_bytes / MB:.3g} MB limit; send a smaller photo",
+    )
+
+
+async def capped(stream: AsyncIterator[bytes], cap: int) -> AsyncIterator[bytes]:
+    """`stream`, raising UploadTooLargeError as soon as more than `cap` bytes arrived.
+
+    The check counts what is read, so a missing or false Content-Length does not get past it; the
+    server (uvicorn) discards the unread rest of the body and answers on the same connection.
+    """
+    total = 0
+    async for chunk in stream:
+        total += len(chunk)
+        if total > cap:
+            raise UploadTooLargeError
+        yield chunk
+
+
+def display_name(filename: str | None) -> str:
+    """The upload's file name for messages: no directories, bounded length."""
+    name = Path(filename or "").name[:100]
+    return name or "the uploaded file"
+
+
+def check_upload_headers(request: Request, max_bytes: int) -> None:
+    """Refuse what the headers already show: 413 for a declared body over the limit, 422 for a request
+    that is not a multipart upload."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
+        raise too_large(max_bytes)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise HTTPException(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            f"send the photo as multipart/form-data in the field '{UPLOAD_FIELD}'",
+        )
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
+    """The bytes and display name of the multipart field `file`; 413 as soon as the body outgrows
+    `max_bytes`, 422 when the field is missing."""
+    cap = max_bytes + MULTIPART_OVERHEAD
+    parser = MultiPartParser(request.headers, capped(request.stream(), cap), max_files=1, max_fields=16)
+    try:
+        form = await parser.parse()
+    except UploadTooLargeError:
+        raise too_large(max_bytes) from None
+    except MultiPartException as err:
+        raise HTTPException(
+            HTTPStatus.UNPROCESSABLE_ENTITY, f"the upload is not valid multipart/form-data ({err})"
+        ) from None
+    try:
+        upload = form.get(UPLOAD_FIELD)
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(
+                HTTPStatus.UNPROCESSABLE_ENTITY,
+                f"the request has no file in the field '{UPLOAD_FIELD}'; attach the photo there",
+            )
+        data = await upload.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise too_large(max_bytes)
+        return data, display_name(upload.filename)
+    finally:
+        await form.close()
+
+
+def over_pixel_limit(data: bytes, max_pixels: int) -> bool:
+    """Whether the image header declares more than `max_pixels`, read without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height > max_pixels
+    except Image.DecompressionBombError:  # over PIL's own, larger limit
+        return True
+    except Exception:  # no readable header: the caller answers "not an image"
+        return False
+
+
+def decode_photo(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """The upload as an upright RGB image; 413 when it has too many pixels, 415 when it is not readable."""
+    try:
+        return load_rgb(data, name=name, max_pixels=max_pixels)
+    except ImageReadError as err:
+        too_many = over_pixel_limit(data, max_pixels)
+        status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if too_many else HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+        raise HTTPException(status, str(err)) from None
+
+
+def predict_photo(
+    predictor: AgePredictor, data: bytes, name: str, *, max_pixels: int
+) -> tuple[list[FacePrediction], tuple[int, int]]:
+    """Decode and predict one upload (blocking: runs in a worker thread); its faces and the image size."""
+    image = decode_photo(data, name, max_pixels)
+    return predictor.predict_image(image), image.size
+
+
+def model_summary(predictor: AgePredictor) -> dict[str, Any]:
+    """What the page shows about the model: architecture, training data, accuracy, detector."""
+    metadata = predictor.metadata
+    description = metadata.get("model") or {}
+    head = description.get("head")
+    val_mae = metadata.get("val_mae")
+    return {
+        "backbone": description.get("backbone"),
+        "head": head.get("kind") if isinstance(head, dict) else head,
+        "dataset": metadata.get("dataset"),
+        "image_size": predictor.image_size,
+        "val_mae": round(float(val_mae), 2) if val_mae is not None else None,
+        "detector": predictor.detector.name if predictor.detector is not None else None,
+    }
+
+
+def index_page(max_upload_bytes: int) -> str:
+    page = resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8")
+    return page.replace(PAGE_PLACEHOLDER, str(max_upload_bytes))
+
+
+def create_app(
+    predictor: AgePredictor,
+    *,
+    max_upload_bytes: int = round(DEFAULT_MAX_UPLOAD_MB * MB),
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_queue: int = DEFAULT_MAX_QUEUE,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+) -> FastAPI:
+    """The web app around `predictor`: GET / (the page), GET /api/health, POST /api/predict."""
+    if max_upload_bytes < 1:
+        raise ValueError(f"max_upload_bytes must be positive, not {max_upload_bytes}")
+    predictor = copy.copy(predictor)  # the app's own handle, whose detector is safe to share between threads
+    if predictor.detector is not None:
+        predictor.detector = SerializedDetector(predictor.detector)
+    gate = PredictionGate(max_concurrent, max_queue)
+    summary = model_summary(predictor)
+    page = index_page(max_upload_bytes)
+    # The interactive docs load their scripts from a CDN, which an offline machine cannot reach.
+    app = FastAPI(
+        title="age-detect", summary="Age estimation from face photos", docs_url=None, redoc_url=None
+    )
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/api/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/api/predict", openapi_extra=PREDICT_OPENAPI)
+    async def predict(request: Request) -> dict[str, Any]:
+        check_upload_headers(request, max_upload_bytes)
+        async with gate.admission():
+            try:
+                data, name = await read_upload(request, max_upload_bytes)
+            except ClientDisconnect:
+                raise HTTPException(HTTPStatus.BAD_REQUEST, "the upload was interrupted") from None
+            async with gate.model_slots:
+                faces, (width, height) = await run_in_threadpool(
+                    predict_photo, predictor, data, name, max_pixels=max_image_pixels
+                )
+        if not faces:
+            raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, NO_FACE)
+        return {
+            "faces": [face.as_dict() for face in faces],
+            "image": {"width": width, "height": height},
+            "model": summary,
+        }
+
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_predictor_arguments(parser)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for the whole network (the camera needs https "
+        "or localhost in the browser)",
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="larger uploads get 413"
+    )
+    parser.add_argument(
+        "--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, help="photos predicted at the same time"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=DEFAULT_MAX_QUEUE,
+        help="photos waiting for the model; requests beyond get 503 with Retry-After",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(prog="age-detect serve", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.max_upload_mb <= 0 or args.max_concurrent < 1 or args.max_queue < 0:
+        parser.error("--max-upload-mb must be > 0, --max-concurrent >= 1 and --max-queue >= 0")
+    try:
+        predictor = build_predictor(args)
+    except PREDICTOR_ERRORS as err:
+        log.error("%s", err)
+        return 2
+    app = create_app(
+        predictor,
+        max_upload_bytes=round(args.max_upload_mb * MB),
+        max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
+    )
+    print(
+        f"age-detect serve: open http://{args.host}:{args.port}/ (model {args.model}; Ctrl+C stops)",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
