@@ -6,13 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 declare -A VARIANT=(
     [regression]=""
+    [regression-v1]="experiments/backbone_resnet50_v1.toml"
     [distribution]="experiments/head_distribution.toml"
     [bins]="experiments/head_bins.toml"
     [seed-optimiser]="experiments/seed_optimiser.toml"
     [distribution-weighted]="experiments/head_distribution.toml experiments/age_weighting.toml"
     [mobilenet-distribution]="experiments/backbone_mobilenet_v2.toml experiments/head_distribution.toml"
 )
-ORDER=(regression distribution bins seed-optimiser distribution-weighted mobilenet-distribution)
+ORDER=(regression regression-v1 distribution bins seed-optimiser distribution-weighted mobilenet-distribution)
 for name in "${@:-${ORDER[@]}}"; do
     configs=(--config cpu --config experiments/utkface.toml)
     for file in ${VARIANT[$name]}; do configs+=(--config "$file"); done

@@ -10,8 +10,14 @@ import torchvision
 from torch import nn
 
 from age_detect_resnet.heads import BinsHead, DistributionHead, RegressionHead
-from age_detect_resnet.model import WeightsError, create_backbone, create_model, create_resnet50_regressor
-from conftest import WEIGHTS, require
+from age_detect_resnet.model import (
+    WeightsError,
+    create_backbone,
+    create_model,
+    create_resnet50_regressor,
+    load_state_dict_file,
+)
+from conftest import TEST_IMAGES, WEIGHTS, require
 
 
 def test_the_seed_architecture():
@@ -92,3 +98,36 @@ def test_interval_calibration_reaches_the_nominal_coverage():
     bounds = head.interval_bounds(logits)
     coverage = ((ages >= bounds[:, 0]) & (ages <= bounds[:, 1])).float().mean().item()
     assert abs(coverage - 0.8) < 0.02
+
+
+def test_every_configurable_backbone_can_be_built():
+    from age_detect_resnet.config import BACKBONES
+    from age_detect_resnet.model import _BACKBONES
+
+    assert set(BACKBONES) == set(_BACKBONES)
+
+
+def test_resnet50_v1_layout_fits_the_v1_weights():
+    """The offline weights are ResNet v1: in the v1 layout they recognise a suit with more confidence."""
+    from PIL import Image
+    from torchvision.models import ResNet50_Weights
+
+    weights = require(WEIGHTS / "resnet50_imagenet_v1_fp16.safetensors")
+    photo = Image.open(require(TEST_IMAGES) / "biden.jpg").convert("RGB")
+    batch = ResNet50_Weights.IMAGENET1K_V1.transforms()(photo).unsqueeze(0)
+    suit = ResNet50_Weights.IMAGENET1K_V1.meta["categories"].index("suit")
+    confidence = {}
+    for name in ("resnet50", "resnet50_v1"):
+        backbone, _ = create_backbone(name, weights=weights)
+        classifier = torchvision.models.resnet50()
+        classifier.load_state_dict(load_state_dict_file(weights))
+        backbone.fc = classifier.fc
+        with torch.no_grad():
+            confidence[name] = backbone.eval()(batch).softmax(-1)[0, suit].item()
+    assert backbone.layer2[0].conv1.stride == (2, 2) and backbone.layer2[0].conv2.stride == (1, 1)
+    assert confidence["resnet50_v1"] > 0.5 > confidence["resnet50"]
+
+
+def test_resnet50_v1_has_no_download():
+    with pytest.raises(WeightsError, match="--weights FILE"):
+        create_backbone("resnet50_v1", pretrained=True)

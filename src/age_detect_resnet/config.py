@@ -20,6 +20,7 @@ BACKBONES = (
     "resnet18",
     "resnet34",
     "resnet50",
+    "resnet50_v1",
     "resnet101",
     "mobilenet_v2",
     "mobilenet_v3_large",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torchvision
@@ -34,16 +34,35 @@ def _strip_last_linear(model: nn.Module) -> nn.Module:
     return model
 
 
-# name -> (torchvision builder name, its default ImageNet weights enum, feature width, classifier stripper)
-_BACKBONES: dict[str, tuple[str, str, int, Callable[[nn.Module], nn.Module]]] = {
-    "resnet18": ("resnet18", "ResNet18_Weights", 512, _strip_fc),
-    "resnet34": ("resnet34", "ResNet34_Weights", 512, _strip_fc),
-    "resnet50": ("resnet50", "ResNet50_Weights", 2048, _strip_fc),
-    "resnet101": ("resnet101", "ResNet101_Weights", 2048, _strip_fc),
-    "mobilenet_v2": ("mobilenet_v2", "MobileNet_V2_Weights", 1280, _strip_classifier),
-    "mobilenet_v3_large": ("mobilenet_v3_large", "MobileNet_V3_Large_Weights", 960, _strip_classifier),
-    "efficientnet_b0": ("efficientnet_b0", "EfficientNet_B0_Weights", 1280, _strip_classifier),
-    "convnext_tiny": ("convnext_tiny", "ConvNeXt_Tiny_Weights", 768, _strip_last_linear),
+def _stride_in_1x1(model: nn.Module) -> nn.Module:
+    """ResNet v1 (the original Caffe ResNet-50): the first block of layer2-4 downsamples in its 1x1
+    convolution, where torchvision's v1.5 does it in the 3x3. Weights trained as v1 (converted from
+    Caffe or Keras) only compute their features in this layout."""
+    for layer in (model.layer2, model.layer3, model.layer4):
+        layer[0].conv1.stride, layer[0].conv2.stride = (2, 2), (1, 1)
+    return model
+
+
+class BackboneSpec(NamedTuple):
+    builder: str  # torchvision.models function
+    download: str | None  # torchvision weights enum offering its ImageNet weights (None: local file only)
+    features: int  # width of the features once the classifier is stripped
+    strip: Callable[[nn.Module], nn.Module]
+    adapt: Callable[[nn.Module], nn.Module] | None = None  # layout change applied before loading weights
+
+
+_BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec("resnet18", "ResNet18_Weights", 512, _strip_fc),
+    "resnet34": BackboneSpec("resnet34", "ResNet34_Weights", 512, _strip_fc),
+    "resnet50": BackboneSpec("resnet50", "ResNet50_Weights", 2048, _strip_fc),
+    "resnet50_v1": BackboneSpec("resnet50", None, 2048, _strip_fc, _stride_in_1x1),
+    "resnet101": BackboneSpec("resnet101", "ResNet101_Weights", 2048, _strip_fc),
+    "mobilenet_v2": BackboneSpec("mobilenet_v2", "MobileNet_V2_Weights", 1280, _strip_classifier),
+    "mobilenet_v3_large": BackboneSpec(
+        "mobilenet_v3_large", "MobileNet_V3_Large_Weights", 960, _strip_classifier
+    ),
+    "efficientnet_b0": BackboneSpec("efficientnet_b0", "EfficientNet_B0_Weights", 1280, _strip_classifier),
+    "convnext_tiny": BackboneSpec("convnext_tiny", "ConvNeXt_Tiny_Weights", 768, _strip_last_linear),
 }
 
 
@@ -83,10 +102,11 @@ def create_backbone(
     """
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(_BACKBONES)}")
-    builder_name, weights_enum, features, strip = _BACKBONES[name]
-    builder = getattr(torchvision.models, builder_name)
+    spec = _BACKBONES[name]
+    builder = getattr(torchvision.models, spec.builder)
+    adapt = spec.adapt or (lambda model: model)
     if weights is not None:
-        model = builder(weights=None)
+        model = adapt(builder(weights=None))
         state = load_state_dict_file(Path(weights))
         try:
             model.load_state_dict(state, strict=True)
@@ -94,7 +114,12 @@ def create_backbone(
             raise WeightsError(f"{weights} does not match torchvision's {name}: {str(err)[:300]}") from err
         log.info("loaded ImageNet weights for %s from %s", name, weights)
     elif pretrained:
-        enum = getattr(torchvision.models, weights_enum).DEFAULT
+        if spec.download is None:
+            raise WeightsError(
+                f"{name} has no ImageNet download; pass --weights FILE (v1 weights converted "
+                "from Caffe/Keras) or --no-pretrained"
+            )
+        enum = getattr(torchvision.models, spec.download).DEFAULT
         try:
             model = builder(weights=enum)
         except Exception as err:  # URLError, SSL errors, timeouts: any failure to download
@@ -104,8 +129,8 @@ def create_backbone(
                 f"or --no-pretrained to train from random initialisation"
             ) from err
     else:
-        model = builder(weights=None)
-    return strip(model), features
+        model = adapt(builder(weights=None))
+    return spec.strip(model), spec.features
 
 
 class AgeModel(nn.Module):
