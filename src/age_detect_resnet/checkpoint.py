@@ -9,7 +9,6 @@ last.pt            model, optimizer, scheduler and RNG state of the last finishe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
+from age_detect_resnet.digests import file_digest
 from age_detect_resnet.model import AgeModel, model_from_description
 
 FORMAT = "age-detect-resnet/1"
@@ -32,21 +32,13 @@ class ModelFileError(ValueError):
     """A model file that cannot be used; the message names it and says why."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_model(model: AgeModel, path: Path, metadata: dict[str, Any]) -> None:
     """Write `path` (.safetensors) and its `.json` metadata, each atomically, weights first."""
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
-        digest = _sha256(tmp)
+        digest = file_digest(tmp)
     full = {"format": FORMAT, "model": model.describe(), **metadata, "sha256": digest}
     write_text_atomic(path.with_suffix(".json"), json.dumps(full, indent=2) + "\n")
 
@@ -85,7 +77,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> AgeModel:
     """The trained model at `path` (run folder or .safetensors) in eval mode, with `.metadata` set."""
     path = resolve_model_path(path)
     metadata = read_metadata(path)
-    if metadata.get("sha256") != _sha256(path):
+    if metadata.get("sha256") != file_digest(path):
         raise ModelFileError(
             f"{path} does not match the checksum in {path.with_suffix('.json').name}: "
             "the file was changed or replaced; re-copy it from the run folder"

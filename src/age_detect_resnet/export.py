@@ -19,7 +19,6 @@ give the float32 PyTorch ages within `TOLERANCE_YEARS` (int8: on average within 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -35,6 +34,7 @@ from torch import nn
 from age_detect_resnet import checkpoint
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.dataset import to_input_tensor
+from age_detect_resnet.digests import file_digest
 from age_detect_resnet.faces import FaceDetector
 from age_detect_resnet.heads import DistributionHead
 from age_detect_resnet.images import ImageReadError, load_rgb
@@ -86,14 +86,6 @@ def output_names(model: AgeModel) -> list[str]:
 def metadata_path(path: Path) -> Path:
     """Where the metadata of an exported file lives: same folder and stem, `.json`."""
     return Path(path).with_suffix(".json")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _searchsorted_onnx(sorted_sequence, values, out_int32=False, right=False, side=None, sorter=None):
@@ -321,7 +313,7 @@ def export_metadata(
         "format": EXPORT_FORMAT,
         "model_format": fmt,
         "file": name,
-        "sha256": _sha256(path),
+        "sha256": file_digest(path),
         "image_size": size,
         "head": model.head.kind,
         "input": {
@@ -450,7 +442,7 @@ def read_export_metadata(path: Path | str) -> dict[str, Any]:
         raise checkpoint.ModelFileError(
             f"{meta} is not export metadata of this project (format {EXPORT_FORMAT})"
         )
-    if metadata.get("sha256") != _sha256(path):
+    if metadata.get("sha256") != file_digest(path):
         raise checkpoint.ModelFileError(
             f"{path} does not match the checksum in {meta.name}: the file was changed "
             "or belongs to another export; re-export it"

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path
+from age_detect_resnet.digests import file_digest
 from age_detect_resnet.images import ImageReadError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,6 @@ def cache_dir() -> Path:
     return Path(base) / "age-detect-resnet"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True) -> Path:
     """The YuNet ONNX file: `path`, else $AGE_DETECT_YUNET_MODEL, else the cached download."""
     explicit = path or os.environ.get(YUNET_ENV)
@@ -86,7 +83,7 @@ def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True
             raise DetectorUnavailableError(f"face detector model {explicit} does not exist")
         return Path(explicit)
     cached = cache_dir() / "face_detection_yunet_2026may.onnx"
-    if cached.is_file() and _sha256(cached) == YUNET_SHA256:
+    if cached.is_file() and file_digest(cached) == YUNET_SHA256:
         return cached
     if not download:
         raise DetectorUnavailableError("the YuNet face detector is not downloaded yet")
