@@ -163,10 +163,14 @@ def create_detector(kind: str = "auto", model_path: Path | str | None = None) ->
     if kind in ("auto", "yunet"):
         try:
             return YuNetDetector(resolve_yunet_model(model_path))
-        except DetectorUnavailableError:
+        except DetectorUnavailableError as err:
             if kind == "yunet":
                 raise
-            log.warning("YuNet is unavailable; falling back to the Haar cascade detector")
+            log.warning(
+                "%s. Falling back to the Haar cascade detector: its boxes differ from YuNet's, so crops "
+                "and ages may be less accurate",
+                err,
+            )
     if kind in ("auto", "haar"):
         return HaarDetector()
     raise ValueError(f"unknown face detector {kind!r}; use auto, yunet or haar")

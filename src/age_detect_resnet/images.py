@@ -18,7 +18,13 @@ class ImageReadError(ValueError):
     """An image that cannot be used; the message names it and says what to do."""
 
 
-def load_rgb(source: Path | str | bytes, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+class ImageTooLargeError(ImageReadError):
+    """An image whose header declares more pixels than the decoder is allowed to allocate."""
+
+
+def load_rgb(
+    source: Path | str | bytes, *, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Decode `source` (a path or the file's bytes) to an upright RGB image.
 
     EXIF rotation is applied, transparency is composited onto white, and greyscale, palette, CMYK
@@ -39,20 +45,26 @@ def load_rgb(source: Path | str | bytes, *, name: str | None = None, max_pixels:
             image = Image.open(path)
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageReadError(
+            raise ImageTooLargeError(
                 f"{label} is {width}x{height} pixels, over the {max_pixels // 1_000_000} MP limit; "
                 "downscale it before predicting"
             )
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
+        return to_rgb(ImageOps.exif_transpose(image))
     except ImageReadError:
         raise
     except UnidentifiedImageError as err:
         raise ImageReadError(f"{label} is not an image file PIL can read (JPEG, PNG, WebP, ...)") from err
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # PIL refuses huge headers itself in Image.open, before our own size check can run.
+        raise ImageTooLargeError(
+            f"{label} is over the {max_pixels // 1_000_000} MP limit ({err}); downscale it before use"
+        ) from err
+    except Exception as err:
+        # PIL's decoders raise many types on hostile bytes (NotImplementedError, OverflowError, ...).
         raise ImageReadError(f"{label} is truncated or corrupt ({err}); re-download or remove it") from err
-    return to_rgb(ImageOps.exif_transpose(image))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

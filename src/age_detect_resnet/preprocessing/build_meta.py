@@ -1,6 +1,7 @@
 """Build the metadata table of IMDB-WIKI from `imdb.mat` / `wiki.mat`.
 
-    python -m age_detect_resnet.preprocessing.build_meta [--data-root data/raw] [--out data/processed/meta.csv]
+    python -m age_detect_resnet.preprocessing.build_meta [--data-root data/raw] \
+        [--out data/processed/meta.csv]
 
 The data root holds `imdb_crop/` and/or `wiki_crop/` as unpacked from the dataset page
 (https://data.vision.ee.ethz.ch/cvl/rrothe/imdb-wiki/). Ages follow the official rule (photo taken on
@@ -11,7 +12,6 @@ plausible (0-100) and the image file exists. How many rows each filter removed i
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -25,12 +25,14 @@ import scipy.io
 from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path
+from age_detect_resnet.digests import file_digest
 
 log = logging.getLogger(__name__)
 
 SOURCES = {"imdb": "imdb_crop/imdb.mat", "wiki": "wiki_crop/wiki.mat"}
 DATASET_PAGE = "https://data.vision.ee.ethz.ch/cvl/rrothe/imdb-wiki/"
 REQUIRED_FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
+NUMERIC_FIELDS = ("dob", "photo_taken", "gender", "face_score", "second_face_score")
 PLAUSIBLE_AGES = (0, 100)
 # MATLAB datenum d is proleptic Gregorian ordinal d - 366; ordinals run from 1 (0001-01-01) to 3652059.
 _MAX_ORDINAL = 3_652_059
@@ -90,9 +92,13 @@ def read_mat(mat_path: Path) -> dict[str, np.ndarray]:
     try:
         contents = scipy.io.loadmat(mat_path)
     except NotImplementedError as err:  # MATLAB v7.3 (HDF5) files
-        raise MetaError(f"{mat_path} is a MATLAB v7.3 file; the IMDB-WIKI metadata is v5: re-download it") from err
+        raise MetaError(
+            f"{mat_path} is a MATLAB v7.3 file; the IMDB-WIKI metadata is v5: re-download it"
+        ) from err
     except Exception as err:  # scipy raises many types for truncated or foreign files
-        raise MetaError(f"{mat_path} is not a readable MATLAB file ({err}); re-download it from {DATASET_PAGE}") from err
+        raise MetaError(
+            f"{mat_path} is not a readable MATLAB file ({err}); re-download it from {DATASET_PAGE}"
+        ) from err
     if key not in contents:
         found = ", ".join(k for k in contents if not k.startswith("__")) or "nothing"
         raise MetaError(f"{mat_path} has no '{key}' struct (found {found}); is it the IMDB-WIKI metadata?")
@@ -101,12 +107,24 @@ def read_mat(mat_path: Path) -> dict[str, np.ndarray]:
     missing = [name for name in REQUIRED_FIELDS if name not in names]
     if missing:
         raise MetaError(f"{mat_path} lacks the field(s) {', '.join(missing)}; is it the IMDB-WIKI metadata?")
+    if struct.size != 1:
+        raise MetaError(
+            f"{mat_path}: '{key}' is a struct array of shape {struct.shape}, not the (1, 1) "
+            "struct of the IMDB-WIKI metadata; re-download it"
+        )
     record = struct[0, 0]
     columns = {name: np.asarray(record[name]).reshape(-1) for name in names}
     n = len(columns["dob"])
     for name in (*REQUIRED_FIELDS, "name", "celeb_id"):
         if name in columns and len(columns[name]) != n:
             raise MetaError(f"{mat_path}: field '{name}' has {len(columns[name])} entries but dob has {n}")
+    for name in NUMERIC_FIELDS:
+        try:
+            np.asarray(columns[name], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise MetaError(
+                f"{mat_path}: field '{name}' is not numeric ({err}); is it the IMDB-WIKI metadata?"
+            ) from err
     return columns
 
 
@@ -165,21 +183,31 @@ def filter_rows(df: pd.DataFrame, *, min_face_score: float | None = None) -> tup
 def file_sha1(path: Path) -> str | None:
     """Content hash used to find byte-identical images; None where the file cannot be read."""
     try:
-        return hashlib.sha1(path.read_bytes()).hexdigest()
-    except OSError:
+        return file_digest(path, "sha1")
+    except (OSError, ValueError):  # ValueError: a path with a NUL byte (corrupt metadata)
         return None
 
 
-def hash_files(root: Path, relative_paths: Sequence[str], *, desc: str = "hashing images") -> list[str | None]:
+def hash_files(
+    root: Path, relative_paths: Sequence[str], *, desc: str = "hashing images"
+) -> list[str | None]:
     """sha1 of every file (None where missing), in parallel threads (hashlib releases the GIL)."""
     with ThreadPoolExecutor(max_workers=8) as pool:
         jobs = pool.map(file_sha1, (root / p for p in relative_paths))
-        return list(tqdm(jobs, total=len(relative_paths), desc=desc, unit="img", disable=None))
+        digests = list(tqdm(jobs, total=len(relative_paths), desc=desc, unit="img", disable=None))
+    unreadable = [p for p, digest in zip(relative_paths, digests, strict=True) if digest is None]
+    if unreadable:
+        log.warning(
+            "%d of %d image file(s) are missing or unreadable under %s (skipped): %s",
+            len(unreadable),
+            len(digests),
+            root,
+            ", ".join(unreadable[:10]) + (" ..." if len(unreadable) > 10 else ""),
+        )
+    return digests
 
 
-def build_meta(
-    data_root: Path, *, min_face_score: float | None = None
-) -> tuple[pd.DataFrame, FilterLog]:
+def build_meta(data_root: Path, *, min_face_score: float | None = None) -> tuple[pd.DataFrame, FilterLog]:
     """The cleaned table of every source found under `data_root`, with each image's content hash."""
     data_root = Path(data_root)
     present = [s for s, rel in SOURCES.items() if (data_root / rel).is_file()]
@@ -216,9 +244,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-root", type=Path, default=Path("data/raw"), help="holds imdb_crop/ and/or wiki_crop/")
-    parser.add_argument("--out", type=Path, default=Path("data/processed/meta.csv"), help="metadata CSV to write")
-    parser.add_argument("--min-face-score", type=float, default=None, help="also drop faces scored below this")
+    parser.add_argument(
+        "--data-root", type=Path, default=Path("data/raw"), help="holds imdb_crop/ and/or wiki_crop/"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/processed/meta.csv"), help="metadata CSV to write"
+    )
+    parser.add_argument(
+        "--min-face-score", type=float, default=None, help="also drop faces scored below this"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
 import logging
 import sys
 import threading
@@ -44,7 +43,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from age_detect_resnet.faces import Face, FaceDetector
-from age_detect_resnet.images import MAX_IMAGE_PIXELS, ImageReadError, load_rgb
+from age_detect_resnet.images import MAX_IMAGE_PIXELS, ImageReadError, ImageTooLargeError, load_rgb
 from age_detect_resnet.inference import AgePredictor, FacePrediction
 from age_detect_resnet.predict import PREDICTOR_ERRORS, add_predictor_arguments, build_predictor
 
@@ -198,25 +197,14 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
         await form.close()
 
 
-def over_pixel_limit(data: bytes, max_pixels: int) -> bool:
-    """Whether the image header declares more than `max_pixels`, read without decoding the pixels."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.width * image.height > max_pixels
-    except Image.DecompressionBombError:  # over PIL's own, larger limit
-        return True
-    except Exception:  # no readable header: the caller answers "not an image"
-        return False
-
-
 def decode_photo(data: bytes, name: str, max_pixels: int) -> Image.Image:
     """The upload as an upright RGB image; 413 when it has too many pixels, 415 when it is not readable."""
     try:
         return load_rgb(data, name=name, max_pixels=max_pixels)
+    except ImageTooLargeError as err:
+        raise HTTPException(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(err)) from None
     except ImageReadError as err:
-        too_many = over_pixel_limit(data, max_pixels)
-        status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if too_many else HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-        raise HTTPException(status, str(err)) from None
+        raise HTTPException(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, str(err)) from None
 
 
 def predict_photo(

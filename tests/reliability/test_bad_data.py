@@ -1,0 +1,398 @@
+"""Bad data: each broken input the pipeline meets gives a message naming the file or row; dirty data is
+skipped and counted, and input that would give a wrong model stops the work before anything is lost."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import resource
+import shlex
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+from age_detect_resnet.cache import prepare_cache
+from age_detect_resnet.config import DataConfig
+from age_detect_resnet.dataset import AgeDataset
+from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.preprocessing import build_meta as build_meta_module
+from age_detect_resnet.preprocessing.build_meta import build_meta
+from age_detect_resnet.preprocessing.csv_table import CsvTableError, load_csv_table
+from age_detect_resnet.preprocessing.prepare import prepare_splits
+from age_detect_resnet.preprocessing.utkface import load_utkface
+from age_detect_resnet.train import main as train_main
+from conftest import train_tiny
+
+
+def datenum(year: int, month: int, day: int) -> float:
+    """MATLAB serial date number of a date, as IMDB-WIKI stores `dob`."""
+    return float(dt.date(year, month, day).toordinal() + 366)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims `width` x `height` RGB pixels but holds almost no data (a few hundred bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def meta_row(dob: float, photo_taken: int, path: str, face_score: float = 2.0, **fields) -> dict:
+    """One metadata row (see the reliability conftest's `mat_struct`)."""
+    return {"dob": dob, "photo_taken": photo_taken, "path": path, "face_score": face_score, **fields}
+
+
+def distinct_jpeg(index: int) -> bytes:
+    """A small JPEG whose bytes differ for every index (so deduplication keeps each one)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), (index * 37 % 256, index * 91 % 256, 120)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+# --- IMDB-WIKI metadata -------------------------------------------------------------------------------
+
+
+def test_build_meta_skips_and_counts_every_kind_of_dirty_row(tmp_path, write_mat, face_jpeg, caplog):
+    root = tmp_path / "raw"
+    wiki = [  # (what it tests, row)
+        ("kept", meta_row(datenum(1980, 3, 10), 2010, "00/10_1980-03-10_2010.jpg", 3.2, name="A")),
+        ("kept", meta_row(datenum(1985, 8, 1), 2010, "01/11_1985-08-01_2010.jpg", 1.1, name="B")),
+        ("kept", meta_row(datenum(1990, 1, 1), 2015, "02/12_1990-01-01_2015.jpg", gender=np.nan)),
+        ("broken date", meta_row(1.0, 2010, "03/13_0000-01-01_2010.jpg")),
+        ("broken date", meta_row(366.0, 2010, "04/14_0000-12-31_2010.jpg")),
+        ("broken date", meta_row(np.nan, 2010, "05/15_nan_2010.jpg")),
+        ("no face", meta_row(datenum(1970, 1, 1), 2000, "06/16_1970-01-01_2000.jpg", -np.inf)),
+        ("no face", meta_row(datenum(1971, 1, 1), 2000, "07/17_1971-01-01_2000.jpg", np.nan)),
+        ("second face", meta_row(datenum(1972, 1, 1), 2000, "08/18_1972_2000.jpg", second_face_score=1.5)),
+        ("too old", meta_row(datenum(1890, 1, 1), 2010, "09/19_1890-01-01_2010.jpg")),
+        ("born after the photo", meta_row(datenum(2012, 1, 1), 2010, "10/20_2012-01-01_2010.jpg")),
+        ("missing image", meta_row(datenum(1975, 1, 1), 2005, "11/21_1975-01-01_2005.jpg")),
+    ]
+    imdb = [
+        ("kept", meta_row(datenum(1960, 12, 31), 2000, "07/nm0000007_rm1_1960-12-31_2000.jpg", celeb_id=7)),
+        ("broken date", meta_row(1.0, 2000, "12/nm0000012_rm2_0-0-0_2000.jpg", 2.5, celeb_id=12)),
+    ]
+    for folder, rows in (("wiki_crop", wiki), ("imdb_crop", imdb)):
+        for what, row in rows:
+            if what != "missing image":
+                image = root / folder / row["path"]
+                image.parent.mkdir(parents=True, exist_ok=True)
+                image.write_bytes(face_jpeg + row["path"].encode())  # distinct bytes: no duplicates
+    write_mat(root / "wiki_crop" / "wiki.mat", [row for _, row in wiki])
+    write_mat(root / "imdb_crop" / "imdb.mat", [row for _, row in imdb], imdb=True)
+
+    with caplog.at_level(logging.WARNING):
+        df, filters = build_meta(root)
+
+    assert filters.total == 14
+    assert filters.removed == {
+        "broken date of birth": 4,
+        "no face found": 2,
+        "second face found": 1,
+        "age outside 0-100": 2,
+        "image file missing": 1,
+    }
+    assert filters.total - sum(filters.removed.values()) == len(df)
+    # The official rule: photo taken on 1 July, so a birthday from July on counts one year less.
+    assert dict(zip(df["path"], df["age"], strict=True)) == {
+        "wiki_crop/00/10_1980-03-10_2010.jpg": 30,
+        "wiki_crop/01/11_1985-08-01_2010.jpg": 24,
+        "wiki_crop/02/12_1990-01-01_2015.jpg": 25,
+        "imdb_crop/07/nm0000007_rm1_1960-12-31_2000.jpg": 39,
+    }
+    assert set(df["person_id"]) == {"wiki:10", "wiki:11", "wiki:12", "imdb:7"}
+    assert "wiki_crop/11/21_1975-01-01_2005.jpg" in caplog.text, "the missing image is named"
+
+
+def _write_v73_header(path: Path) -> None:
+    """The start of a MATLAB v7.3 (HDF5) file: a 128-byte text header, then HDF5."""
+    text = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
+    path.write_bytes(text.ljust(116, b" ") + b"\0" * 8 + b"\x00\x02IM" + b"\x89HDF\r\n\x1a\n" + b"\0" * 504)
+
+
+UNUSABLE_MATS = {
+    "foreign": "has no 'wiki' struct (found data)",
+    "missing fields": "lacks the field(s) photo_taken",
+    "truncated": "not a readable MATLAB file",
+    "zero bytes": "not a readable MATLAB file",
+    "v7.3": "MATLAB v7.3 file",
+    "text dates": "field 'dob' is not numeric",
+    "empty struct": "struct array of shape (0, 0)",
+    "fields of different lengths": "field 'face_score' has 1 entries but dob has 2",
+}
+
+
+@pytest.mark.parametrize("kind", list(UNUSABLE_MATS))
+def test_unusable_metadata_file_stops_build_meta_naming_the_file(tmp_path, write_mat, kind, caplog):
+    mat = tmp_path / "raw" / "wiki_crop" / "wiki.mat"
+    write_mat(mat, [meta_row(datenum(1980, 1, 1), 2010, f"0{i}/{i}_x_2010.jpg") for i in range(2)])
+    good = mat.read_bytes()
+    if kind == "foreign":
+        scipy.io.savemat(mat, {"data": np.zeros((3, 3))})
+    elif kind == "missing fields":
+        scipy.io.savemat(mat, {"wiki": {"dob": np.zeros((1, 2)), "full_path": np.zeros((1, 2))}})
+    elif kind == "truncated":
+        mat.write_bytes(good[: len(good) // 2])
+    elif kind == "zero bytes":
+        mat.write_bytes(b"")
+    elif kind == "v7.3":
+        _write_v73_header(mat)
+    else:
+        struct_ = scipy.io.loadmat(mat)["wiki"]
+        if kind == "text dates":
+            struct_[0, 0]["dob"] = np.array([["1980-01-01", "1981-02-02"]], dtype=object)
+        elif kind == "empty struct":
+            struct_ = np.zeros((0, 0), dtype=struct_.dtype)
+        else:
+            struct_[0, 0]["face_score"] = np.array([[2.0]])
+        scipy.io.savemat(mat, {"wiki": struct_})
+    out = tmp_path / "meta.csv"
+
+    with caplog.at_level(logging.ERROR):
+        code = build_meta_module.main(["--data-root", str(tmp_path / "raw"), "--out", str(out)])
+
+    assert code == 2
+    assert str(mat) in caplog.text and UNUSABLE_MATS[kind] in caplog.text, caplog.text
+    assert not out.exists(), "no table is written from an unusable metadata file"
+
+
+# --- UTKFace and CSV tables ---------------------------------------------------------------------------
+
+
+def test_utkface_names_without_an_age_are_skipped_and_named(tmp_path, face_jpeg, caplog):
+    good = {
+        "25_0_0_20170109150557335.jpg.chip.jpg": 25,
+        "39_1_20170116174525125.jpg.chip.jpg": 39,
+        "8_1_3_20161220222856346.jpg": 8,
+    }
+    unparsable = ["notes.jpg", "face_0_0_2017.jpg", "_25_0_0_2017.jpg"]
+    for name in [*good, *unparsable, "readme.txt"]:
+        (tmp_path / name).write_bytes(face_jpeg)
+
+    with caplog.at_level(logging.WARNING):
+        df = load_utkface(tmp_path)
+
+    assert dict(zip(df["path"], df["age"], strict=True)) == good
+    assert "skipped 3 UTKFace file(s)" in caplog.text
+    assert all(name in caplog.text for name in unparsable)
+    assert "readme.txt" not in caplog.text, "files that are not images are not reported as bad names"
+
+
+def test_csv_rows_with_missing_or_non_numeric_ages_are_skipped_with_their_line_numbers(tmp_path, caplog):
+    csv = tmp_path / "faces.csv"
+    csv.write_text(
+        "path,age\na.jpg,30\nb.jpg,\nc.jpg,thirty\nd.jpg,41.5\n,22\ne.jpg,inf\nf.jpg,NaN\ng.jpg,True\n"
+    )
+
+    with caplog.at_level(logging.WARNING):
+        df = load_csv_table(csv)
+
+    assert df[["path", "age"]].to_dict("list") == {"path": ["a.jpg", "d.jpg"], "age": [30.0, 41.5]}
+    assert str(csv) in caplog.text and "skipped 6 row(s)" in caplog.text
+    assert "(lines 3, 4, 6, 7, 8, 9)" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"path,years\na.jpg,30\n", "lacks the column(s) age"),
+        (b"", "not a readable CSV"),
+        (b"path,age\n\xff\xfe\xfa\x00\x81,30\n", "not a readable CSV"),
+    ],
+    ids=["no age column", "empty", "not text"],
+)
+def test_unusable_csv_is_refused_naming_the_file(tmp_path, content, message):
+    csv = tmp_path / "faces.csv"
+    csv.write_bytes(content)
+    with pytest.raises(CsvTableError) as caught:
+        load_csv_table(csv)
+    assert str(csv) in str(caught.value) and message in str(caught.value)
+
+
+def test_images_missing_from_a_csv_dataset_are_dropped_counted_and_named(tmp_path, caplog):
+    lines = ["path,age"]
+    for i in range(12):
+        lines.append(f"faces/{i}.jpg,{20 + i}")
+        if i not in (3, 7):
+            (tmp_path / "faces").mkdir(exist_ok=True)
+            (tmp_path / "faces" / f"{i}.jpg").write_bytes(distinct_jpeg(i))
+    csv = tmp_path / "faces.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    config = DataConfig(dataset="csv", data_root=str(csv), min_age=0, max_age=100, max_per_age=None)
+
+    with caplog.at_level(logging.WARNING):
+        prepared = prepare_splits(config, seed=0)
+
+    assert len(prepared.table) == 10
+    assert prepared.removed["unreadable files"] == 2
+    assert "faces/3.jpg" in caplog.text and "faces/7.jpg" in caplog.text
+
+
+# --- images -------------------------------------------------------------------------------------------
+
+
+def test_unreadable_image_files_raise_image_read_error_naming_them(tmp_path, face_jpeg):
+    cases = {
+        "empty.jpg": (b"", "empty (0 bytes)"),
+        "truncated.jpg": (face_jpeg[: len(face_jpeg) // 3], "truncated or corrupt"),
+        "html.jpg": (b"<html><body>404 Not Found</body></html>", "not an image file"),
+        "no_pixels.png": (png_header(64, 64), "truncated or corrupt"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ImageReadError) as caught:
+            load_rgb(tmp_path / name)
+        assert f"{tmp_path / name} is" in str(caught.value) and message in str(caught.value)
+    with pytest.raises(ImageReadError) as caught:
+        load_rgb(tmp_path / "gone.jpg")
+    assert f"{tmp_path / 'gone.jpg'} does not exist" in str(caught.value)
+
+
+@pytest.mark.parametrize("size", [30_000, 9_000])
+def test_huge_image_is_refused_before_decoding(tmp_path, size):
+    # 30000x30000 trips PIL's own decompression-bomb check in Image.open, 9000x9000 (81 MP) our 50 MP limit.
+    path = tmp_path / f"huge_{size}.png"
+    path.write_bytes(png_header(size, size))
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with pytest.raises(ImageReadError) as caught:
+        load_rgb(path)
+    assert str(path) in str(caught.value) and "50 MP limit" in str(caught.value)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mib < 100, f"refusing {path.name} took {grown_mib:.0f} MiB: it was decoded"
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt", "expected"),
+    [
+        (Image.new("RGBA", (8, 8), (255, 0, 0, 0)), "PNG", (255, 255, 255)),  # transparent -> white
+        (Image.new("RGBA", (8, 8), (255, 0, 0, 128)), "PNG", (255, 127, 127)),  # half over white
+        (Image.new("LA", (8, 8), (0, 0)), "PNG", (255, 255, 255)),
+        (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", (255, 0, 0)),
+        (Image.new("L", (8, 8), 90), "JPEG", (90, 90, 90)),
+        (Image.new("P", (8, 8), 3), "GIF", None),
+        (Image.fromarray(np.full((8, 8), 4000, dtype=np.uint16)), "PNG", (255, 255, 255)),  # 16-bit, scaled
+    ],
+    ids=[
+        "transparent png",
+        "half transparent png",
+        "grey+alpha png",
+        "cmyk jpeg",
+        "grey jpeg",
+        "palette gif",
+        "16-bit png",
+    ],
+)
+def test_any_colour_mode_becomes_8_bit_rgb(image, fmt, expected):
+    loaded = load_rgb(_encoded(image, fmt), name=f"x.{fmt.lower()}")
+    assert loaded.mode == "RGB" and loaded.size == (8, 8)
+    if expected is not None:
+        assert np.abs(np.asarray(loaded, dtype=int) - expected).max() <= 3, np.asarray(loaded)[0, 0]
+
+
+def test_prepared_cache_remembers_unreadable_images(tmp_path, face_jpeg):
+    (tmp_path / "good.jpg").write_bytes(face_jpeg)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes(face_jpeg[:500])
+    cache = prepare_cache(
+        tmp_path, ["good.jpg", "empty.jpg", "cut.jpg"], image_size=32, cache_dir=tmp_path / "cache", workers=1
+    )
+    assert tuple(cache.load(0).shape) == (3, 32, 32)
+    strict = AgeDataset(cache, [30.0, 40.0, 50.0])
+    with pytest.raises(ImageReadError, match=r"empty\.jpg.*--skip-bad-images"):
+        strict[1]
+    with pytest.raises(ImageReadError, match=r"cut\.jpg"):
+        strict[2]
+    lenient = AgeDataset(cache, [30.0, 40.0, 50.0], skip_bad_images=True)
+    assert lenient[1] is None and lenient[2] is None
+    assert torch.equal(lenient[0][0], cache.load(0))
+
+
+# --- training over a folder with bad files ------------------------------------------------------------
+
+BAD_FILES = {
+    "30_0_0_20170101000000001.jpg.chip.jpg": "empty (0 bytes)",
+    "40_1_0_20170101000000002.jpg.chip.jpg": "truncated or corrupt",
+    "50_0_1_20170101000000003.jpg.chip.jpg": "not an image file",
+}
+
+# Odd but readable: these must be trained on, not skipped.
+ODD_BUT_READABLE = {
+    "35_1_2_20170101000000004.png": Image.new("RGBA", (64, 64), (200, 120, 90, 128)),
+    "45_0_3_20170101000000005.jpg": Image.new("CMYK", (64, 64), (10, 60, 80, 5)),
+    "25_1_1_20170101000000006.jpg": Image.new("L", (64, 64), 90),
+}
+
+
+def _add_bad_files(folder: Path) -> None:
+    donor = sorted(folder.glob("*.jpg"))[0].read_bytes()
+    contents = [b"", donor[: len(donor) // 3], b"<html>rate limited</html>"]
+    for name, content in zip(BAD_FILES, contents, strict=True):
+        (folder / name).write_bytes(content)
+    for name, image in ODD_BUT_READABLE.items():
+        image.save(folder / name)
+
+
+TINY_RUN = shlex.split(
+    "--dataset utkface --backbone mobilenet_v2 --no-pretrained --image-size 40 --epochs 2 --batch-size 8 "
+    "--num-workers 0 --lr 1e-3 --no-progress --grid-size 4 --no-tensorboard"
+)
+
+
+def test_training_with_skip_bad_images_finishes_and_reports_the_skipped(utkface_sample, tmp_path, caplog):
+    _add_bad_files(utkface_sample)
+    out = tmp_path / "run"
+
+    with caplog.at_level(logging.WARNING):
+        train_tiny(utkface_sample, out, "--skip-bad-images")
+
+    split = pd.read_csv(out / "split.csv")
+    skipping = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert not [m for m in skipping if any(name in m for name in ODD_BUT_READABLE)], "readable images skipped"
+    skipped = int(pd.read_csv(out / "metrics.csv")["skipped"].iloc[-1])
+    assert skipped > 0
+    assert f"unreadable images skipped: {skipped}" in (out / "report.md").read_text()
+    seen = split[split["split"].isin(["train", "val"])]["path"]
+    for name, message in BAD_FILES.items():
+        if name in set(seen):
+            assert any(name in m and message in m for m in skipping), f"{name} was not reported"
+    predicted = set(pd.read_csv(out / "predictions.csv")["path"])
+    test_paths = set(split.loc[split["split"] == "test", "path"])
+    assert predicted == test_paths - set(BAD_FILES), "every readable test image is evaluated, none unreadable"
+
+
+def test_training_without_skip_stops_at_the_first_unreadable_image_naming_it(
+    utkface_sample, tmp_path, caplog
+):
+    (utkface_sample / "30_0_0_20170101000000001.jpg.chip.jpg").write_bytes(b"")
+    out = tmp_path / "run"
+
+    with caplog.at_level(logging.ERROR):
+        code = train_main([*TINY_RUN, "--data-root", str(utkface_sample), "--out", str(out)])
+
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(
+        "30_0_0_20170101000000001.jpg.chip.jpg is empty (0 bytes)" in e and "--skip-bad-images" in e
+        for e in errors
+    ), errors
