@@ -6,8 +6,11 @@ epoch (seed).
 
 Reference: a Dataset that opens each JPEG with PIL and applies Resize, ToTensor and Normalize (float32)
 on every access, in a DataLoader. Project: `prepare_cache` once (its one-off time is printed apart), then
-`CachedImages` through the project's `AgeDataset` and `make_loader`, yielding uint8 batches.
-Both loaders use the same batch size, workers and images; images/s counts every epoch.
+`CachedImages` through the project's `AgeDataset` and `make_loader`, yielding uint8 batches (read whole
+batches in the main process: `make_loader` drops the workers there). The last column is the training
+loader, the cache with the `light` augmentation in the worker processes, to set against the training
+step's images/s (bench_train.py): loading must never be what training waits for.
+Both loaders get the same batch size, requested workers and images; images/s counts every epoch.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from age_detect_resnet.cache import prepare_cache
-from age_detect_resnet.dataset import AgeDataset, make_loader
+from age_detect_resnet.dataset import AgeDataset, make_loader, train_transform
 
 
 class SeedDataset(Dataset):
@@ -90,6 +93,17 @@ def main() -> None:
             device=torch.device("cpu"),
         )
         project_speed = images_per_second(project, args.epochs)
+        augmented = AgeDataset(
+            cache, [age_of(f) for f in files], transform=train_transform("light", args.image_size)
+        )
+        training = make_loader(
+            augmented,
+            batch_size=args.batch_size,
+            train=True,
+            num_workers=args.workers,
+            device=torch.device("cpu"),
+        )
+        training_speed = images_per_second(training, args.epochs)
 
     settings = (
         f"{len(files)} images, {args.image_size} px, batch {args.batch_size}, {args.workers} workers, "
@@ -102,8 +116,17 @@ def main() -> None:
             "project: prepared cache (img/s)",
             "speed-up",
             "one-off cache build (s)",
+            "training loader: cache + light augmentation (img/s)",
         ],
-        [[reference_speed, project_speed, f"{project_speed / reference_speed:.1f}x", build_seconds]],
+        [
+            [
+                reference_speed,
+                project_speed,
+                f"{project_speed / reference_speed:.1f}x",
+                build_seconds,
+                training_speed,
+            ]
+        ],
         machine=machine(torch.device("cpu")),
         settings=settings,
     )

@@ -6,7 +6,7 @@ set -uo pipefail   # no -e: one failing benchmark must not hide the others
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 echo "### Data loading (224 px)"
-$py benchmarks/bench_data.py --images 1024 --workers 2 --epochs 2
+$py benchmarks/bench_data.py --images 4096 --workers 2 --epochs 3
 echo "### Training step (ResNet-50, 224 px, batch 32)"
 $py benchmarks/bench_train.py --batch-size 32 --steps 6
 echo "### Batch inference (ResNet-50, 224 px, batch 32)"

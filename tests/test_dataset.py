@@ -13,6 +13,7 @@ from age_detect_resnet.dataset import (
     FileImages,
     collate_batch,
     create_dataloaders,
+    make_loader,
     train_transform,
 )
 from age_detect_resnet.images import ImageReadError
@@ -91,3 +92,35 @@ def test_unreadable_images_in_the_cache_raise_when_used(tmp_path):
     assert cache.load(0).shape == (3, 16, 16)
     with pytest.raises(ImageReadError, match=r"1\.jpg"):
         cache.load(1)
+
+
+def test_cached_batches_are_read_at_once_in_process_with_the_same_pixels(tmp_path):
+    paths = make_images(tmp_path / "img")
+    cache = prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache", workers=1)
+    view = cache.subset([5, 0, 3, 2, 4, 1])
+    dataset = AgeDataset(view, [10, 20, 30, 40, 50, 60])
+    assert dataset.reads_batches
+    batch = collate_batch(dataset.__getitems__([4, 0, 2]))
+    assert torch.equal(batch.images, torch.stack([dataset[i][0] for i in (4, 0, 2)]))
+    assert batch.ages.tolist() == [50, 10, 30] and batch.kept.all()
+    loader = make_loader(dataset, batch_size=4, train=False, num_workers=2, device=torch.device("cpu"))
+    assert loader.num_workers == 0  # workers would only add a copy through shared memory
+    assert torch.equal(torch.cat([b.images for b in loader]), torch.stack([dataset[i][0] for i in range(6)]))
+    augmented = AgeDataset(view, [1] * 6, transform=train_transform("light", 16))
+    assert not augmented.reads_batches
+    assert (
+        make_loader(
+            augmented, batch_size=4, train=True, num_workers=2, device=torch.device("cpu")
+        ).num_workers
+        == 2
+    )
+
+
+def test_a_cached_batch_with_an_unreadable_image_falls_back_to_one_by_one(tmp_path):
+    paths = make_images(tmp_path / "img", 3)
+    (tmp_path / "img" / "1.jpg").write_bytes(b"not a jpeg")
+    cache = prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache", workers=1)
+    batch = collate_batch(AgeDataset(cache, [1, 2, 3], skip_bad_images=True).__getitems__([0, 1, 2]))
+    assert batch.kept.tolist() == [True, False, True] and batch.images.shape == (2, 3, 16, 16)
+    with pytest.raises(ImageReadError, match=r"1\.jpg"):
+        AgeDataset(cache, [1, 2, 3]).__getitems__([0, 1, 2])

@@ -67,18 +67,29 @@ class CachedImages:
     def name(self, index: int) -> str:
         return self.paths[self.rows[index]]
 
-    def load(self, index: int) -> torch.Tensor:
-        row = self.rows[index]
-        error = self.errors.get(str(row))
-        if error is not None:
-            raise ImageReadError(error)
+    def _map(self) -> np.ndarray:
         if self._array is None:
             size = self.image_size
             self._array = np.memmap(self.folder / "images.u8", dtype=np.uint8, mode="r").reshape(
                 -1, size, size, 3
             )
+        return self._array
+
+    def load(self, index: int) -> torch.Tensor:
+        row = self.rows[index]
+        error = self.errors.get(str(row))
+        if error is not None:
+            raise ImageReadError(error)
         # (S, S, 3) -> (3, S, S); the copy detaches the sample from the map.
-        return torch.from_numpy(np.array(self._array[row])).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self._map()[row])).permute(2, 0, 1)
+
+    def load_many(self, indices: Sequence[int]) -> torch.Tensor | None:
+        """Images `indices` as one uint8 (n, 3, S, S) tensor read in a single pass over the map, or
+        None when one of them failed to decode (the caller then loads them one by one)."""
+        rows = np.fromiter((self.rows[i] for i in indices), dtype=np.int64, count=len(indices))
+        if self.errors and any(str(row) in self.errors for row in rows.tolist()):
+            return None
+        return torch.from_numpy(self._map()[rows]).permute(0, 3, 1, 2)
 
 
 def _decode(job: tuple[str, int]) -> np.ndarray | str:
