@@ -69,7 +69,7 @@ def main() -> None:
     if not photos:
         raise SystemExit(f"no photos in {args.photos}")
     model = benchmark_model(args)
-    size = int(model.metadata.get("image_size", args.image_size))
+    size = int(model.metadata["image_size"])
     detector = create_detector("yunet", YUNET) if YUNET.is_file() else create_detector("auto")
     margins, transform = margins_of(model.metadata), seed_transform(size)
 

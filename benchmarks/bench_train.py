@@ -107,7 +107,7 @@ def main() -> None:
 
     device = select_device(args.device)
     model = benchmark_model(args)
-    size = int(model.metadata.get("image_size", args.image_size))
+    size = int(model.metadata["image_size"])
     files = utkface_files(args.batch_size * min(args.steps + 1, 4))  # a few distinct batches, reused
     normalised = seed_batch(files, size)  # (N, 3, S, S) float32, the seed's input
     raw = project_batch(files, size)  # (N, 3, S, S) uint8, the project's input

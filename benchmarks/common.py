@@ -18,6 +18,7 @@ from torchvision import transforms
 
 from age_detect_resnet import checkpoint
 from age_detect_resnet.dataset import to_input_tensor
+from age_detect_resnet.export import evenly_spaced
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.model import IMAGENET_MEAN, IMAGENET_STD, AgeModel, create_model
 from age_detect_resnet.runtime import cpu_has_bf16, hardware_summary, resolve_precision
@@ -48,18 +49,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", type=Path, default=RESNET50_WEIGHTS, help="backbone weights when --model is not given"
     )
-    parser.add_argument("--image-size", type=int, default=224, help="input size when --model is not given")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="input size (default: the trained model's own, else 224); a trained model run at another "
+        "size than it learnt keeps its speed and its paths' agreement, not its MAE",
+    )
 
 
 def benchmark_model(args: argparse.Namespace) -> AgeModel:
     """The model every path of a benchmark runs, in float32 eval mode on the CPU: a trained run, or a
-    ResNet-50 whose random head is seeded (speed does not depend on what the head learnt)."""
+    ResNet-50 whose random head is seeded (speed does not depend on what the head learnt); its
+    metadata's image_size is the input size of the benchmark."""
     if args.model is not None:
-        return checkpoint.load_model(args.model, "cpu")
+        model = checkpoint.load_model(args.model, "cpu")
+        if args.image_size:  # what the exports and the inputs of every path are made for
+            model.metadata = {**model.metadata, "image_size": args.image_size}
+        return model
     torch.manual_seed(0)
     weights = args.weights if args.weights and Path(args.weights).is_file() else None
     model = create_model("resnet50", "regression", pretrained=False, weights=weights, init_age=35.0)
-    model.metadata = {"image_size": args.image_size}
+    model.metadata = {"image_size": args.image_size or 224}
     return model.eval()
 
 
@@ -85,7 +95,7 @@ def utkface_files(count: int) -> list[Path]:
     if not UTKFACE.is_dir():
         raise SystemExit(f"{UTKFACE} is absent: the benchmarks read real UTKFace images from ../shared")
     files = sorted(UTKFACE.glob("*.jpg"))
-    return files[:: max(1, len(files) // count)][:count]
+    return evenly_spaced(files, count)
 
 
 def age_of(path: Path) -> float:

@@ -13,7 +13,7 @@ echo "### Batch inference (ResNet-50, 224 px, batch 32)"
 $py benchmarks/bench_inference.py --batches 4 --repeats 3 --int8
 if [ $# -ge 1 ]; then
     echo "### Batch inference with the trained model $1 (its image size, labels of UTKFace)"
-    $py benchmarks/bench_inference.py --model "$1" --batches 8 --repeats 3 --int8
+    $py benchmarks/bench_inference.py --model "$1" --batches 16 --repeats 3 --int8
 fi
 echo "### One photo: detection + crop + model (224 px)"
 $py benchmarks/bench_latency.py --repeats 10

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -162,6 +163,31 @@ def test_int8_needs_real_images_to_calibrate_and_check(varied_run: Path, tmp_pat
     ]
     assert export.main(args) == 2
     assert not (tmp_path / "a.onnx").exists()
+
+
+def test_int8_is_calibrated_on_validation_faces_and_judged_by_its_test_mae(varied_run: Path, tmp_path: Path):
+    out = tmp_path / "int8.onnx"
+    assert export.main(["--model", str(varied_run), "--out", str(out), "--quantize", "int8"]) == 0
+    check = export.read_export_metadata(out)["check"]
+    split = pd.read_csv(varied_run / "split.csv")
+    assert check["count"] == (split["split"] == "test").sum()
+    assert check["calibration_count"] == (split["split"] == "val").sum()
+    assert check["age_mae_int8"] <= check["age_mae_float32"] + export.INT8_TOLERANCE_YEARS
+    face = to_input_tensor(load_rgb(sorted(require(UTKFACE).glob("*.jpg"))[7]), 40)[None]
+    assert export.OnnxRunner(out)(face)["age"].shape == (1,)
+
+
+def test_the_int8_verdict_is_by_mae_with_ages_and_by_mean_change_without():
+    reference, ages = np.array([20.0, 30.0, 40.0, 50.0]), np.array([22.0, 30.0, 37.0, 50.0])
+    shifted = reference + np.array([0.5, 0.5, -0.5, -0.5])  # changes every age, not the MAE
+    check = {"age_mean_abs_diff": 0.5}
+    assert export.int8_verdict(check, reference, shifted, ages) is None
+    assert check["age_mae_float32"] == check["age_mae_int8"] == 1.25
+    assert "unlabelled" in export.int8_verdict({"age_mean_abs_diff": 0.5}, reference, shifted, None)
+    assert export.int8_verdict({"age_mean_abs_diff": 0.05}, reference, reference + 0.05, None) is None
+    worse = export.int8_verdict({"age_mean_abs_diff": 1.0}, reference, reference + 1.0, ages)
+    assert "raises the MAE on 4 labelled test faces from 1.250 to 1.750" in worse
+    assert export.int8_verdict({"age_mean_abs_diff": np.nan}, reference, reference * np.nan, ages)
 
 
 def test_onnx_predictor_refuses_a_model_file_that_does_not_match_its_metadata(
