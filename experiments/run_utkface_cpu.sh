@@ -13,9 +13,10 @@ declare -A VARIANT=(
     [distribution-weighted]="experiments/head_distribution.toml experiments/age_weighting.toml"
     [mobilenet-distribution]="experiments/backbone_mobilenet_v2.toml experiments/head_distribution.toml"
     [distribution-v1]="experiments/backbone_resnet50_v1.toml experiments/head_distribution.toml"
+    [dldl-v1]="experiments/backbone_resnet50_v1.toml experiments/head_dldl.toml"
 )
 ORDER=(regression regression-v1 distribution bins seed-optimiser distribution-weighted mobilenet-distribution
-       distribution-v1)
+       distribution-v1 dldl-v1)
 for name in "${@:-${ORDER[@]}}"; do
     configs=(--config cpu --config experiments/utkface.toml)
     for file in ${VARIANT[$name]}; do configs+=(--config "$file"); done

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from age_detect_resnet.heads import BinsHead, DistributionHead, RegressionHead
+from age_detect_resnet.heads import BinsHead, DistributionHead, RegressionHead, create_head
 from age_detect_resnet.model import (
     WeightsError,
     create_backbone,
@@ -85,6 +85,18 @@ def test_heads_decode_ages_in_years():
     assert dist.decode(logits).item() == pytest.approx(40.0, abs=0.01)
     low, high = dist.interval_bounds(logits, 0.8)[0].tolist()
     assert low < 40 < high and high - low == pytest.approx(2 * 1.2816 * 2.0, rel=0.1)  # 80% of N(40, 2)
+
+
+def test_the_expectation_term_adds_the_l1_error_of_the_expected_age():
+    ages = torch.tensor([30.0, 50.0])
+    logits = torch.randn(2, 101)
+    plain = DistributionHead(8, 4, label_sigma=2.0)
+    dldl = DistributionHead(8, 4, label_sigma=2.0, expectation_weight=0.5)
+    l1 = (plain.decode(logits) - ages).abs().mean()
+    assert dldl.loss(logits, ages).item() == pytest.approx(plain.loss(logits, ages).item() + 0.5 * l1.item())
+    options = dldl.describe()
+    rebuilt = create_head(options.pop("kind"), 8, **options)
+    assert rebuilt.expectation_weight == 0.5
 
 
 def test_interval_calibration_reaches_the_nominal_coverage():

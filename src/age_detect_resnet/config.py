@@ -75,6 +75,9 @@ class ModelConfig:
     pretrained: bool = _setting(True, "start from ImageNet weights (download, or --weights FILE)")
     weights: str | None = _setting(None, "local ImageNet weights for the backbone (.safetensors or .pth)")
     label_sigma: float = _setting(2.0, "distribution head: std (years) of the Gaussian label; 0 = one-hot CE")
+    expectation_weight: float = _setting(
+        0.0, "distribution head: weight of an L1 loss on the expected age (DLDL-v2: 1); 0 = off"
+    )
     interval: float = _setting(0.8, "distribution head: nominal coverage of the predicted age interval")
 
 

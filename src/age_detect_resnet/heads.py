@@ -7,8 +7,9 @@ what the K outputs mean:
 * `bins` (the seed's classification experiment): K five-year groups from the youngest trained age,
   cross-entropy; the age is the expected group centre.
 * `distribution`: K = 101 classes for ages 0-100, cross-entropy against a Gaussian around the true age
-  (label-distribution learning; sigma 0 = one-hot); the age is the expectation, and the predictive
-  distribution also gives an interval.
+  (label-distribution learning; sigma 0 = one-hot), optionally plus an L1 loss on the expected age
+  (`expectation_weight`, as in DLDL-v2), which trains the number that is reported; the age is the
+  expectation, and the predictive distribution also gives an interval.
 """
 
 from __future__ import annotations
@@ -129,11 +130,13 @@ class DistributionHead(ProbabilisticHead):
         hidden_dim: int = 256,
         *,
         label_sigma: float = 2.0,
+        expectation_weight: float = 0.0,
         interval: float = 0.8,
         interval_quantile_level: float | None = None,
     ) -> None:
         super().__init__(in_features, hidden_dim, torch.arange(MAX_AGE_CLASS + 1).float())
         self.label_sigma = label_sigma
+        self.expectation_weight = expectation_weight
         self.interval = interval
         # The central probability mass whose quantiles give an interval with `interval` coverage;
         # set on validation data by `calibrate_interval` (the raw softmax is usually over-confident).
@@ -149,6 +152,9 @@ class DistributionHead(ProbabilisticHead):
     def loss(self, outputs, ages, weights=None):
         log_probs = outputs.float().log_softmax(dim=-1)
         losses = -(self.target_distribution(ages) * log_probs).sum(dim=-1)
+        if self.expectation_weight:
+            expected = log_probs.exp() @ self.centres
+            losses = losses + self.expectation_weight * (expected - ages).abs()
         return _weighted_mean(losses, weights)
 
     def quantiles(self, outputs: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -184,6 +190,7 @@ class DistributionHead(ProbabilisticHead):
         return {
             **super().describe(),
             "label_sigma": self.label_sigma,
+            "expectation_weight": self.expectation_weight,
             "interval": self.interval,
             "interval_quantile_level": self.interval_quantile_level,
         }
@@ -203,6 +210,7 @@ def create_head(kind: str, in_features: int, **options: Any) -> AgeHead:
             in_features,
             hidden,
             label_sigma=options.get("label_sigma", 2.0),
+            expectation_weight=options.get("expectation_weight", 0.0),
             interval=options.get("interval", 0.8),
             interval_quantile_level=options.get("interval_quantile_level"),
         )

@@ -348,6 +348,7 @@ def train(
         min_age=config.data.min_age,
         max_age=config.data.max_age,
         label_sigma=config.model.label_sigma,
+        expectation_weight=config.model.expectation_weight,
         interval=config.model.interval,
     ).to(dist.device)
     if config.train.channels_last:
