@@ -22,6 +22,8 @@ float32's on average (a bound on any change of MAE).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -182,20 +184,25 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> None:
         with tempfile.TemporaryDirectory(dir=Path(target).parent) as scratch:
             prepared = Path(scratch) / "prepared.onnx"
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            quantize_static(
-                str(prepared),
-                str(target),
-                Batches(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                # Convolutions are nearly all the work; the head's few matrix products stay float,
-                # where quantising them would cost precision and save nothing.
-                op_types_to_quantize=["Conv"],
-                calibrate_method=CalibrationMethod.Percentile,
-                extra_options={"CalibPercentile": 99.99, "CalibStridedMinMax": 1},  # 1 batch at a time
-            )
+            # The percentile calibrator prints its progress to stdout, which belongs to the caller
+            # (a benchmark's table, a pipe): it goes to the log instead.
+            chatter = io.StringIO()
+            with contextlib.redirect_stdout(chatter):
+                quantize_static(
+                    str(prepared),
+                    str(target),
+                    Batches(),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    # Convolutions are nearly all the work; the head's few matrix products stay float,
+                    # where quantising them would cost precision and save nothing.
+                    op_types_to_quantize=["Conv"],
+                    calibrate_method=CalibrationMethod.Percentile,
+                    extra_options={"CalibPercentile": 99.99, "CalibStridedMinMax": 1},  # 1 batch at a time
+                )
+            log.debug("calibration: %s", chatter.getvalue().strip())
     finally:
         ir_log.setLevel(level)
 
