@@ -29,7 +29,9 @@ def prediction_frame(table: pd.DataFrame, predictions: Predictions, model: AgeMo
         bounds = head.interval_bounds(outputs.to(head.centres.device)).cpu().numpy()
         frame["lower"], frame["upper"] = bounds[:, 0], bounds[:, 1]
     if isinstance(head, BinsHead) and len(frame):
-        frame["true_group"] = head.bin_of(torch.as_tensor(frame["age"].to_numpy())).numpy()
+        frame["true_group"] = head.bin_of(
+            torch.as_tensor(frame["age"].to_numpy(dtype=float, copy=True))
+        ).numpy()
         frame["predicted_group"] = outputs.argmax(dim=1).numpy()
     return frame
 
