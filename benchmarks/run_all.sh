@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed figures of the README, in one go (about 15 minutes on 2 CPU cores; run it on an idle machine):
+# The speed figures of the README, in one go (about 6 minutes on 2 CPU cores; run it on an idle machine):
 #   ./benchmarks/run_all.sh [RUN_DIR] > speed.md
 # RUN_DIR is a trained run for the accuracy columns of batch inference (its own image size).
 set -uo pipefail   # no -e: one failing benchmark must not hide the others

@@ -14,9 +14,10 @@ declare -A VARIANT=(
     [mobilenet-distribution]="experiments/backbone_mobilenet_v2.toml experiments/head_distribution.toml"
     [distribution-v1]="experiments/backbone_resnet50_v1.toml experiments/head_distribution.toml"
     [dldl-v1]="experiments/backbone_resnet50_v1.toml experiments/head_dldl.toml"
+    [mobilenet-bins]="experiments/backbone_mobilenet_v2.toml experiments/head_bins.toml"
 )
 ORDER=(regression regression-v1 distribution bins seed-optimiser distribution-weighted mobilenet-distribution
-       distribution-v1 dldl-v1)
+       distribution-v1 dldl-v1 mobilenet-bins)
 for name in "${@:-${ORDER[@]}}"; do
     configs=(--config cpu --config experiments/utkface.toml)
     for file in ${VARIANT[$name]}; do configs+=(--config "$file"); done
