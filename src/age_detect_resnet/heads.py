@@ -153,8 +153,7 @@ class DistributionHead(ProbabilisticHead):
         log_probs = outputs.float().log_softmax(dim=-1)
         losses = -(self.target_distribution(ages) * log_probs).sum(dim=-1)
         if self.expectation_weight:
-            expected = log_probs.exp() @ self.centres
-            losses = losses + self.expectation_weight * (expected - ages).abs()
+            losses = losses + self.expectation_weight * (self.decode(outputs) - ages).abs()
         return _weighted_mean(losses, weights)
 
     def quantiles(self, outputs: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
