@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The accuracy experiments of the README, on UTKFace from ../shared, each within the 2-hour CPU budget:
-# same split (seed 0), same recipe (--config cpu), one change per run. Then the comparison table.
+# same split (seed 0), same recipe (--config seed-cpu: ages 10-75, box + margin framing), one change per
+# run. Then the comparison table.
 #   ./experiments/run_utkface_cpu.sh [NAME ...]      (default: all, in this order)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ declare -A VARIANT=(
 ORDER=(regression regression-v1 distribution bins seed-optimiser distribution-weighted mobilenet-distribution
        distribution-v1 dldl-v1 mobilenet-bins)
 for name in "${@:-${ORDER[@]}}"; do
-    configs=(--config cpu --config experiments/utkface.toml)
+    configs=(--config seed-cpu --config experiments/utkface.toml)
     for file in ${VARIANT[$name]}; do configs+=(--config "$file"); done
     .venv/bin/age-detect train "${configs[@]}" --out "runs/utkface-$name" --no-progress
 done

@@ -43,7 +43,7 @@ def test_a_run_writes_every_artefact(tiny_run):
     assert metrics["epoch"].tolist() == [1, 2]
     assert {"train_loss", "train_mae", "val_loss", "val_mae", "lr", "seconds"} <= set(metrics.columns)
     meta = json.loads((tiny_run / "best.json").read_text())
-    assert meta["image_size"] == 40 and meta["age_range"] == [10, 75]
+    assert meta["image_size"] == 40 and meta["age_range"] == [0, 100]
     assert meta["model"]["backbone"] == "mobilenet_v2" and meta["model"]["head"]["kind"] == "regression"
     assert set(meta["crop"]["margins"]) == {"left", "top", "right", "bottom"}
     report = (tiny_run / "report.md").read_text()
@@ -108,7 +108,17 @@ def test_the_seed_defaults():
         config.train.batch_size,
         config.data.num_workers,
     ) == ("resnet50", "regression", 5e-5, 20, 128, 4)
-    assert (config.data.min_age, config.data.max_age, config.data.max_per_age) == (10, 75, 5000)
+    # The whole age range by default; the seed's 10-75 filter is its recipe (and the settings).
+    assert (config.data.min_age, config.data.max_age, config.data.max_per_age) == (0, 100, 5000)
+    seed = resolve_config("seed-cpu")
+    assert (seed.data.min_age, seed.data.max_age, seed.model.head, seed.data.align) == (
+        10,
+        75,
+        "regression",
+        False,
+    )
+    bundled = resolve_config("cpu")
+    assert (bundled.data.min_age, bundled.data.max_age, bundled.data.align) == (0, 100, True)
 
 
 def test_early_stopping_rules():

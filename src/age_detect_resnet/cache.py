@@ -2,7 +2,14 @@
 
 Epochs then read (S, S, 3) bytes instead of decoding JPEGs: data loading stops being a cost.
 A cache lives in `<cache_dir>/<key>/` where the key hashes the image list (path, size, mtime), the
-image size and the cache format, so changing any input builds a new cache instead of reusing a stale one.
+image size, the alignment and the cache format, so changing any input builds a new cache instead of
+reusing a stale one.
+
+With an `CacheAlignment`, each image goes through the face detector and the aligner (align.py) exactly
+as photos do at inference, and is stored with a border of context around the aligned crop (for
+augmentation; `CachedImages.centre` reads the aligned crop alone). An image where no face is found is
+aligned with the median landmarks of the images where one was (the dataset's typical face position) and
+counted in the cache's index.
 """
 
 from __future__ import annotations
@@ -12,24 +19,44 @@ import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from age_detect_resnet import faces
+from age_detect_resnet.align import Aligner
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.dataset import to_input_tensor
 from age_detect_resnet.images import ImageReadError, load_rgb
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _CHUNK = 256
 
 
-def cache_key(root: Path, paths: Sequence[str], image_size: int) -> str:
-    digest = hashlib.sha1(f"format={CACHE_FORMAT};size={image_size};root={Path(root).resolve()}".encode())
+@dataclass(frozen=True)
+class CacheAlignment:
+    """How to frame training images like photos at inference: detector + aligner, plus a border."""
+
+    aligner: Aligner
+    detector_model: str | None = None  # YuNet file (None: $AGE_DETECT_YUNET_MODEL or the cached download)
+    context: float = 1.25  # stored side / model input side
+
+    def key(self) -> str:
+        return json.dumps({"alignment": self.aligner.to_metadata(), "context": self.context}, sort_keys=True)
+
+
+def cache_key(
+    root: Path, paths: Sequence[str], image_size: int, framing: CacheAlignment | None = None
+) -> str:
+    described = framing.key() if framing is not None else "resize"
+    digest = hashlib.sha1(
+        f"format={CACHE_FORMAT};size={image_size};framing={described};root={Path(root).resolve()}".encode()
+    )
     for rel in paths:
         path = Path(root) / rel
         try:
@@ -50,9 +77,11 @@ class CachedImages:
     def __init__(self, folder: Path, rows: Sequence[int] | None = None) -> None:
         self.folder = Path(folder)
         index = json.loads((self.folder / "index.json").read_text(encoding="utf-8"))
-        self.image_size: int = index["image_size"]
+        self.stored_size: int = index["stored_size"]
+        self.image_size: int = self.stored_size  # the side that `load` returns (see `centre`)
         self.paths: list[str] = index["paths"]
         self.errors: dict[str, str] = index["errors"]  # row -> message, for images that failed to decode
+        self.alignment: dict | None = index.get("alignment")  # faces found / aligned by fallback
         self.rows = list(range(len(self.paths))) if rows is None else list(rows)
         self._array: np.ndarray | None = None
 
@@ -60,6 +89,18 @@ class CachedImages:
         view = CachedImages.__new__(CachedImages)
         view.__dict__.update(self.__dict__, rows=[self.rows[r] for r in rows], _array=None)
         return view
+
+    def centre(self, size: int) -> CachedImages:
+        """A view that reads the centre (size, size) of each stored image: the aligned crop alone."""
+        if size > self.stored_size or (self.stored_size - size) % 2:
+            raise ValueError(f"cannot take a centred {size} px crop of {self.stored_size} px images")
+        view = self.subset(range(len(self)))
+        view.image_size = size
+        return view
+
+    def _window(self) -> slice:
+        border = (self.stored_size - self.image_size) // 2
+        return slice(border, border + self.image_size)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,7 +110,7 @@ class CachedImages:
 
     def _map(self) -> np.ndarray:
         if self._array is None:
-            size = self.image_size
+            size = self.stored_size
             self._array = np.memmap(self.folder / "images.u8", dtype=np.uint8, mode="r").reshape(
                 -1, size, size, 3
             )
@@ -80,8 +121,9 @@ class CachedImages:
         error = self.errors.get(str(row))
         if error is not None:
             raise ImageReadError(error)
+        window = self._window()
         # (S, S, 3) -> (3, S, S); the copy detaches the sample from the map.
-        return torch.from_numpy(np.array(self._map()[row])).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self._map()[row, window, window])).permute(2, 0, 1)
 
     def load_many(self, indices: Sequence[int]) -> torch.Tensor | None:
         """Images `indices` as one uint8 (n, 3, S, S) tensor read in a single pass over the map, or
@@ -89,7 +131,11 @@ class CachedImages:
         rows = np.fromiter((self.rows[i] for i in indices), dtype=np.int64, count=len(indices))
         if self.errors and any(str(row) in self.errors for row in rows.tolist()):
             return None
-        return torch.from_numpy(self._map()[rows]).permute(0, 3, 1, 2)
+        images = self._map()[rows]
+        if self.image_size != self.stored_size:
+            window = self._window()
+            images = np.ascontiguousarray(images[:, window, window])
+        return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def _decode(job: tuple[str, int]) -> np.ndarray | str:
@@ -100,31 +146,73 @@ def _decode(job: tuple[str, int]) -> np.ndarray | str:
         return str(err)
 
 
+_worker: tuple[faces.FaceDetector, CacheAlignment] | None = None
+
+
+def _init_aligning_worker(framing: CacheAlignment) -> None:
+    global _worker
+    _worker = (faces.create_detector("yunet", framing.detector_model), framing)
+
+
+def _align(job: tuple[str, int, list | None]) -> tuple[np.ndarray | str | None, list | None]:
+    """(aligned image, normalised landmarks) of one file; (None, None) when no face is found and no
+    fallback landmarks are given; (message, None) when the file cannot be decoded."""
+    path, size, fallback = job
+    detector, framing = _worker
+    try:
+        image = load_rgb(path)
+    except ImageReadError as err:
+        return str(err), None
+    width, height = image.size
+    if fallback is not None:
+        points = np.asarray(fallback) * (width, height)
+        return framing.aligner.warp(image, points, size, context=framing.context), None
+    found = [f for f in detector.detect(image) if f.landmarks is not None]
+    if not found:
+        return None, None
+    points = np.asarray(max(found, key=lambda f: f.area).landmarks)
+    normalised = (points / (width, height)).tolist()
+    return framing.aligner.warp(image, points, size, context=framing.context), normalised
+
+
 def prepare_cache(
-    root: Path, paths: Sequence[str], *, image_size: int, cache_dir: Path, workers: int = 2
+    root: Path,
+    paths: Sequence[str],
+    *,
+    image_size: int,
+    cache_dir: Path,
+    workers: int = 2,
+    framing: CacheAlignment | None = None,
 ) -> CachedImages:
     """Build (or reuse) the cache of `paths` under `root` at `image_size`; unreadable images are
-    recorded, not fatal (the dataset raises or skips them as configured)."""
+    recorded, not fatal (the dataset raises or skips them as configured). With `framing`, faces are
+    detected and aligned, and the stored images carry its context border (see the module docstring)."""
     if not paths:
         raise ValueError("no images to prepare")
-    folder = Path(cache_dir) / cache_key(root, paths, image_size)
+    folder = Path(cache_dir) / cache_key(root, paths, image_size, framing)
     if (folder / "index.json").is_file():
         log.info("using the prepared image cache %s", folder)
         return CachedImages(folder)
+    if framing is not None:
+        faces.create_detector("yunet", framing.detector_model)  # fail here with the detector's message
     folder.mkdir(parents=True, exist_ok=True)
-    n, errors = len(paths), {}
-    jobs = [(str(Path(root) / p), image_size) for p in paths]
+    stored = framing.aligner.output_size(image_size, framing.context) if framing else image_size
+    n, errors, alignment = len(paths), {}, None
+    files = [str(Path(root) / p) for p in paths]
     with atomic_path(folder / "images.u8") as tmp:
-        array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, image_size, image_size, 3))
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = pool.map(_decode, jobs, chunksize=_CHUNK)
-            for row, result in enumerate(
-                tqdm(results, total=n, desc="preparing image cache", unit="img", disable=None)
-            ):
-                if isinstance(result, str):
-                    errors[str(row)] = result
-                else:
-                    array[row] = result
+        array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, stored, stored, 3))
+        if framing is None:
+            with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+                results = pool.map(_decode, [(f, image_size) for f in files], chunksize=_CHUNK)
+                for row, result in enumerate(
+                    tqdm(results, total=n, desc="preparing image cache", unit="img", disable=None)
+                ):
+                    if isinstance(result, str):
+                        errors[str(row)] = result
+                    else:
+                        array[row] = result
+        else:
+            alignment = _prepare_aligned(array, files, image_size, framing, errors, workers)
         array.flush()
         del array
     write_text_atomic(
@@ -133,12 +221,65 @@ def prepare_cache(
             {
                 "format": CACHE_FORMAT,
                 "image_size": image_size,
+                "stored_size": stored,
                 "root": str(root),
                 "paths": list(paths),
                 "errors": errors,
+                "alignment": alignment,
             }
         ),
     )
     if errors:
         log.warning("%d of %d images could not be decoded while preparing the cache", len(errors), n)
     return CachedImages(folder)
+
+
+def _prepare_aligned(
+    array: np.ndarray,
+    files: list[str],
+    image_size: int,
+    framing: CacheAlignment,
+    errors: dict[str, str],
+    workers: int,
+) -> dict:
+    """Detect + align every file into `array`; a second pass aligns the faceless ones by the median
+    landmarks. Returns the counts for the index (and the run report)."""
+    found: list[list] = []
+    missing: list[int] = []
+    with ProcessPoolExecutor(
+        max_workers=max(1, workers), initializer=_init_aligning_worker, initargs=(framing,)
+    ) as pool:
+        results = pool.map(_align, [(f, image_size, None) for f in files], chunksize=32)
+        for row, (result, landmarks) in enumerate(
+            tqdm(results, total=len(files), desc="detecting and aligning faces", unit="img", disable=None)
+        ):
+            if isinstance(result, str):
+                errors[str(row)] = result
+            elif result is None:
+                missing.append(row)
+            else:
+                array[row] = result
+                found.append(landmarks)
+        if missing and not found:
+            raise ValueError(
+                f"no face was found in any of the {len(files)} training images (e.g. {files[0]}); "
+                "train without --align, or check the images"
+            )
+        median = np.median(np.asarray(found), axis=0).tolist() if found else None
+        if missing:
+            redo = pool.map(_align, [(files[r], image_size, median) for r in missing], chunksize=32)
+            for row, (result, _) in zip(missing, redo, strict=True):
+                array[row] = result
+    if missing:
+        log.warning(
+            "no face found in %d of %d training images; they are aligned with the median landmarks of the "
+            "others (their usual face position)",
+            len(missing),
+            len(files),
+        )
+    return {
+        "faces_found": len(found),
+        "no_face_median_landmarks": len(missing),
+        "no_face_examples": [files[r] for r in missing[:20]],
+        "median_landmarks": median,
+    }

@@ -47,15 +47,23 @@ class DataConfig:
     )
     meta: str | None = _setting(None, "prebuilt metadata CSV (imdb-wiki default: data/processed/meta.csv)")
     min_face_score: float | None = _setting(None, "imdb-wiki: drop faces scored below this")
-    min_age: int = _setting(10, "youngest age kept for training and evaluation")
-    max_age: int = _setting(75, "oldest age kept for training and evaluation")
+    min_age: int = _setting(0, "youngest age kept for training and evaluation (the seed: 10)")
+    max_age: int = _setting(100, "oldest age kept for training and evaluation (the seed: 75)")
     max_per_age: int | None = _setting(5000, "at most this many images per age (balancing); none = no cap")
     val_fraction: float = _setting(0.1, "share of images (whole persons) in the validation split")
     test_fraction: float = _setting(0.1, "share of images (whole persons) in the test split")
     limit: int | None = _setting(None, "use at most N images (quick runs), sampled before splitting")
     image_size: int = _setting(224, "square input size in pixels")
-    augment: str = _setting("none", "training augmentation", choices=("none", "light"))
+    augment: str = _setting(
+        "none",
+        "training augmentation: light (flip, reframing, colour) or photo (for real photos: also rotation, "
+        "blur, JPEG, greyscale, low resolution)",
+        choices=("none", "light", "photo"),
+    )
     cache: bool = _setting(False, "decode and resize every image once into a memory-mapped cache")
+    align: bool = _setting(
+        False, "detect and align every training face by its landmarks, as at inference (needs --cache)"
+    )
     cache_dir: str = _setting("data/cache", "where prepared-image caches live")
     skip_bad_images: bool = _setting(
         False, "skip unreadable images (counted in the report) instead of stopping"
@@ -74,6 +82,11 @@ class ModelConfig:
     hidden_dim: int = _setting(256, "width of the head's hidden layer (seed: 256)")
     pretrained: bool = _setting(True, "start from ImageNet weights (download, or --weights FILE)")
     weights: str | None = _setting(None, "local ImageNet weights for the backbone (.safetensors or .pth)")
+    init: str | None = _setting(
+        None,
+        "start from a trained age model instead of ImageNet: default (the bundled model), a run folder or "
+        "a .safetensors file; its backbone and head replace --backbone/--head",
+    )
     label_sigma: float = _setting(2.0, "distribution head: std (years) of the Gaussian label; 0 = one-hot CE")
     expectation_weight: float = _setting(
         0.0, "distribution head: weight of an L1 loss on the expected age (DLDL-v2: 1); 0 = off"
@@ -227,6 +240,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("epochs and batch_size must be at least 1")
     if config.model.weights and not config.model.pretrained:
         raise ConfigError("--weights and --no-pretrained contradict each other; pass one of them")
+    if data.align and not data.cache:
+        raise ConfigError("--align prepares the aligned faces once, in the image cache: add --cache")
     if not 0 < config.model.interval < 1:
         raise ConfigError(f"interval must be between 0 and 1, got {config.model.interval}")
 

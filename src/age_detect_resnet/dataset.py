@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -20,6 +21,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from age_detect_resnet.images import ImageReadError, load_rgb
+
+if TYPE_CHECKING:
+    from age_detect_resnet.align import FaceFraming
+    from age_detect_resnet.faces import Face
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +39,64 @@ def to_input_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+class RandomLowResolution:
+    """With probability `p`, shrink the image to a random side in [min_side, its side) and scale it
+    back: the blur and blockiness of a small face in a photo."""
+
+    def __init__(self, *, p: float = 0.25, min_side: int = 24) -> None:
+        self.p, self.min_side = p, min_side
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, S, S) uint8
+        side = image.shape[-1]
+        if side <= self.min_side or torch.rand(()) >= self.p:
+            return image
+        small = int(torch.randint(self.min_side, side, ()))
+        shrunk = v2.functional.resize(image, [small, small], antialias=True)
+        return v2.functional.resize(shrunk, [side, side], antialias=True)
+
+
+class RandomJpeg:
+    """With probability `p`, re-compress the image as JPEG at a random quality in `quality`: the
+    artefacts of photos saved, shared and re-saved."""
+
+    def __init__(self, *, p: float = 0.3, quality: tuple[int, int] = (30, 95)) -> None:
+        self.p, self.quality = p, quality
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, S, S) uint8 RGB
+        if torch.rand(()) >= self.p:
+            return image
+        quality = int(torch.randint(self.quality[0], self.quality[1] + 1, ()))
+        bgr = np.ascontiguousarray(image.permute(1, 2, 0).numpy()[:, :, ::-1])  # OpenCV's order
+        ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        if not ok:
+            return image
+        decoded = np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1])
+        return torch.from_numpy(decoded).permute(2, 0, 1)
+
+
 def train_transform(augment: str, image_size: int) -> v2.Transform | None:
-    """Augmentation on uint8 (3, S, S) tensors; None for the seed's plain resize."""
+    """Augmentation on uint8 (3, S', S') tensors; None for the seed's plain resize.
+
+    `photo` takes the aligned crop with its context border (S' > S, see cache.py) and ends with the
+    centre (S, S): shifts, scaling and rotation then show real surroundings, not black corners."""
     if augment == "none":
         return None
+    if augment == "photo":
+        return v2.Compose(
+            [
+                v2.RandomHorizontalFlip(),
+                # Landmark alignment leaves a few degrees and percent of jitter on real photos; cover it.
+                v2.RandomAffine(degrees=10, translate=(0.04, 0.04), scale=(0.9, 1.1)),
+                v2.CenterCrop(image_size),
+                v2.RandomApply(
+                    [v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)], p=0.8
+                ),
+                v2.RandomGrayscale(p=0.1),
+                RandomLowResolution(p=0.25, min_side=max(16, image_size // 4)),
+                v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.15),
+                RandomJpeg(p=0.3, quality=(30, 95)),
+            ]
+        )
     if augment == "light":
         return v2.Compose(
             [
@@ -60,18 +119,23 @@ class ImageSource(Protocol):
     def load(self, index: int) -> torch.Tensor: ...
 
 
-Box = tuple[int, int, int, int]
-
-
 class FileImages:
-    """Decode and resize the image file on every access (the reference data path); where `boxes`
-    gives a region for an image (a detected face with its margins), only that region is used."""
+    """Decode and resize the image file on every access (the reference data path); where `faces`
+    gives a detected face for an image, the model's input is cut around it by `framing` (align.py)."""
 
     def __init__(
-        self, root: Path, paths: Sequence[str], image_size: int, boxes: Sequence[Box | None] | None = None
+        self,
+        root: Path,
+        paths: Sequence[str],
+        image_size: int,
+        faces: Sequence[Face | None] | None = None,
+        framing: FaceFraming | None = None,
     ) -> None:
         self.root, self.paths, self.image_size = Path(root), list(paths), image_size
-        self.boxes = list(boxes) if boxes is not None else [None] * len(self.paths)
+        self.faces = list(faces) if faces is not None else [None] * len(self.paths)
+        if framing is None and any(face is not None for face in self.faces):
+            raise ValueError("FileImages needs a framing to crop the detected faces")
+        self.framing = framing
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -80,8 +144,11 @@ class FileImages:
         return str(self.root / self.paths[index])
 
     def load(self, index: int) -> torch.Tensor:
-        image, box = load_rgb(self.name(index)), self.boxes[index]
-        return to_input_tensor(image if box is None else image.crop(box), self.image_size)
+        image, face = load_rgb(self.name(index)), self.faces[index]
+        if face is None:
+            return to_input_tensor(image, self.image_size)
+        pixels, _ = self.framing.crop(image, face, self.image_size)
+        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
 class AgeDataset(Dataset):

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path
+from age_detect_resnet.bundled import bundled_yunet_path
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.images import ImageReadError, load_rgb
 
@@ -53,10 +54,12 @@ class DetectorUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Face:
-    """A detected face: box (x1, y1, x2, y2) in pixels of the full image, detector confidence."""
+    """A detected face: box (x1, y1, x2, y2) in pixels of the full image, detector confidence, and
+    where the detector gives them, five landmarks (x, y) in YuNet's order (see align.py)."""
 
     box: tuple[float, float, float, float]
     score: float
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     @property
     def area(self) -> float:
@@ -76,15 +79,17 @@ def cache_dir() -> Path:
 
 
 def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True) -> Path:
-    """The YuNet ONNX file: `path`, else $AGE_DETECT_YUNET_MODEL, else the cached download."""
+    """The YuNet ONNX file: `path`, else $AGE_DETECT_YUNET_MODEL, else the copy bundled with the
+    package (where the build includes it), else the cached download (made once, checksum verified)."""
     explicit = path or os.environ.get(YUNET_ENV)
     if explicit:
         if not Path(explicit).is_file():
             raise DetectorUnavailableError(f"face detector model {explicit} does not exist")
         return Path(explicit)
+    for candidate in (bundled_yunet_path(), cache_dir() / "face_detection_yunet_2026may.onnx"):
+        if candidate is not None and candidate.is_file() and file_digest(candidate) == YUNET_SHA256:
+            return candidate
     cached = cache_dir() / "face_detection_yunet_2026may.onnx"
-    if cached.is_file() and file_digest(cached) == YUNET_SHA256:
-        return cached
     if not download:
         raise DetectorUnavailableError("the YuNet face detector is not downloaded yet")
     try:
@@ -123,7 +128,8 @@ class YuNetDetector:
         faces = []
         for row in [] if rows is None else rows:  # x, y, w, h, 5 landmarks (x, y), score
             x, y, w, h = (float(v) / scale for v in row[:4])
-            faces.append(Face((x, y, x + w, y + h), float(row[-1])))
+            points = tuple((float(row[i]) / scale, float(row[i + 1]) / scale) for i in range(4, 14, 2))
+            faces.append(Face((x, y, x + w, y + h), float(row[-1]), points))
         return sorted(faces, key=lambda f: f.score, reverse=True)
 
 
@@ -267,41 +273,31 @@ def _init_worker(kind: str, model_path: str | None) -> None:
     _worker_detector = create_detector(kind, model_path)
 
 
-def _crop_box_of(job: tuple[str, dict[str, float]]) -> tuple[tuple[int, int, int, int] | None, str | None]:
-    path, margins = job
+def _largest_face_of(path: str) -> Face | None:
     try:
         image = load_rgb(path)
-    except ImageReadError as err:
-        return None, str(err)
-    faces = _worker_detector.detect(image)
-    if not faces:
-        return None, None
-    return expand_box(max(faces, key=lambda f: f.area).box, margins, *image.size), None
+    except ImageReadError:
+        return None  # the dataset reports the unreadable file by name when it loads it
+    found = _worker_detector.detect(image)
+    return max(found, key=lambda f: f.area) if found else None
 
 
-def largest_face_boxes(
-    paths: list[Path],
-    margins: dict[str, float],
-    *,
-    kind: str = "auto",
-    model_path: Path | None = None,
-    workers: int = 2,
-) -> list[tuple[int, int, int, int] | None]:
-    """Per photo, the training-style crop box of its largest face (None: no face or unreadable)."""
+def largest_faces(
+    paths: list[Path], *, kind: str = "auto", model_path: Path | None = None, workers: int = 2
+) -> list[Face | None]:
+    """Per photo, its largest detected face (None: no face, or the file is unreadable)."""
     create_detector(kind, model_path)  # fail here, with the detector's message, not inside a worker
-    jobs = [(str(p), margins) for p in paths]
     with ProcessPoolExecutor(
         max_workers=max(1, workers),
         initializer=_init_worker,
         initargs=(kind, str(model_path) if model_path else None),
     ) as pool:
-        results = list(
+        return list(
             tqdm(
-                pool.map(_crop_box_of, jobs, chunksize=16),
-                total=len(jobs),
+                pool.map(_largest_face_of, [str(p) for p in paths], chunksize=16),
+                total=len(paths),
                 desc="detecting faces",
                 unit="img",
                 disable=None,
             )
         )
-    return [box for box, _ in results]

@@ -1,0 +1,144 @@
+"""Face alignment: the similarity fit, the aligner on real photos (upright and rotated), the aligned
+training cache, and the framing every inference path shares."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from age_detect_resnet.align import (
+    Aligner,
+    LandmarkFraming,
+    MarginFraming,
+    framing_of,
+    similarity_matrix,
+)
+from age_detect_resnet.cache import CacheAlignment, prepare_cache
+from age_detect_resnet.dataset import train_transform
+from age_detect_resnet.faces import Face, create_detector, uniform_margins
+from conftest import TEST_IMAGES, UTKFACE, YUNET, require
+
+
+def test_similarity_fit_recovers_a_known_transform():
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 100, size=(5, 2))
+    angle, scale, shift = np.deg2rad(20), 1.7, np.array([12.0, -4.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    moved = points @ (scale * rotation).T + shift
+    matrix = similarity_matrix(points, moved)
+    np.testing.assert_allclose(matrix[:, :2], scale * rotation, atol=1e-9)
+    np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-9)
+    with pytest.raises(ValueError, match="collapse"):
+        similarity_matrix(np.ones((5, 2)), moved)
+
+
+def test_aligned_landmarks_land_on_the_template():
+    aligner = Aligner()
+    # A face rotated and scaled: its landmarks are the template moved by a similarity transform.
+    template = np.asarray(aligner.template) * 100
+    angle = np.deg2rad(-25)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    landmarks = template @ (2.5 * rotation).T + [300, 200]
+    matrix = aligner.matrix(landmarks, 64)
+    placed = landmarks @ matrix[:, :2].T + matrix[:, 2]
+    np.testing.assert_allclose(placed, np.asarray(aligner.template) * 64, atol=1e-6)
+    # With context, the same points sit in the centre window of the larger crop.
+    out = aligner.output_size(64, 1.25)
+    assert out == 80 and (out - 64) % 2 == 0
+    matrix = aligner.matrix(landmarks, 64, context=1.25)
+    placed = landmarks @ matrix[:, :2].T + matrix[:, 2]
+    np.testing.assert_allclose(placed, np.asarray(aligner.template) * 64 + 8, atol=1e-6)
+
+
+def test_metadata_round_trip_and_old_models_keep_margins():
+    aligner = Aligner()
+    framing = framing_of({"alignment": aligner.to_metadata()})
+    assert isinstance(framing, LandmarkFraming) and framing.aligner == aligner
+    old = framing_of({"crop": {"margins": uniform_margins(0.1)}})
+    assert isinstance(old, MarginFraming) and old.margins["left"] == 0.1
+    with pytest.raises(ValueError, match="upgrade"):
+        framing_of({"alignment": {**aligner.to_metadata(), "version": 99}})
+
+
+def _largest(detector, image: Image.Image) -> Face:
+    faces = detector.detect(image)
+    assert faces, "YuNet found no face in a test photo"
+    return max(faces, key=lambda f: f.area)
+
+
+def test_a_photo_rotated_by_20_degrees_gives_nearly_the_same_aligned_face():
+    require(YUNET)
+    detector = create_detector("yunet", YUNET)
+    upright = Image.open(require(TEST_IMAGES / "obama.jpg")).convert("RGB")
+    rotated = upright.rotate(20, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128, 128, 128))
+    aligned = LandmarkFraming(Aligner())
+    margins = MarginFraming(uniform_margins(0.1))
+    crops = {}
+    for name, framing in (("aligned", aligned), ("margins", margins)):
+        a, _ = framing.crop(upright, _largest(detector, upright), 96)
+        b, _ = framing.crop(rotated, _largest(detector, rotated), 96)
+        crops[name] = float(np.abs(a.astype(float) - b.astype(float)).mean())
+    # The aligner turns the face upright again (the crops differ by a pixel or two of shift, which
+    # costs ~18 grey levels on this textured photo), where the box + margin crop of the rotated photo
+    # shows a tilted face.
+    assert crops["aligned"] < 25, crops
+    assert crops["margins"] > 2 * crops["aligned"], crops
+
+
+def test_the_crop_box_is_the_photo_region_the_model_sees():
+    image = Image.new("RGB", (400, 300), (90, 90, 90))
+    face = Face((150, 100, 250, 200), 0.9)  # no landmarks: estimated from the box (Haar-style)
+    pixels, box = LandmarkFraming(Aligner()).crop(image, face, 64)
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+    x1, y1, x2, y2 = box
+    assert 0 <= x1 < 150 and 0 <= y1 < 110 and 250 < x2 <= 400 and 190 < y2 <= 300
+
+
+def test_aligned_cache_counts_faceless_images_and_serves_centre_crops(tmp_path):
+    require(YUNET)
+    source = require(UTKFACE)
+    folder = tmp_path / "img"
+    folder.mkdir()
+    names = sorted(p.name for p in source.glob("*.jpg"))[::2000][:6]
+    for name in names:
+        shutil.copy(source / name, folder / name)
+    Image.new("RGB", (200, 200), (120, 120, 120)).save(folder / "blank.jpg")  # no face in it
+    paths = [*names, "blank.jpg"]
+    framing = CacheAlignment(Aligner(), detector_model=str(YUNET), context=1.25)
+    cache = prepare_cache(
+        folder, paths, image_size=48, cache_dir=tmp_path / "cache", workers=1, framing=framing
+    )
+    assert cache.stored_size == 60 and cache.alignment["faces_found"] == len(names)
+    assert cache.alignment["no_face_median_landmarks"] == 1
+    assert cache.alignment["no_face_examples"] == [str(folder / "blank.jpg")]
+    full, centre = cache.load(0), cache.centre(48).load(0)
+    assert full.shape == (3, 60, 60) and centre.shape == (3, 48, 48)
+    assert torch.equal(full[:, 6:54, 6:54], centre)
+    assert torch.equal(cache.centre(48).load_many([0, 1])[1], cache.centre(48).load(1))
+    # A plain resize and an aligned cache of the same files are different caches.
+    plain = prepare_cache(folder, paths, image_size=48, cache_dir=tmp_path / "cache", workers=1)
+    assert plain.folder != cache.folder and plain.stored_size == 48
+    index = json.loads((cache.folder / "index.json").read_text())
+    assert index["alignment"]["faces_found"] == len(names)
+
+
+def test_photo_augmentation_turns_the_context_crop_into_the_model_input():
+    torch.manual_seed(0)
+    transform = train_transform("photo", 48)
+    image = torch.randint(0, 256, (3, 60, 60), dtype=torch.uint8)
+    outputs = [transform(image) for _ in range(8)]
+    assert all(o.shape == (3, 48, 48) and o.dtype == torch.uint8 for o in outputs)
+    assert len({o.float().mean().item() for o in outputs}) > 1  # random, not a fixed crop
+
+
+def test_training_with_align_needs_the_cache():
+    from age_detect_resnet.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError, match="--cache"):
+        resolve_config(None, {"align": True, "cache": False})
+    assert resolve_config("cpu").data.align
