@@ -1,7 +1,7 @@
 """How old do you look? Run the trained model on your own photo.
 
-    python check_your_age.py me.jpg                          # newest run under runs/
-    python check_your_age.py me.jpg --model runs/NAME --show  # also open the annotated photo
+    python check_your_age.py me.jpg                          # the model bundled with the package
+    python check_your_age.py me.jpg --model runs/NAME --show  # your own run; also open the annotated photo
 
 Prints the age of every face found, and saves the photo with boxes and ages next to it
 (me_ages.jpg) or where --out says.
@@ -21,18 +21,13 @@ from age_detect_resnet.inference import AgePredictor, load_trained_model
 from age_detect_resnet.runtime import select_device
 
 
-def newest_run(runs: Path = Path("runs")) -> Path:
-    models = sorted(runs.glob("*/best.safetensors"), key=lambda p: p.stat().st_mtime)
-    if not models:
-        raise ModelFileError(f"no trained model under {runs}/; train one first (see README) or pass --model")
-    return models[-1].parent
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("photo", type=Path)
     parser.add_argument(
-        "--model", type=Path, help="run folder or best.safetensors (default: newest under runs/)"
+        "--model",
+        default="default",
+        help="run folder, its best.safetensors, or default: the model bundled with the package (default)",
     )
     parser.add_argument(
         "--out", type=Path, help="where to save the annotated photo (default: PHOTO_ages.jpg)"
@@ -43,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         device = select_device("auto")
-        model = load_trained_model(args.model or newest_run(), device)
+        model = load_trained_model(args.model, device)
         detector = None if args.no_detect else create_detector("auto", args.detector_model)
         image = load_rgb(args.photo)
         faces = AgePredictor(model, device=device, detector=detector, tta_flip=True).predict_image(image)

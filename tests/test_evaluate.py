@@ -125,3 +125,40 @@ def test_evaluate_with_detection_on_uncropped_photos(tiny_run, tmp_path):
     )
     detection = json.loads((out / "evaluation.json").read_text())["metrics"]["detection"]
     assert detection == {"faces_found": 2, "whole_image_used": 1}
+
+
+def test_interval_labels_report_the_share_inside_and_the_distance_to_the_group():
+    from age_detect_resnet.metrics import interval_label_metrics
+
+    low, high = np.array([0, 0, 20, 70.0]), np.array([2, 2, 29, 100.0])
+    pred = np.array([1.5, 5.0, 18.0, 80.0])
+    result = interval_label_metrics(low, high, pred, np.array(["0-2", "0-2", "20-29", "70+"]))
+    assert result["inside"] == 0.5 and result["mean_distance"] == pytest.approx((3 + 2) / 4)
+    assert result["groups"]["0-2"] == {
+        "count": 2,
+        "inside": 0.5,
+        "mean_distance": 1.5,
+        "mean_signed_distance": 1.5,
+    }
+    assert result["groups"]["20-29"]["mean_signed_distance"] == -2.0  # predicted younger than the group
+    assert list(result["groups"]) == ["0-2", "20-29", "70+"]  # in age order
+
+
+def test_a_csv_labelled_with_age_groups_is_evaluated_by_group(tiny_run, tmp_path, caplog):
+    root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
+    names = sorted(p.name for p in __import__("pathlib").Path(root).iterdir())[:10]
+    csv = tmp_path / "groups.csv"
+    rows = [{"path": f"{root}/{n}", "age_group": "20-39", "age_low": 20, "age_high": 39} for n in names]
+    rows.append({"path": f"{root}/{names[0]}", "age_group": "bad", "age_low": "x", "age_high": 3})
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_run), "--dataset", "csv", "--data-root", str(csv), "--split", "all"]
+    assert evaluate_main([*args, "--out", str(out), "--num-workers", "0"]) == 0
+    assert "skipped 1 row" in caplog.text and "lines 12" in caplog.text  # the bad label, by line
+    metrics = json.loads((out / "evaluation.json").read_text())["metrics"]
+    groups = metrics["labelled_groups"]
+    assert groups["count"] == 10 and set(groups["groups"]) == {"20-39"}
+    predictions = pd.read_csv(out / "predictions.csv")
+    inside = predictions["predicted"].between(20, 39).mean()
+    assert groups["inside"] == pytest.approx(inside)
+    assert "fall inside the labelled group" in (out / "evaluation.md").read_text()

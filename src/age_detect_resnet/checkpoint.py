@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from age_detect_resnet import bundled
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.model import AgeModel, model_from_description
@@ -32,10 +33,25 @@ class ModelFileError(ValueError):
     """A model file that cannot be used; the message names it and says why."""
 
 
-def save_model(model: AgeModel, path: Path, metadata: dict[str, Any]) -> None:
-    """Write `path` (.safetensors) and its `.json` metadata, each atomically, weights first."""
+def save_model(
+    model: AgeModel, path: Path, metadata: dict[str, Any], *, dtype: torch.dtype | None = None
+) -> None:
+    """Write `path` (.safetensors) and its `.json` metadata, each atomically, weights first;
+    `dtype` (e.g. float16, for a file half the size) converts the backbone's convolution and linear
+    weights, which are nearly all of the bytes; normalisation statistics and the head stay float32."""
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    def stored(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if (
+            dtype is not None
+            and tensor.is_floating_point()
+            and tensor.ndim >= 2
+            and name.startswith("backbone.")
+        ):
+            tensor = tensor.to(dtype)
+        return tensor.detach().cpu().contiguous()
+
+    state = {k: stored(k, v) for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
         digest = file_digest(tmp)
@@ -43,8 +59,14 @@ def save_model(model: AgeModel, path: Path, metadata: dict[str, Any]) -> None:
     write_text_atomic(path.with_suffix(".json"), json.dumps(full, indent=2) + "\n")
 
 
-def resolve_model_path(path: Path) -> Path:
-    """A run folder means its best model; otherwise the .safetensors file itself."""
+def resolve_model_path(path: Path | str | None) -> Path:
+    """A run folder means its best model; `default` (or None) the model bundled with the package;
+    otherwise the .safetensors file itself."""
+    if bundled.is_default(path):
+        try:
+            return bundled.bundled_model_path()
+        except bundled.BundledModelError as err:
+            raise ModelFileError(str(err)) from err
     path = Path(path)
     if path.is_dir():
         path = path / BEST
@@ -73,8 +95,9 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return metadata
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> AgeModel:
-    """The trained model at `path` (run folder or .safetensors) in eval mode, with `.metadata` set."""
+def load_model(path: Path | str | None, device: torch.device | str = "cpu") -> AgeModel:
+    """The trained model at `path` (run folder, .safetensors, or `default`/None for the bundled
+    model) in eval mode, with `.metadata` set."""
     path = resolve_model_path(path)
     metadata = read_metadata(path)
     if metadata.get("sha256") != file_digest(path):

@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 
 from age_detect_resnet import checkpoint
+from age_detect_resnet.align import Aligner, framing_of
 from age_detect_resnet.config import DATASETS, ConfigError
 from age_detect_resnet.dataset import AgeDataset, FileImages, make_loader
 from age_detect_resnet.engine import evaluate
-from age_detect_resnet.faces import DetectorUnavailableError, largest_face_boxes, margins_of
+from age_detect_resnet.faces import DetectorUnavailableError, largest_faces
 from age_detect_resnet.images import ImageReadError
 from age_detect_resnet.inference import image_size_of
 from age_detect_resnet.preprocessing.prepare import PreparedData, load_split
@@ -73,17 +74,21 @@ def run(args: argparse.Namespace) -> int:
         table, root, dataset = evaluation_table(args, run_dir)
         if table.empty:
             raise ConfigError("no images to evaluate (check --data-root and the age range)")
-        boxes = None
-        if args.detect:
-            boxes = largest_face_boxes(
+        faces = None
+        detect = args.detect or Aligner.from_metadata(model.metadata) is not None
+        if detect and not args.detect:
+            log.info("the model was trained on aligned faces: detecting the landmarks of every image")
+        if detect:
+            faces = largest_faces(
                 [root / p for p in table["path"]],
-                margins_of(model.metadata),
                 kind=args.detector,
                 model_path=args.detector_model,
                 workers=args.num_workers,
             )
-            table = table.assign(face_found=[b is not None for b in boxes])
-        images = FileImages(root, table["path"].tolist(), image_size_of(model), boxes)
+            table = table.assign(face_found=[f is not None for f in faces])
+        images = FileImages(
+            root, table["path"].tolist(), image_size_of(model), faces, framing_of(model.metadata)
+        )
         dataset_ = AgeDataset(images, table["age"].to_numpy(), skip_bad_images=args.skip_bad_images)
         loader = make_loader(
             dataset_, batch_size=args.batch_size, train=False, num_workers=args.num_workers, device=device
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             "test-time flip": args.tta,
             "unreadable images skipped": len(table) - len(frame),
         }
-        if args.detect:
+        if detect:
             found = table["face_found"].iloc[predictions.indices]
             frame["face_found"] = found.to_numpy()
             metrics["detection"] = {"faces_found": int(found.sum()), "whole_image_used": int((~found).sum())}
@@ -124,7 +129,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="run folder or its best.safetensors")
+    parser.add_argument(
+        "--model", default="default", help="run folder, its best.safetensors, or default: the bundled model"
+    )
     parser.add_argument("--dataset", choices=DATASETS, help="default: the run's dataset")
     parser.add_argument("--data-root", help="default: the run's data root")
     parser.add_argument("--meta", help="imdb-wiki: a metadata CSV built by build-meta")
@@ -141,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--detect",
         action="store_true",
-        help="photos are uncropped: detect the largest face and crop it with the model's margins",
+        help="photos are uncropped: detect the largest face and frame it as the model was trained (aligned)",
     )
     parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
     parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")

@@ -578,7 +578,12 @@ def default_out(model_path: Path, fmt: str) -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="run folder or its best.safetensors")
+    parser.add_argument(
+        "--model",
+        default="default",
+        type=Path,
+        help="run folder, its best.safetensors, or default: the bundled model",
+    )
     parser.add_argument("--format", choices=FORMATS, default="onnx")
     parser.add_argument(
         "--out",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ import torch
 from PIL import Image
 
 from age_detect_resnet import checkpoint
+from age_detect_resnet.align import Aligner, framing_of
 from age_detect_resnet.dataset import to_input_tensor
-from age_detect_resnet.faces import Face, FaceDetector, crop_face, margins_of
+from age_detect_resnet.faces import DetectorUnavailableError, Face, FaceDetector, create_detector
 from age_detect_resnet.heads import DistributionHead
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.model import AgeModel
@@ -33,9 +35,10 @@ from age_detect_resnet.runtime import autocast_factory, resolve_precision
 AgeRunner = Callable[[torch.Tensor], dict[str, np.ndarray]]
 
 
-def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> AgeModel:
-    """The trained model in a run folder (or its best.safetensors), in eval mode on `device`."""
-    return checkpoint.load_model(Path(path), torch.device(device))
+def load_trained_model(path: str | Path | None = "default", device: str | torch.device = "cpu") -> AgeModel:
+    """The trained model in a run folder (or its best.safetensors; `default`: the model bundled with
+    the package), in eval mode on `device`."""
+    return checkpoint.load_model(path, torch.device(device))
 
 
 def image_size_of(model: AgeModel) -> int:
@@ -77,11 +80,27 @@ class TorchRunner:
 def predict_age_for_image(
     path: str | Path, model: AgeModel, device: str | torch.device = "cpu"
 ) -> tuple[float, Image.Image]:
-    """The seed's function: the age for an image that is already a face crop, and the image."""
+    """The seed's function: the age for an image that is already a face crop, and the image.
+
+    A model trained on aligned faces needs the face's landmarks: the face is detected and aligned
+    (the largest one), and the whole image is used where no detector or no face is available."""
     image = load_rgb(path)
+    faces = []
+    if Aligner.from_metadata(model.metadata) is not None:
+        try:
+            faces = AgePredictor(model, device=device, detector=_default_detector()).predict_image(image)
+        except DetectorUnavailableError:
+            faces = []
+    if faces:
+        return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])).age, image
     batch = to_input_tensor(image, image_size_of(model)).unsqueeze(0)
     age = TorchRunner(model, device)(batch)["age"][0]
     return float(age), image
+
+
+@lru_cache(maxsize=1)
+def _default_detector() -> FaceDetector:
+    return create_detector("auto")
 
 
 @dataclass
@@ -112,10 +131,12 @@ class FacePrediction:
 
 
 class AgePredictor:
-    """Photos to ages: detect every face, crop it with the model's training margins, predict in batches.
+    """Photos to ages: detect every face, frame it as in training (aligned by its landmarks, or the box
+    grown by the training margins for older models), predict in batches.
 
     Without a detector each whole image is treated as one face (as `predict_age_for_image`).
-    `runner` replaces the PyTorch runner (e.g. ONNX Runtime, see export.py).
+    `runner` replaces the PyTorch runner (e.g. ONNX Runtime, see export.py); with neither a model nor
+    a runner, the model bundled with the package is used.
     """
 
     def __init__(
@@ -131,12 +152,12 @@ class AgePredictor:
     ) -> None:
         if runner is None:
             if model is None:
-                raise ValueError("AgePredictor needs a model or a runner")
+                model = load_trained_model("default", device)
             runner = TorchRunner(model, device, tta_flip=tta_flip)
         self.runner = runner
         self.metadata = metadata if metadata is not None else model.metadata
         self.image_size = int(self.metadata.get("image_size", 224))
-        self.margins = margins_of(self.metadata)
+        self.framing = framing_of(self.metadata)
         self.detector = detector
         self.batch_size = batch_size
 
@@ -149,8 +170,8 @@ class AgePredictor:
             return [(None, whole, to_input_tensor(image, self.image_size))]
         inputs = []
         for face in self.detector.detect(image):
-            crop, box = crop_face(image, face, self.margins)
-            inputs.append((face, box, to_input_tensor(crop, self.image_size)))
+            pixels, box = self.framing.crop(image, face, self.image_size)
+            inputs.append((face, box, torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)))
         return inputs
 
     def run(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:

@@ -75,3 +75,36 @@ def interval_coverage(true: np.ndarray, lower: np.ndarray, upper: np.ndarray) ->
     true = np.asarray(true, dtype=np.float64)
     inside = (true >= lower) & (true <= upper)
     return {"coverage": float(inside.mean()), "mean_width": float(np.mean(upper - lower))}
+
+
+def interval_label_metrics(
+    low: np.ndarray, high: np.ndarray, pred: np.ndarray, labels: np.ndarray | None = None
+) -> dict[str, Any]:
+    """For datasets labelled with age GROUPS (`low`-`high` years, both inclusive): the share of
+    predictions inside the labelled group, and the distance in years from each prediction to it
+    (0 inside; signed > 0 when predicted older than the group), overall and per labelled group."""
+    low, high, pred = (np.asarray(a, dtype=np.float64) for a in (low, high, pred))
+    if pred.size == 0:
+        raise ValueError("no predictions to evaluate")
+    signed = pred - np.clip(pred, low, high)
+    distance = np.abs(signed)
+    if labels is None:
+        labels = np.array([f"{lo:g}-{hi:g}" for lo, hi in zip(low, high, strict=True)])
+    labels = np.asarray(labels).astype(str)
+    order = sorted(set(labels), key=lambda g: low[labels == g].min())
+    groups = {
+        g: {
+            "count": int((labels == g).sum()),
+            "inside": float((distance[labels == g] == 0).mean()),
+            "mean_distance": float(distance[labels == g].mean()),
+            "mean_signed_distance": float(signed[labels == g].mean()),
+        }
+        for g in order
+    }
+    return {
+        "count": int(pred.size),
+        "inside": float((distance == 0).mean()),
+        "mean_distance": float(distance.mean()),
+        "mean_signed_distance": float(signed.mean()),
+        "groups": groups,
+    }

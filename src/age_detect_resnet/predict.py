@@ -152,7 +152,11 @@ def build_predictor(args: argparse.Namespace) -> AgePredictor:
 
 def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose the model, backend and face detector (shared by predict and serve)."""
-    parser.add_argument("--model", required=True, help="run folder, its best.safetensors, or an .onnx export")
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="run folder, its best.safetensors, an .onnx export, or default: the bundled model (default)",
+    )
     parser.add_argument("--no-detect", action="store_true", help="treat each whole image as the face")
     parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
     parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")

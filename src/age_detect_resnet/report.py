@@ -12,9 +12,18 @@ import torch
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.engine import Predictions
 from age_detect_resnet.heads import BinsHead, DistributionHead
-from age_detect_resnet.metrics import age_metrics, classification_metrics, interval_coverage, worst_groups
+from age_detect_resnet.metrics import (
+    age_metrics,
+    classification_metrics,
+    interval_coverage,
+    interval_label_metrics,
+    worst_groups,
+)
 from age_detect_resnet.model import AgeModel
 from age_detect_resnet.plots import plot_confusion, plot_cs_curve, plot_group_errors, plot_predicted_vs_true
+
+# Label columns a dataset may carry that the predictions keep: age-group labels (see metrics).
+GROUP_LABEL_COLUMNS = ("age_group", "age_low", "age_high")
 
 
 def prediction_frame(table: pd.DataFrame, predictions: Predictions, model: AgeModel) -> pd.DataFrame:
@@ -24,6 +33,9 @@ def prediction_frame(table: pd.DataFrame, predictions: Predictions, model: AgeMo
         {"path": rows["path"].to_numpy(), "age": predictions.ages, "predicted": predictions.predicted}
     )
     frame["error"] = frame["predicted"] - frame["age"]
+    for column in GROUP_LABEL_COLUMNS:
+        if column in rows:
+            frame[column] = rows[column].to_numpy()
     head, outputs = model.head, torch.from_numpy(predictions.outputs)
     if isinstance(head, DistributionHead) and len(frame):
         bounds = head.interval_bounds(outputs.to(head.centres.device)).cpu().numpy()
@@ -39,6 +51,13 @@ def prediction_frame(table: pd.DataFrame, predictions: Predictions, model: AgeMo
 def evaluation_metrics(frame: pd.DataFrame, model: AgeModel) -> dict[str, Any]:
     metrics = age_metrics(frame["age"].to_numpy(), frame["predicted"].to_numpy())
     metrics["worst_groups"] = worst_groups(metrics)
+    if {"age_low", "age_high"} <= set(frame.columns):
+        metrics["labelled_groups"] = interval_label_metrics(
+            frame["age_low"].to_numpy(),
+            frame["age_high"].to_numpy(),
+            frame["predicted"].to_numpy(),
+            frame["age_group"].to_numpy() if "age_group" in frame else None,
+        )
     head = model.head
     if "lower" in frame:
         metrics["interval"] = {
@@ -53,8 +72,28 @@ def evaluation_metrics(frame: pd.DataFrame, model: AgeModel) -> dict[str, Any]:
     return metrics
 
 
+def labelled_groups_markdown(metrics: dict[str, Any]) -> list[str]:
+    """The table of a dataset labelled with age groups (MAE is then only to the group's midpoint)."""
+    stats = metrics["labelled_groups"]
+    lines = [
+        f"Labelled with age groups: {stats['inside']:.1%} of the predictions fall inside the labelled "
+        f"group; mean distance to it {stats['mean_distance']:.2f} years "
+        f"(signed {stats['mean_signed_distance']:+.2f}; the MAE below is to each group's midpoint).",
+        "",
+        "| labelled group | images | inside | mean distance | mean signed distance |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for group, g in stats["groups"].items():
+        lines.append(
+            f"| {group} | {g['count']:,} | {g['inside']:.1%} | {g['mean_distance']:.2f} | "
+            f"{g['mean_signed_distance']:+.2f} |"
+        )
+    return [*lines, ""]
+
+
 def metrics_markdown(metrics: dict[str, Any]) -> str:
     lines = [
+        *(labelled_groups_markdown(metrics) if "labelled_groups" in metrics else []),
         "| images | MAE | RMSE | mean signed error | CS@5 |",
         "|---:|---:|---:|---:|---:|",
         f"| {metrics['count']:,} | {metrics['mae']:.2f} | {metrics['rmse']:.2f} | "

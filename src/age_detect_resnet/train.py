@@ -14,6 +14,7 @@ predictions.csv, evaluation.json/.md (test split), report.md, and tensorboard/ w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -32,8 +33,9 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from age_detect_resnet import checkpoint
+from age_detect_resnet.align import Aligner
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
-from age_detect_resnet.cache import prepare_cache
+from age_detect_resnet.cache import CacheAlignment, prepare_cache
 from age_detect_resnet.config import (
     Config,
     ConfigError,
@@ -89,6 +91,43 @@ def lr_lambda(config: Config, steps_per_epoch: int):
     return factor
 
 
+def start_from_trained(config: Config, device: torch.device) -> AgeModel:
+    """The trained age model named by --init, in training mode: the two-stage recipe (a large dataset
+    first, then one's own). Its architecture is the run's (see `adopt_init_architecture`)."""
+    model = checkpoint.load_model(config.model.init, device).train()
+    log.info(
+        "starting from the trained model %s (%s + %s head, validation MAE %s)",
+        config.model.init,
+        model.backbone_name,
+        model.head.kind,
+        model.metadata.get("val_mae", "?"),
+    )
+    model.metadata = {}
+    return model
+
+
+def adopt_init_architecture(config: Config) -> Config:
+    """With --init, the backbone and head settings are the trained model's, so config.json says what
+    was really trained; without it, `config` unchanged."""
+    if not config.model.init:
+        return config
+    description = checkpoint.read_metadata(checkpoint.resolve_model_path(config.model.init))["model"]
+    head = description["head"]
+    adopted = {
+        "backbone": description["backbone"],
+        "head": head["kind"],
+        "pretrained": False,
+        "weights": None,
+    }
+    for name in ("hidden_dim", "label_sigma", "expectation_weight", "interval"):
+        if name in head:
+            adopted[name] = head[name]
+    changed = {k: v for k, v in adopted.items() if getattr(config.model, k) != v}
+    if changed:
+        log.info("--init %s sets %s", config.model.init, ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **adopted))
+
+
 def inverse_frequency_weights(ages: np.ndarray, max_weight: float = 10.0) -> torch.Tensor:
     """(101,) loss weight per age: inverse of the age's frequency (smoothed over +-2 years),
     normalised to mean 1 over the training samples and capped, so rare ages count more."""
@@ -108,6 +147,7 @@ def image_sources(prepared: PreparedData, config: Config, dist: Distributed) -> 
             for s in ("train", "val", "test")
         }
     paths = prepared.table["path"].tolist()
+    alignment = cache_alignment(config)
     if dist.is_main:
         prepare_cache(
             prepared.root,
@@ -115,11 +155,26 @@ def image_sources(prepared: PreparedData, config: Config, dist: Distributed) -> 
             image_size=data.image_size,
             cache_dir=Path(data.cache_dir),
             workers=max(1, data.num_workers),
+            framing=alignment,
         )
     dist.barrier()
-    cache = prepare_cache(prepared.root, paths, image_size=data.image_size, cache_dir=Path(data.cache_dir))
+    cache = prepare_cache(
+        prepared.root, paths, image_size=data.image_size, cache_dir=Path(data.cache_dir), framing=alignment
+    )
     rows = {s: np.flatnonzero(prepared.table["split"].to_numpy() == s) for s in ("train", "val", "test")}
-    return {s: cache.subset(rows[s]) for s in rows}
+    views = {s: cache.subset(rows[s]) for s in rows}
+    # Only `photo` augmentation uses the context border; every other reader sees the aligned crop.
+    return {
+        s: view if (s == "train" and data.augment == "photo") else view.centre(data.image_size)
+        for s, view in views.items()
+    }
+
+
+def cache_alignment(config: Config) -> CacheAlignment | None:
+    """How the cache frames training faces: detector + aligner (--align), or a plain resize."""
+    if not config.data.align:
+        return None
+    return CacheAlignment(Aligner(), detector_model=config.data.detector_model)
 
 
 def build_loaders(
@@ -170,13 +225,19 @@ def build_loaders(
 
 
 def model_metadata(config: Config, prepared: PreparedData, framing: dict[str, Any]) -> dict[str, Any]:
-    return {
+    metadata = {
         "image_size": config.data.image_size,
         "age_range": [config.data.min_age, config.data.max_age],
         "dataset": config.data.dataset,
         "crop": framing,
         "train_images": int((prepared.table["split"] == "train").sum()),
     }
+    alignment = cache_alignment(config)
+    if alignment is not None:
+        metadata["alignment"] = alignment.aligner.to_metadata()
+    if config.model.init:
+        metadata["init"] = config.model.init
+    return metadata
 
 
 def write_history(history: list[dict[str, float]], run_dir: Path) -> None:
@@ -293,6 +354,15 @@ def write_run_report(
         f"(split by person where known, stratified by age; see split.csv)",
         "- removed before splitting: " + ", ".join(f"{k} {v:,}" for k, v in prepared.removed.items()),
         f"- unreadable images skipped: {info['skipped']:,}",
+        *(
+            [
+                f"- faces aligned by their detected landmarks: {info['alignment']['faces_found']:,}; "
+                f"no face found, aligned by the median landmarks: "
+                f"{info['alignment']['no_face_median_landmarks']:,}"
+            ]
+            if info.get("alignment")
+            else []
+        ),
         f"- model: {config.model.backbone} + {config.model.head} head, {config.data.image_size} px, "
         f"AdamW lr {config.optim.lr:g} ({config.optim.schedule}), batch {config.train.batch_size}",
         f"- best epoch {int(best_row['epoch'])}: validation MAE {best_row['val_mae']:.2f}",
@@ -338,18 +408,22 @@ def train(
     loaders, train_sampler = build_loaders(prepared, config, dist)
     train_ages = prepared.split("train")["age"].to_numpy(dtype=float)
 
-    model = create_model(
-        config.model.backbone,
-        config.model.head,
-        pretrained=config.model.pretrained,
-        weights=Path(config.model.weights) if config.model.weights else None,
-        hidden_dim=config.model.hidden_dim,
-        init_age=float(train_ages.mean()),
-        min_age=config.data.min_age,
-        max_age=config.data.max_age,
-        label_sigma=config.model.label_sigma,
-        expectation_weight=config.model.expectation_weight,
-        interval=config.model.interval,
+    model = (
+        start_from_trained(config, dist.device)
+        if config.model.init
+        else create_model(
+            config.model.backbone,
+            config.model.head,
+            pretrained=config.model.pretrained,
+            weights=Path(config.model.weights) if config.model.weights else None,
+            hidden_dim=config.model.hidden_dim,
+            init_age=float(train_ages.mean()),
+            min_age=config.data.min_age,
+            max_age=config.data.max_age,
+            label_sigma=config.model.label_sigma,
+            expectation_weight=config.model.expectation_weight,
+            interval=config.model.interval,
+        )
     ).to(dist.device)
     if config.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -373,7 +447,9 @@ def train(
         inverse_frequency_weights(train_ages).to(dist.device) if config.optim.age_weighting else None
     )
     framing = (
-        training_framing(
+        {"method": "aligned by five landmarks (see alignment)"}
+        if config.data.align
+        else training_framing(
             config.data.dataset,
             prepared.root,
             prepared.split("train")["path"].tolist(),
@@ -383,6 +459,11 @@ def train(
         else {}
     )
     metadata = model_metadata(config, prepared, framing)
+    faces_found = getattr(loaders["train"].dataset.images, "alignment", None)
+    if faces_found and "alignment" in metadata:
+        metadata["alignment"]["training_images"] = {
+            k: v for k, v in faces_found.items() if k in ("faces_found", "no_face_median_landmarks")
+        }
     writer = open_tensorboard(config, run_dir) if dist.is_main else None
     main_progress = progress and dist.is_main
     stop_reason, skipped = f"all {config.train.epochs} epochs", 0
@@ -496,6 +577,7 @@ def train(
             "wall_time": time.perf_counter() - started,
             "stop_reason": stop_reason,
             "skipped": skipped,
+            "alignment": faces_found,
         },
     )
     log.info("test MAE %.2f; report in %s", test_metrics["mae"], run_dir / "report.md")
@@ -510,7 +592,7 @@ def config_for_run(args: argparse.Namespace) -> Config:
     saved = config.run_dir() / "config.json"
     if args.resume and saved.is_file():
         config = resolve_config(saved, overrides)
-    return config
+    return adopt_init_architecture(config)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

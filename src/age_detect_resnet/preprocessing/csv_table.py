@@ -1,4 +1,6 @@
-"""CSV adapter: any dataset given as a CSV with `path,age` columns (optional `person_id`, `gender`)."""
+"""CSV adapter: any dataset given as a CSV with `path,age` columns (optional `person_id`, `gender`), or
+labelled with age groups as `path,age_low,age_high` (both inclusive; optional `age_group` name): the
+`age` is then the group's midpoint and evaluation reports the share predicted inside each group."""
 
 from __future__ import annotations
 
@@ -26,22 +28,37 @@ def load_csv_table(csv_path: Path) -> pd.DataFrame:
     try:
         # Ages as text, so that only numbers count (pandas would read a column of True/False as 1/0);
         # index_col=False keeps rows with extra fields from turning the first column into the index.
-        df = pd.read_csv(csv_path, dtype={"path": str, "age": str}, index_col=False)
+        df = pd.read_csv(
+            csv_path,
+            dtype={"path": str, "age": str, "age_low": str, "age_high": str, "age_group": str},
+            index_col=False,
+        )
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise CsvTableError(f"{csv_path} is not a readable CSV: {err}") from err
-    missing = {"path", "age"} - set(df.columns)
+    grouped = {"age_low", "age_high"} <= set(df.columns)
+    missing = {"path"} - set(df.columns) if grouped else {"path", "age"} - set(df.columns)
     if missing:
         raise CsvTableError(
-            f"{csv_path} lacks the column(s) {', '.join(sorted(missing))}; it needs a header 'path,age'"
+            f"{csv_path} lacks the column(s) {', '.join(sorted(missing))}; it needs a header 'path,age' "
+            "(or 'path,age_low,age_high' for age groups)"
         )
+    if grouped:
+        low = pd.to_numeric(df["age_low"], errors="coerce")
+        high = pd.to_numeric(df["age_high"], errors="coerce")
+        invalid = ~np.isfinite(low) | ~np.isfinite(high) | (low > high)
+        df = df.assign(age_low=low, age_high=high)
+        if "age" not in df.columns:
+            df = df.assign(age=((low + high) / 2).where(~invalid))
     ages = pd.to_numeric(df["age"], errors="coerce")
     bad = ~np.isfinite(ages) | df["path"].isna()
+    if grouped:
+        bad |= invalid
     if bad.any():
         # Row numbers as a spreadsheet shows them: the header is line 1.
         lines = ", ".join(str(i + 2) for i in df.index[bad][:10])
         log.warning(
             "skipped %d row(s) of %s with a missing path or a missing, non-numeric or infinite age "
-            "(lines %s)",
+            "or age group (lines %s)",
             int(bad.sum()),
             csv_path,
             lines + (" ..." if bad.sum() > 10 else ""),

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Real-photo validation of a model (never training data): the shared studio portraits (exact ages) and
+# the in-the-wild FairFace sample (age groups), both uncropped, through the same detect -> align -> age
+# path as `predict`; plus the model's own UTKFace test split where it has a run folder.
+#   ./experiments/real_photos.sh MODEL OUT [extra evaluate options, e.g. --tta]
+# MODEL: a run folder, a .safetensors file or `default` (the bundled model). Reports land in OUT/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+model=${1:?usage: real_photos.sh MODEL OUT [options]}
+out=${2:?usage: real_photos.sh MODEL OUT [options]}
+shift 2
+photos=../shared/data/real_photos
+detector=(--detector yunet --detector-model ../shared/models/face_detection_yunet.onnx)
+if [ -f "$model/split.csv" ]; then
+    .venv/bin/age-detect evaluate --model "$model" --split test "${detector[@]}" --out "$out/utkface-test" "$@"
+fi
+.venv/bin/age-detect evaluate --model "$model" --dataset csv --data-root "$photos/portraits/labels.csv" \
+    --split all --detect "${detector[@]}" --out "$out/portraits" "$@"
+.venv/bin/age-detect evaluate --model "$model" --dataset csv --data-root "$photos/fairface/labels.csv" \
+    --split all --detect "${detector[@]}" --out "$out/fairface" "$@"

@@ -1,0 +1,76 @@
+"""One call for the common job: the faces in a photo with their ages (in the spirit of DeepFace.analyze).
+
+    from age_detect_resnet import analyze
+    analyze("family.jpg")
+    # [{'face_index': 0, 'box': [412, 180, 590, 402], 'detector_score': 0.93, 'age': 34.2,
+    #   'age_interval': [29.8, 39.1]}, ...]
+
+The bundled model and face detector are used unless others are given; they are loaded on the first call
+and kept for the next ones.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from age_detect_resnet.faces import create_detector
+from age_detect_resnet.images import load_rgb
+from age_detect_resnet.inference import AgePredictor, load_trained_model
+from age_detect_resnet.runtime import select_device
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+@lru_cache(maxsize=4)
+def _predictor(model: str, device: str, detector: str, detector_model: str | None, tta: bool) -> AgePredictor:
+    torch_device = select_device(device)
+    return AgePredictor(
+        load_trained_model(model, torch_device),
+        device=torch_device,
+        detector=None if detector == "none" else create_detector(detector, detector_model),
+        tta_flip=tta,
+    )
+
+
+def _as_image(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"an array image must be uint8 RGB (H, W, 3), got {image.dtype} {image.shape}")
+        return Image.fromarray(image)
+    return load_rgb(image)
+
+
+def analyze(
+    image: ImageInput,
+    *,
+    model: str | Path = "default",
+    device: str = "auto",
+    detector: str = "auto",
+    detector_model: str | Path | None = None,
+    tta: bool = False,
+) -> list[dict[str, Any]]:
+    """Every face in `image` (a path, PIL image or uint8 RGB array) with its box, detector score, age
+    and, for models that give one, its 80% age interval; largest-score face first. An empty list when
+    no face is found; `detector="none"` treats the whole image as one face crop."""
+    predictor = _predictor(
+        str(model), device, detector, str(detector_model) if detector_model else None, bool(tta)
+    )
+    faces = []
+    for face in predictor.predict_image(_as_image(image)):
+        faces.append(
+            {
+                "face_index": face.face_index,
+                "box": list(face.box),
+                "detector_score": face.detector_score,
+                "age": round(face.age, 2),
+                "age_interval": [round(v, 2) for v in face.interval] if face.interval else None,
+            }
+        )
+    return faces

