@@ -142,3 +142,23 @@ def test_training_with_align_needs_the_cache():
     with pytest.raises(ConfigError, match="--cache"):
         resolve_config(None, {"align": True, "cache": False})
     assert resolve_config("cpu").data.align
+
+
+def test_an_aligned_run_frames_photos_as_it_was_trained(utkface_sample, tmp_path):
+    """--align end to end: the cache aligns the training faces, the model's metadata carries the
+    aligner, and prediction aligns photos the same way (a rotated photo keeps its age)."""
+    from age_detect_resnet.inference import AgePredictor, load_trained_model
+    from conftest import train_tiny
+
+    require(YUNET)
+    extra = ["--align", "--cache", "--cache-dir", str(tmp_path / "cache"), "--augment", "photo"]
+    run = train_tiny(utkface_sample, tmp_path / "aligned", *extra, "--detector-model", str(YUNET))
+    meta = json.loads((run / "best.json").read_text())
+    assert meta["alignment"]["version"] == 1
+    assert meta["alignment"]["training_images"]["faces_found"] >= 55  # of 60 UTKFace crops
+    assert "faces aligned by their detected landmarks" in (run / "report.md").read_text()
+    predictor = AgePredictor(load_trained_model(run), detector=create_detector("yunet", YUNET))
+    upright = Image.open(require(TEST_IMAGES / "obama.jpg")).convert("RGB")
+    rotated = upright.rotate(20, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128, 128, 128))
+    ages = [predictor.predict_image(image)[0].age for image in (upright, rotated)]
+    assert abs(ages[0] - ages[1]) < 1.5, ages

@@ -38,12 +38,11 @@ from torch import nn
 
 from age_detect_resnet import checkpoint
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
-from age_detect_resnet.dataset import to_input_tensor
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.faces import FaceDetector
 from age_detect_resnet.heads import DistributionHead
 from age_detect_resnet.images import ImageReadError, load_rgb
-from age_detect_resnet.inference import AgePredictor, AgeRunner
+from age_detect_resnet.inference import AgePredictor, AgeRunner, face_crop_input
 from age_detect_resnet.model import AgeModel
 from age_detect_resnet.preprocessing.prepare import load_split
 from age_detect_resnet.preprocessing.sources import image_root
@@ -278,11 +277,12 @@ def image_files(sources: Sequence[Path], *, limit: int) -> list[Path]:
 
 
 def check_batch(
-    sources: Sequence[Path] | None, image_size: int, *, limit: int = 32
+    sources: Sequence[Path] | None, metadata: dict[str, Any], *, limit: int = 32
 ) -> tuple[torch.Tensor, list[Path]]:
     """(N, 3, S, S) uint8 images to check an export on, and the files they came from: face crops
-    resized as in training, or without `sources` fixed random pixels (enough to compare two
-    implementations of one graph) and no files."""
+    framed as in training (aligned, for aligned models), or without `sources` fixed random pixels
+    (enough to compare two implementations of one graph) and no files."""
+    image_size = int(metadata.get("image_size", 224))
     if not sources:
         generator = torch.Generator().manual_seed(0)
         pixels = torch.randint(0, 256, (8, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
@@ -290,7 +290,7 @@ def check_batch(
     tensors, used = [], []
     for path in image_files(sources, limit=limit):
         try:
-            tensors.append(to_input_tensor(load_rgb(path), image_size))
+            tensors.append(face_crop_input(load_rgb(path), metadata))
             used.append(path)
         except ImageReadError as err:
             log.warning("not checking on %s", err)
@@ -399,7 +399,8 @@ def export_metadata(
             "name": INPUT_NAME,
             "dtype": "uint8",
             "shape": ["batch", 3, size, size],
-            "pixels": "RGB 0-255: the face crop (margins in 'crop') resized with PIL bilinear",
+            "pixels": "RGB 0-255: the face aligned onto the template in 'alignment' (older models: the "
+            "box grown by the margins in 'crop', resized with PIL bilinear)",
         },
         "outputs": output_names(model),
         "quantize": quantize,
@@ -457,12 +458,14 @@ def export_model(
             "model's own?); choose another file name"
         )
     model = model.float().eval().to("cpu")
-    size = int(model.metadata.get("image_size", 224))
-    images, used = check_batch(check_images, size, limit=INT8_CHECK_IMAGES if quantize == "int8" else 32)
+    images, used = check_batch(
+        check_images, model.metadata, limit=INT8_CHECK_IMAGES if quantize == "int8" else 32
+    )
     calibration = None
     if quantize == "int8":
         if calibration_images:
-            calibration = check_batch(calibration_images, size, limit=INT8_CALIBRATION_IMAGES)[0].numpy()
+            calibrated, _ = check_batch(calibration_images, model.metadata, limit=INT8_CALIBRATION_IMAGES)
+            calibration = calibrated.numpy()
         elif len(images) >= 4:
             calibration, images, used = images[::2].numpy(), images[1::2], used[1::2]
         if calibration is None or len(images) < 2:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from age_detect_resnet import checkpoint
-from age_detect_resnet.align import Aligner, framing_of
+from age_detect_resnet.align import LandmarkFraming, framing_of
 from age_detect_resnet.dataset import to_input_tensor
 from age_detect_resnet.faces import DetectorUnavailableError, Face, FaceDetector, create_detector
 from age_detect_resnet.heads import DistributionHead
@@ -85,17 +85,26 @@ def predict_age_for_image(
     A model trained on aligned faces needs the face's landmarks: the face is detected and aligned
     (the largest one), and the whole image is used where no detector or no face is available."""
     image = load_rgb(path)
-    faces = []
-    if Aligner.from_metadata(model.metadata) is not None:
-        try:
-            faces = AgePredictor(model, device=device, detector=_default_detector()).predict_image(image)
-        except DetectorUnavailableError:
-            faces = []
-    if faces:
-        return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])).age, image
-    batch = to_input_tensor(image, image_size_of(model)).unsqueeze(0)
+    batch = face_crop_input(image, model.metadata).unsqueeze(0)
     age = TorchRunner(model, device)(batch)["age"][0]
     return float(age), image
+
+
+def face_crop_input(image: Image.Image, metadata: dict[str, Any]) -> torch.Tensor:
+    """A face crop file as the model's uint8 (3, S, S) input. For a model trained on aligned faces the
+    largest face is detected and aligned (its landmarks are needed); otherwise, and where no detector
+    or no face is available, the whole image is resized."""
+    size = int(metadata.get("image_size", 224))
+    framing = framing_of(metadata)
+    if isinstance(framing, LandmarkFraming):
+        try:
+            found = _default_detector().detect(image)
+        except DetectorUnavailableError:
+            found = []
+        if found:
+            pixels, _ = framing.crop(image, max(found, key=lambda f: f.area), size)
+            return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    return to_input_tensor(image, size)
 
 
 @lru_cache(maxsize=1)
