@@ -114,3 +114,26 @@ def test_init_starts_from_the_trained_model(tiny_run, utkface_sample, tmp_path):
     assert all(np.allclose(trained[k].numpy(), tuned[k].numpy(), atol=1e-6) for k in weights)
     head = [k for k in weights if k.startswith("head.")]
     assert head and not all(np.allclose(trained[k].numpy(), started[k].numpy(), atol=1e-3) for k in head)
+
+
+def test_the_shipped_bundle_is_pinned_and_loads():
+    assert bundled.AGE_MODEL_SHA256, "bundled.py must pin the SHA-256 of the shipped model"
+    assert bundled.AGE_MODEL.stat().st_size < 60e6  # the size budget
+    model = load_trained_model()
+    assert model.metadata["alignment"]["version"] == 1 and model.head.kind == "distribution"
+    assert model.metadata["age_range"] == [0, 100]
+
+
+@pytest.mark.parametrize("name", ["biden.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg", "astronaut.png"])
+def test_the_bundle_gives_a_photo_rotated_by_20_degrees_nearly_the_same_age(name):
+    from age_detect_resnet.faces import create_detector
+
+    require(YUNET)
+    predictor = AgePredictor(load_trained_model(), detector=create_detector("yunet", YUNET))
+    upright = Image.open(require(TEST_IMAGES / name)).convert("RGB")
+    ages = [predictor.predict_image(upright)[0].age]
+    for angle in (20, -20):
+        turned = upright.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128,) * 3)
+        ages.append(max(predictor.predict_image(turned), key=lambda f: f.detector_score).age)
+    # Measured on the shipped model: spreads of 0.7-4.4 years over the five photos (README).
+    assert max(ages) - min(ages) < 5.0, ages

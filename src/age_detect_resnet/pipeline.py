@@ -5,7 +5,7 @@
     age-detect pipeline --data-root my_faces.csv --epochs 5     # any train option can be added
 
 The dataset kind is recognised from the folder. Without --config, the recipe of the bundled model is
-used: `--config cpu` without a GPU (128 px, aligned faces, photo augmentation, bf16, 5 epochs), since
+used: `--config cpu` without a GPU (128 px, aligned faces, photo augmentation, bf16, 4 epochs), since
 the seed's full-size settings would take days on a CPU, and `--config gpu` (224 px, 20 epochs) with one.
 """
 
