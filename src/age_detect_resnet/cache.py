@@ -30,6 +30,7 @@ from age_detect_resnet import faces
 from age_detect_resnet.align import Aligner
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.dataset import to_input_tensor
+from age_detect_resnet.faces import largest_face
 from age_detect_resnet.images import ImageReadError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -167,10 +168,10 @@ def _align(job: tuple[str, int, list | None]) -> tuple[np.ndarray | str | None, 
     if fallback is not None:
         points = np.asarray(fallback) * (width, height)
         return framing.aligner.warp(image, points, size, context=framing.context), None
-    found = [f for f in detector.detect(image) if f.landmarks is not None]
-    if not found:
+    face = largest_face([f for f in detector.detect(image) if f.landmarks is not None])
+    if face is None:
         return None, None
-    points = np.asarray(max(found, key=lambda f: f.area).landmarks)
+    points = np.asarray(face.landmarks)
     normalised = (points / (width, height)).tolist()
     return framing.aligner.warp(image, points, size, context=framing.context), normalised
 

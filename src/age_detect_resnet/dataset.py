@@ -39,6 +39,11 @@ def to_input_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def pixels_to_input(pixels: np.ndarray) -> torch.Tensor:
+    """A (S, S, 3) uint8 array (an aligned or cropped face) as the model's uint8 (3, S, S) input."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+
+
 class RandomLowResolution:
     """With probability `p`, shrink the image to a random side in [min_side, its side) and scale it
     back: the blur and blockiness of a small face in a photo."""
@@ -148,7 +153,7 @@ class FileImages:
         if face is None:
             return to_input_tensor(image, self.image_size)
         pixels, _ = self.framing.crop(image, face, self.image_size)
-        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        return pixels_to_input(pixels)
 
 
 class AgeDataset(Dataset):

@@ -67,6 +67,11 @@ class Face:
         return max(0.0, x2 - x1) * max(0.0, y2 - y1)
 
 
+def largest_face(faces: list[Face]) -> Face | None:
+    """The face with the largest box (the subject of a face crop or portrait), or None."""
+    return max(faces, key=lambda f: f.area) if faces else None
+
+
 class FaceDetector(Protocol):
     name: str
 
@@ -86,10 +91,10 @@ def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True
         if not Path(explicit).is_file():
             raise DetectorUnavailableError(f"face detector model {explicit} does not exist")
         return Path(explicit)
-    for candidate in (bundled_yunet_path(), cache_dir() / "face_detection_yunet_2026may.onnx"):
+    cached = cache_dir() / "face_detection_yunet_2026may.onnx"
+    for candidate in (bundled_yunet_path(), cached):
         if candidate is not None and candidate.is_file() and file_digest(candidate) == YUNET_SHA256:
             return candidate
-    cached = cache_dir() / "face_detection_yunet_2026may.onnx"
     if not download:
         raise DetectorUnavailableError("the YuNet face detector is not downloaded yet")
     try:
@@ -226,7 +231,7 @@ def measure_framing(
         faces = detector.detect(image)
         if not faces:
             continue
-        x1, y1, x2, y2 = max(faces, key=lambda f: f.area).box
+        x1, y1, x2, y2 = largest_face(faces).box
         w, h = x2 - x1, y2 - y1
         if w <= 1 or h <= 1:
             continue
@@ -278,8 +283,7 @@ def _largest_face_of(path: str) -> Face | None:
         image = load_rgb(path)
     except ImageReadError:
         return None  # the dataset reports the unreadable file by name when it loads it
-    found = _worker_detector.detect(image)
-    return max(found, key=lambda f: f.area) if found else None
+    return largest_face(_worker_detector.detect(image))
 
 
 def largest_faces(

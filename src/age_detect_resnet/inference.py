@@ -23,8 +23,14 @@ from PIL import Image
 
 from age_detect_resnet import checkpoint
 from age_detect_resnet.align import LandmarkFraming, framing_of
-from age_detect_resnet.dataset import to_input_tensor
-from age_detect_resnet.faces import DetectorUnavailableError, Face, FaceDetector, create_detector
+from age_detect_resnet.dataset import pixels_to_input, to_input_tensor
+from age_detect_resnet.faces import (
+    DetectorUnavailableError,
+    Face,
+    FaceDetector,
+    create_detector,
+    largest_face,
+)
 from age_detect_resnet.heads import DistributionHead
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.model import AgeModel
@@ -98,12 +104,11 @@ def face_crop_input(image: Image.Image, metadata: dict[str, Any]) -> torch.Tenso
     framing = framing_of(metadata)
     if isinstance(framing, LandmarkFraming):
         try:
-            found = _default_detector().detect(image)
+            face = largest_face(_default_detector().detect(image))
         except DetectorUnavailableError:
-            found = []
-        if found:
-            pixels, _ = framing.crop(image, max(found, key=lambda f: f.area), size)
-            return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+            face = None
+        if face is not None:
+            return pixels_to_input(framing.crop(image, face, size)[0])
     return to_input_tensor(image, size)
 
 
@@ -180,7 +185,7 @@ class AgePredictor:
         inputs = []
         for face in self.detector.detect(image):
             pixels, box = self.framing.crop(image, face, self.image_size)
-            inputs.append((face, box, torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)))
+            inputs.append((face, box, pixels_to_input(pixels)))
         return inputs
 
     def run(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
