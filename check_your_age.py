@@ -13,11 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from age_detect_resnet.annotate import age_label, draw_predictions
-from age_detect_resnet.checkpoint import ModelFileError
-from age_detect_resnet.faces import DetectorUnavailableError, create_detector
+from age_detect_resnet.faces.detection import DetectorUnavailableError, create_detector
 from age_detect_resnet.images import ImageReadError, load_rgb
-from age_detect_resnet.inference import AgePredictor, load_trained_model
+from age_detect_resnet.inference.annotate import age_label, draw_predictions
+from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
+from age_detect_resnet.modeling.checkpoint import ModelFileError
 from age_detect_resnet.runtime import select_device
 
 

@@ -25,8 +25,8 @@ from common import UTKFACE, age_of, machine, print_table, seed_transform, utkfac
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from age_detect_resnet.cache import prepare_cache
-from age_detect_resnet.dataset import AgeDataset, make_loader, train_transform
+from age_detect_resnet.data.cache import prepare_cache
+from age_detect_resnet.data.dataset import AgeDataset, make_loader, train_transform
 
 
 class SeedDataset(Dataset):

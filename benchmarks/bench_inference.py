@@ -38,14 +38,14 @@ from common import (
     utkface_files,
 )
 
-from age_detect_resnet.export import (
+from age_detect_resnet.export.exporting import (
     INT8_TOLERANCE_YEARS,
     OnnxRunner,
     export_onnx,
     quantize_int8,
     run_split_images,
 )
-from age_detect_resnet.inference import TorchRunner
+from age_detect_resnet.inference.predictor import TorchRunner
 from age_detect_resnet.runtime import resolve_precision
 
 

@@ -34,10 +34,10 @@ from common import (
     time_calls,
 )
 
-from age_detect_resnet.export import export_model, load_onnx_predictor
-from age_detect_resnet.faces import create_detector, crop_face, margins_of
+from age_detect_resnet.export.exporting import export_model, load_onnx_predictor
+from age_detect_resnet.faces.detection import create_detector, crop_face, margins_of
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.inference import AgePredictor
+from age_detect_resnet.inference.predictor import AgePredictor
 from age_detect_resnet.runtime import resolve_precision
 
 SEED = "seed: fp32 NCHW eager"

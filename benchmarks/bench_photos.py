@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from common import SHARED, YUNET, machine, median, print_table
 
-from age_detect_resnet.faces import create_detector
-from age_detect_resnet.inference import AgePredictor, TorchRunner, load_trained_model
-from age_detect_resnet.predict import expand_inputs, predict_photos
+from age_detect_resnet.cli.predict import expand_inputs, predict_photos
+from age_detect_resnet.faces.detection import create_detector
+from age_detect_resnet.inference.predictor import AgePredictor, TorchRunner, load_trained_model
 
 PORTRAITS = SHARED / "data" / "real_photos" / "portraits"
 

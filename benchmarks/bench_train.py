@@ -29,9 +29,9 @@ from common import (
 )
 from torch.nn import functional as F
 
-from age_detect_resnet.dataset import Batch
-from age_detect_resnet.engine import train_one_epoch
+from age_detect_resnet.data.dataset import Batch
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
+from age_detect_resnet.training.engine import train_one_epoch
 
 
 def seed_steps(

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from age_detect_resnet import checkpoint
-from age_detect_resnet.dataset import to_input_tensor
-from age_detect_resnet.export import evenly_spaced
+from age_detect_resnet.data.dataset import to_input_tensor
+from age_detect_resnet.export.exporting import evenly_spaced
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.model import IMAGENET_MEAN, IMAGENET_STD, AgeModel, create_model
+from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.model import IMAGENET_MEAN, IMAGENET_STD, AgeModel, create_model
 from age_detect_resnet.runtime import cpu_has_bf16, hardware_summary, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]

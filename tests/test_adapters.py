@@ -7,9 +7,9 @@ import logging
 import pytest
 from PIL import Image
 
-from age_detect_resnet.preprocessing.csv_table import CsvTableError, load_csv_table
-from age_detect_resnet.preprocessing.sources import DatasetNotFoundError, guess_dataset, load_table
-from age_detect_resnet.preprocessing.utkface import load_utkface, parse_utkface_name
+from age_detect_resnet.data.csv_table import CsvTableError, load_csv_table
+from age_detect_resnet.data.sources import DatasetNotFoundError, guess_dataset, load_table
+from age_detect_resnet.data.utkface import load_utkface, parse_utkface_name
 from conftest import REPLICA, UTKFACE, require
 
 

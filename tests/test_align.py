@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from age_detect_resnet.align import (
+from age_detect_resnet.data.cache import CacheAlignment, prepare_cache
+from age_detect_resnet.data.dataset import train_transform
+from age_detect_resnet.faces.align import (
     Aligner,
     LandmarkFraming,
     MarginFraming,
     framing_of,
     similarity_matrix,
 )
-from age_detect_resnet.cache import CacheAlignment, prepare_cache
-from age_detect_resnet.dataset import train_transform
-from age_detect_resnet.faces import Face, create_detector, uniform_margins
+from age_detect_resnet.faces.detection import Face, create_detector, uniform_margins
 from conftest import TEST_IMAGES, UTKFACE, YUNET, require
 
 
@@ -137,7 +137,7 @@ def test_photo_augmentation_turns_the_context_crop_into_the_model_input():
 
 
 def test_training_with_align_needs_the_cache():
-    from age_detect_resnet.config import ConfigError, resolve_config
+    from age_detect_resnet.training.config import ConfigError, resolve_config
 
     with pytest.raises(ConfigError, match="--cache"):
         resolve_config(None, {"align": True, "cache": False})
@@ -147,7 +147,7 @@ def test_training_with_align_needs_the_cache():
 def test_an_aligned_run_frames_photos_as_it_was_trained(utkface_sample, tmp_path):
     """--align end to end: the cache aligns the training faces, the model's metadata carries the
     aligner, and prediction aligns photos the same way (a rotated photo keeps its age)."""
-    from age_detect_resnet.inference import AgePredictor, load_trained_model
+    from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
     from conftest import train_tiny
 
     require(YUNET)

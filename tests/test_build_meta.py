@@ -12,7 +12,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from age_detect_resnet.preprocessing.build_meta import (
+from age_detect_resnet.data.imdb_wiki import (
     MetaError,
     build_meta,
     datenum_to_year_month,

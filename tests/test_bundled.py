@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from age_detect_resnet import bundled, checkpoint
-from age_detect_resnet.inference import AgePredictor, TorchRunner, load_trained_model
+from age_detect_resnet.inference.predictor import AgePredictor, TorchRunner, load_trained_model
+from age_detect_resnet.modeling import bundled, checkpoint
 from conftest import TEST_IMAGES, YUNET, require, train_tiny
 
 
@@ -65,7 +65,7 @@ def test_a_missing_bundle_says_what_to_do(tmp_path, monkeypatch):
 def test_predict_and_check_your_age_use_the_bundle_without_model(tiny_bundle, tmp_path, capsys):
     from check_your_age import main as check_main
 
-    from age_detect_resnet.predict import main as predict_main
+    from age_detect_resnet.cli.predict import main as predict_main
 
     photo = tmp_path / "me.jpg"
     shutil.copy(require(TEST_IMAGES / "obama.jpg"), photo)
@@ -78,7 +78,7 @@ def test_predict_and_check_your_age_use_the_bundle_without_model(tiny_bundle, tm
 
 def test_analyze_in_one_call(tiny_bundle):
     from age_detect_resnet import analyze
-    from age_detect_resnet.api import _predictor
+    from age_detect_resnet.inference.api import _predictor
 
     _predictor.cache_clear()
     require(YUNET)
@@ -126,7 +126,7 @@ def test_the_shipped_bundle_is_pinned_and_loads():
 
 @pytest.mark.parametrize("name", ["biden.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg", "astronaut.png"])
 def test_the_bundle_gives_a_photo_rotated_by_20_degrees_nearly_the_same_age(name):
-    from age_detect_resnet.faces import create_detector
+    from age_detect_resnet.faces.detection import create_detector
 
     require(YUNET)
     predictor = AgePredictor(load_trained_model(), detector=create_detector("yunet", YUNET))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from age_detect_resnet.cache import prepare_cache
-from age_detect_resnet.dataset import (
+from age_detect_resnet.data.cache import prepare_cache
+from age_detect_resnet.data.dataset import (
     AgeDataset,
     FileImages,
     collate_batch,

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from age_detect_resnet.checkpoint import load_model
-from age_detect_resnet.dataset import AgeDataset, FileImages, make_loader
-from age_detect_resnet.engine import evaluate
-from age_detect_resnet.preprocessing.prepare import load_split
+from age_detect_resnet.data.dataset import AgeDataset, FileImages, make_loader
+from age_detect_resnet.data.splits import load_split
+from age_detect_resnet.modeling.checkpoint import load_model
 from age_detect_resnet.runtime import autocast_factory
+from age_detect_resnet.training.engine import evaluate
 
 
 def torchrun(data_root, out, *extra):

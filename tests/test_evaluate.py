@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from age_detect_resnet.evaluate import main as evaluate_main
-from age_detect_resnet.metrics import age_group_label, age_metrics, classification_metrics
+from age_detect_resnet.evaluation.evaluate import main as evaluate_main
+from age_detect_resnet.evaluation.metrics import age_group_label, age_metrics, classification_metrics
 from conftest import TEST_IMAGES, require
 
 
@@ -128,7 +128,7 @@ def test_evaluate_with_detection_on_uncropped_photos(tiny_run, tmp_path):
 
 
 def test_interval_labels_report_the_share_inside_and_the_distance_to_the_group():
-    from age_detect_resnet.metrics import interval_label_metrics
+    from age_detect_resnet.evaluation.metrics import interval_label_metrics
 
     low, high = np.array([0, 0, 20, 70.0]), np.array([2, 2, 29, 100.0])
     pred = np.array([1.5, 5.0, 18.0, 80.0])

@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from age_detect_resnet import checkpoint, export
-from age_detect_resnet.dataset import to_input_tensor
-from age_detect_resnet.faces import create_detector
+from age_detect_resnet.data.dataset import to_input_tensor
+from age_detect_resnet.export import exporting as export
+from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.inference import AgePredictor, TorchRunner
-from age_detect_resnet.model import AgeModel, create_backbone
+from age_detect_resnet.inference.predictor import AgePredictor, TorchRunner
+from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.model import AgeModel, create_backbone
 from conftest import TEST_IMAGES, UTKFACE, WEIGHTS, YUNET, require, train_tiny
 
 MOBILENET = WEIGHTS / "mobilenet_v2_imagenet_fp16.safetensors"

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from age_detect_resnet.faces import (
+from age_detect_resnet.cli.predict import main as predict_main
+from age_detect_resnet.faces.detection import (
     Face,
     HaarDetector,
     create_detector,
@@ -19,8 +20,7 @@ from age_detect_resnet.faces import (
     expand_box,
     measure_framing,
 )
-from age_detect_resnet.inference import AgePredictor, load_trained_model
-from age_detect_resnet.predict import main as predict_main
+from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from conftest import REPO, TEST_IMAGES, UTKFACE, require
 
 PHOTOS = ["astronaut.png", "obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"]

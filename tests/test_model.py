@@ -9,8 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
-from age_detect_resnet.heads import BinsHead, DistributionHead, RegressionHead, create_head
-from age_detect_resnet.model import (
+from age_detect_resnet.modeling.heads import BinsHead, DistributionHead, RegressionHead, create_head
+from age_detect_resnet.modeling.model import (
     WeightsError,
     create_backbone,
     create_model,
@@ -113,8 +113,8 @@ def test_interval_calibration_reaches_the_nominal_coverage():
 
 
 def test_every_configurable_backbone_can_be_built():
-    from age_detect_resnet.config import BACKBONES
-    from age_detect_resnet.model import _BACKBONES
+    from age_detect_resnet.modeling.model import _BACKBONES
+    from age_detect_resnet.training.config import BACKBONES
 
     assert set(BACKBONES) == set(_BACKBONES)
 

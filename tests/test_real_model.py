@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from age_detect_resnet.faces import create_detector
-from age_detect_resnet.inference import AgePredictor, load_trained_model
+from age_detect_resnet.faces.detection import create_detector
+from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from conftest import REPO, TEST_IMAGES, require
 
 pytestmark = pytest.mark.slow

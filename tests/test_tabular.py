@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from age_detect_resnet.preprocessing.tabular import (
+from age_detect_resnet.data.tabular import (
     assign_splits,
     drop_duplicate_images,
     filter_age_range,

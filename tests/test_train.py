@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from age_detect_resnet import checkpoint
-from age_detect_resnet.config import ConfigError, resolve_config
 from age_detect_resnet.inference import load_trained_model, predict_age_for_image
-from age_detect_resnet.train import inverse_frequency_weights, should_stop
+from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.training.config import ConfigError, resolve_config
+from age_detect_resnet.training.run import inverse_frequency_weights, should_stop
 from conftest import train_tiny
 
 ARTEFACTS = [

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from starlette.exceptions import StarletteDeprecationWarning
 
-from age_detect_resnet.faces import create_detector
-from age_detect_resnet.inference import AgePredictor, load_trained_model
+from age_detect_resnet.faces.detection import create_detector
+from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.web.app import create_app, main
 from conftest import TEST_IMAGES, YUNET, require
 

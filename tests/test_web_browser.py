@@ -14,8 +14,8 @@ import httpx
 import pytest
 import uvicorn
 
-from age_detect_resnet.faces import create_detector
-from age_detect_resnet.inference import AgePredictor, load_trained_model
+from age_detect_resnet.faces.detection import create_detector
+from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.web.app import create_app
 from conftest import TEST_IMAGES, YUNET, require
 from test_web import grey_png

@@ -8,7 +8,7 @@ __all__ = ["analyze"]
 
 def __getattr__(name: str) -> Any:
     if name == "analyze":
-        from age_detect_resnet.api import analyze
+        from age_detect_resnet.inference.api import analyze
 
         return analyze
     raise AttributeError(f"module 'age_detect_resnet' has no attribute {name!r}")

@@ -19,16 +19,16 @@ import scipy.io
 import torch
 from PIL import Image
 
-from age_detect_resnet.cache import prepare_cache
-from age_detect_resnet.config import DataConfig
-from age_detect_resnet.dataset import AgeDataset
+from age_detect_resnet.data import imdb_wiki as build_meta_module
+from age_detect_resnet.data.cache import prepare_cache
+from age_detect_resnet.data.csv_table import CsvTableError, load_csv_table
+from age_detect_resnet.data.dataset import AgeDataset
+from age_detect_resnet.data.imdb_wiki import build_meta
+from age_detect_resnet.data.splits import prepare_splits
+from age_detect_resnet.data.utkface import load_utkface
 from age_detect_resnet.images import ImageReadError, load_rgb
-from age_detect_resnet.preprocessing import build_meta as build_meta_module
-from age_detect_resnet.preprocessing.build_meta import build_meta
-from age_detect_resnet.preprocessing.csv_table import CsvTableError, load_csv_table
-from age_detect_resnet.preprocessing.prepare import prepare_splits
-from age_detect_resnet.preprocessing.utkface import load_utkface
-from age_detect_resnet.train import main as train_main
+from age_detect_resnet.training.config import DataConfig
+from age_detect_resnet.training.run import main as train_main
 from conftest import train_tiny
 
 

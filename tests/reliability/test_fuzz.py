@@ -24,10 +24,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from age_detect_resnet.data.csv_table import CsvTableError, load_csv_table
+from age_detect_resnet.data.imdb_wiki import MetaError, build_meta, read_mat
+from age_detect_resnet.data.utkface import parse_utkface_name
 from age_detect_resnet.images import ImageReadError, load_rgb
-from age_detect_resnet.preprocessing.build_meta import MetaError, build_meta, read_mat
-from age_detect_resnet.preprocessing.csv_table import CsvTableError, load_csv_table
-from age_detect_resnet.preprocessing.utkface import parse_utkface_name
 
 # No deadline and no slowness check: CI machines are shared and slow; the examples stay the same.
 FUZZ = settings(

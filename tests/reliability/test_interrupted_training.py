@@ -20,11 +20,11 @@ import pandas as pd
 import pytest
 import torch
 
-from age_detect_resnet import checkpoint
 from age_detect_resnet.atomic import write_text_atomic
-from age_detect_resnet.heads import RegressionHead
-from age_detect_resnet.model import create_model
-from age_detect_resnet.train import main as train_main
+from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.heads import RegressionHead
+from age_detect_resnet.modeling.model import create_model
+from age_detect_resnet.training.run import main as train_main
 from conftest import UTKFACE, require
 
 EPOCHS = 3
@@ -145,7 +145,7 @@ def test_a_kill_during_a_checkpoint_save_never_leaves_a_broken_latest_file(tmp_p
     target = tmp_path / checkpoint.LAST
     script = textwrap.dedent(f"""
         import torch
-        from age_detect_resnet import checkpoint
+        from age_detect_resnet.modeling import checkpoint
         for i in range(1_000_000):
             state = {{"epoch": i, "weights": torch.full((10_000_000,), float(i))}}
             checkpoint.save_training_state({str(target)!r}, state)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from age_detect_resnet import checkpoint
-from age_detect_resnet.checkpoint import ModelFileError
-from age_detect_resnet.model import WeightsError, create_model, load_state_dict_file
-from age_detect_resnet.train import main as train_main
+from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.checkpoint import ModelFileError
+from age_detect_resnet.modeling.model import WeightsError, create_model, load_state_dict_file
+from age_detect_resnet.training.run import main as train_main
 from conftest import WEIGHTS, require
 
 

@@ -42,10 +42,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from age_detect_resnet.faces import Face, FaceDetector
+from age_detect_resnet.cli.predict import PREDICTOR_ERRORS, add_predictor_arguments, build_predictor
+from age_detect_resnet.faces.detection import Face, FaceDetector
 from age_detect_resnet.images import MAX_IMAGE_PIXELS, ImageReadError, ImageTooLargeError, load_rgb
-from age_detect_resnet.inference import AgePredictor, FacePrediction
-from age_detect_resnet.predict import PREDICTOR_ERRORS, add_predictor_arguments, build_predictor
+from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction
 
 log = logging.getLogger(__name__)
 

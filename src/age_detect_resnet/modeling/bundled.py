@@ -21,7 +21,7 @@ from age_detect_resnet.digests import file_digest
 
 log = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).with_name("assets")
+ASSETS = Path(__file__).parents[1] / "assets"  # age_detect_resnet/assets
 AGE_MODEL = ASSETS / "age_model.safetensors"
 YUNET_MODEL = ASSETS / "face_detection_yunet.onnx"
 # The name that selects the bundled model wherever a model path is asked for.
@@ -61,7 +61,7 @@ def bundled_yunet_path() -> Path | None:
 def write_bundled_model(run: Path, out: Path = AGE_MODEL) -> dict[str, Any]:
     """Copy the best model of `run` into the package as fp16 safetensors + metadata; returns the
     metadata (its `sha256` goes into AGE_MODEL_SHA256)."""
-    from age_detect_resnet import checkpoint
+    from age_detect_resnet.modeling import checkpoint
 
     model = checkpoint.load_model(Path(run), "cpu")
     metadata = {k: v for k, v in model.metadata.items() if k not in ("format", "model", "sha256")}

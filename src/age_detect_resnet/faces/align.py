@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from age_detect_resnet.faces import Face, crop_face, margins_of
+from age_detect_resnet.faces.detection import Face, crop_face, margins_of
 
 ALIGNMENT_VERSION = 1
 # Template points in the unit square of the output crop (x right, y down), in YuNet's order: the

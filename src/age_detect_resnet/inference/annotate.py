@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from age_detect_resnet.inference import FacePrediction
+from age_detect_resnet.inference.predictor import FacePrediction
 
 
 def age_label(face: FacePrediction) -> str:

@@ -1,6 +1,6 @@
 """Using a trained model: the seed's API, a batched photo predictor with face detection, and the grid.
 
-from age_detect_resnet.inference import load_trained_model, predict_age_for_image
+from age_detect_resnet.inference.predictor import load_trained_model, predict_age_for_image
 model = load_trained_model("runs/utkface-resnet50-regression", "cpu")
 age, image = predict_age_for_image("face.jpg", model, "cpu")      # the image is the face (no detection)
 
@@ -21,20 +21,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from age_detect_resnet import checkpoint
-from age_detect_resnet.align import LandmarkFraming, framing_of
-from age_detect_resnet.dataset import pixels_to_input, to_input_tensor
-from age_detect_resnet.faces import (
+from age_detect_resnet.data.dataset import pixels_to_input, to_input_tensor
+from age_detect_resnet.evaluation.plots import plot_prediction_grid
+from age_detect_resnet.faces.align import LandmarkFraming, framing_of
+from age_detect_resnet.faces.detection import (
     DetectorUnavailableError,
     Face,
     FaceDetector,
     create_detector,
     largest_face,
 )
-from age_detect_resnet.heads import DistributionHead
 from age_detect_resnet.images import ImageReadError, load_rgb
-from age_detect_resnet.model import AgeModel
-from age_detect_resnet.plots import plot_prediction_grid
+from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.heads import DistributionHead
+from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.runtime import autocast_factory, resolve_precision
 
 # (B, 3, S, S) uint8 -> {"age": (B,), and for models with intervals "lower"/"upper": (B,)}

@@ -36,16 +36,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from age_detect_resnet import checkpoint
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
+from age_detect_resnet.data.sources import image_root
+from age_detect_resnet.data.splits import load_split
 from age_detect_resnet.digests import file_digest
-from age_detect_resnet.faces import FaceDetector
-from age_detect_resnet.heads import DistributionHead
+from age_detect_resnet.faces.detection import FaceDetector
 from age_detect_resnet.images import ImageReadError, load_rgb
-from age_detect_resnet.inference import AgePredictor, AgeRunner, face_crop_input
-from age_detect_resnet.model import AgeModel
-from age_detect_resnet.preprocessing.prepare import load_split
-from age_detect_resnet.preprocessing.sources import image_root
+from age_detect_resnet.inference.predictor import AgePredictor, AgeRunner, face_crop_input
+from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.heads import DistributionHead
+from age_detect_resnet.modeling.model import AgeModel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

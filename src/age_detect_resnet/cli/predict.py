@@ -23,13 +23,13 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from age_detect_resnet.annotate import age_label, draw_predictions
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
-from age_detect_resnet.checkpoint import ModelFileError
-from age_detect_resnet.faces import DetectorUnavailableError, create_detector
+from age_detect_resnet.data.utkface import IMAGE_SUFFIXES
+from age_detect_resnet.faces.detection import DetectorUnavailableError, create_detector
 from age_detect_resnet.images import ImageReadError, load_rgb
-from age_detect_resnet.inference import AgePredictor, FacePrediction, load_trained_model
-from age_detect_resnet.preprocessing.utkface import IMAGE_SUFFIXES
+from age_detect_resnet.inference.annotate import age_label, draw_predictions
+from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_trained_model
+from age_detect_resnet.modeling.checkpoint import ModelFileError
 from age_detect_resnet.runtime import DeviceError, select_device
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def build_predictor(args: argparse.Namespace) -> AgePredictor:
     if args.backend == "onnx":
         if args.tta:
             raise PredictorOptionsError("--tta needs --backend torch: an ONNX export has no flip averaging")
-        from age_detect_resnet.export import load_onnx_predictor  # onnxruntime only when asked for
+        from age_detect_resnet.export.exporting import load_onnx_predictor  # onnxruntime only when asked for
 
         predictor = load_onnx_predictor(args.model, batch_size=args.batch_size, threads=args.threads)
     else:

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import nn
 
-from age_detect_resnet.heads import AgeHead, create_head
+from age_detect_resnet.modeling.heads import AgeHead, create_head
 
 log = logging.getLogger(__name__)
 

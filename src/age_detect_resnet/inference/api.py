@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from age_detect_resnet.faces import create_detector
+from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.inference import AgePredictor, load_trained_model
+from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.runtime import select_device
 
 ImageInput = str | Path | Image.Image | np.ndarray

@@ -10,17 +10,22 @@ import pandas as pd
 import torch
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
-from age_detect_resnet.engine import Predictions
-from age_detect_resnet.heads import BinsHead, DistributionHead
-from age_detect_resnet.metrics import (
+from age_detect_resnet.evaluation.metrics import (
     age_metrics,
     classification_metrics,
     interval_coverage,
     interval_label_metrics,
     worst_groups,
 )
-from age_detect_resnet.model import AgeModel
-from age_detect_resnet.plots import plot_confusion, plot_cs_curve, plot_group_errors, plot_predicted_vs_true
+from age_detect_resnet.evaluation.plots import (
+    plot_confusion,
+    plot_cs_curve,
+    plot_group_errors,
+    plot_predicted_vs_true,
+)
+from age_detect_resnet.modeling.heads import BinsHead, DistributionHead
+from age_detect_resnet.modeling.model import AgeModel
+from age_detect_resnet.training.engine import Predictions
 
 # Label columns a dataset may carry that the predictions keep: age-group labels (see metrics).
 GROUP_LABEL_COLUMNS = ("age_group", "age_low", "age_high")

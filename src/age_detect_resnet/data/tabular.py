@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from age_detect_resnet.preprocessing.build_meta import hash_files
+from age_detect_resnet.data.imdb_wiki import hash_files
 
 log = logging.getLogger(__name__)
 

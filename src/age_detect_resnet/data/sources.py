@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from age_detect_resnet.preprocessing.build_meta import SOURCES, build_meta
-from age_detect_resnet.preprocessing.csv_table import load_csv_table
-from age_detect_resnet.preprocessing.utkface import is_image_file, load_utkface
+from age_detect_resnet.data.csv_table import load_csv_table
+from age_detect_resnet.data.imdb_wiki import SOURCES, build_meta
+from age_detect_resnet.data.utkface import is_image_file, load_utkface
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path
-from age_detect_resnet.bundled import bundled_yunet_path
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.modeling.bundled import bundled_yunet_path
 
 log = logging.getLogger(__name__)
 

@@ -20,18 +20,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from age_detect_resnet import checkpoint
-from age_detect_resnet.align import Aligner, framing_of
-from age_detect_resnet.config import DATASETS, ConfigError
-from age_detect_resnet.dataset import AgeDataset, FileImages, make_loader
-from age_detect_resnet.engine import evaluate
-from age_detect_resnet.faces import DetectorUnavailableError, largest_faces
+from age_detect_resnet.data.dataset import AgeDataset, FileImages, make_loader
+from age_detect_resnet.data.sources import DatasetNotFoundError, image_root, load_table
+from age_detect_resnet.data.splits import PreparedData, load_split
+from age_detect_resnet.evaluation.report import evaluation_metrics, prediction_frame, write_evaluation
+from age_detect_resnet.faces.align import Aligner, framing_of
+from age_detect_resnet.faces.detection import DetectorUnavailableError, largest_faces
 from age_detect_resnet.images import ImageReadError
-from age_detect_resnet.inference import image_size_of
-from age_detect_resnet.preprocessing.prepare import PreparedData, load_split
-from age_detect_resnet.preprocessing.sources import DatasetNotFoundError, image_root, load_table
-from age_detect_resnet.report import evaluation_metrics, prediction_frame, write_evaluation
+from age_detect_resnet.inference.predictor import image_size_of
+from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
+from age_detect_resnet.training.config import DATASETS, ConfigError
+from age_detect_resnet.training.engine import evaluate
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from age_detect_resnet.dataset import Batch
-from age_detect_resnet.model import AgeModel
+from age_detect_resnet.data.dataset import Batch
+from age_detect_resnet.modeling.model import AgeModel
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 

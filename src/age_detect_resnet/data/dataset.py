@@ -23,8 +23,8 @@ from torchvision.transforms import v2
 from age_detect_resnet.images import ImageReadError, load_rgb
 
 if TYPE_CHECKING:
-    from age_detect_resnet.align import FaceFraming
-    from age_detect_resnet.faces import Face
+    from age_detect_resnet.faces.align import FaceFraming
+    from age_detect_resnet.faces.detection import Face
 
 log = logging.getLogger(__name__)
 

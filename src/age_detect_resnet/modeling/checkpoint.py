@@ -19,10 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from age_detect_resnet import bundled
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.digests import file_digest
-from age_detect_resnet.model import AgeModel, model_from_description
+from age_detect_resnet.modeling import bundled
+from age_detect_resnet.modeling.model import AgeModel, model_from_description
 
 FORMAT = "age-detect-resnet/1"
 BEST = "best.safetensors"

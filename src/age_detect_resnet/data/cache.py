@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from age_detect_resnet import faces
-from age_detect_resnet.align import Aligner
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
-from age_detect_resnet.dataset import to_input_tensor
-from age_detect_resnet.faces import largest_face
+from age_detect_resnet.data.dataset import to_input_tensor
+from age_detect_resnet.faces import detection as faces
+from age_detect_resnet.faces.align import Aligner
+from age_detect_resnet.faces.detection import largest_face
 from age_detect_resnet.images import ImageReadError, load_rgb
 
 log = logging.getLogger(__name__)

@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 
 from age_detect_resnet.atomic import atomic_path
-from age_detect_resnet.config import DataConfig
-from age_detect_resnet.preprocessing.sources import load_table
-from age_detect_resnet.preprocessing.tabular import (
+from age_detect_resnet.data.sources import load_table
+from age_detect_resnet.data.tabular import (
     assign_splits,
     drop_duplicate_images,
     filter_age_range,
     limit_classes_to_n,
 )
+from age_detect_resnet.training.config import DataConfig
 
 log = logging.getLogger(__name__)
 

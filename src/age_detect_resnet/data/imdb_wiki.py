@@ -1,0 +1,276 @@
+"""Build the metadata table of IMDB-WIKI from `imdb.mat` / `wiki.mat`.
+
+    python -m age_detect_resnet.data.imdb_wiki [--data-root data/raw] \
+        [--out data/processed/meta.csv]
+
+The data root holds `imdb_crop/` and/or `wiki_crop/` as unpacked from the dataset page
+(https://data.vision.ee.ethz.ch/cvl/rrothe/imdb-wiki/). Ages follow the official rule (photo taken on
+1 July of `photo_taken`); rows are kept where a face was found, no second face was found, the age is
+plausible (0-100) and the image file exists. How many rows each filter removed is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.io
+from tqdm import tqdm
+
+from age_detect_resnet.atomic import atomic_path
+from age_detect_resnet.digests import file_digest
+
+log = logging.getLogger(__name__)
+
+SOURCES = {"imdb": "imdb_crop/imdb.mat", "wiki": "wiki_crop/wiki.mat"}
+DATASET_PAGE = "https://data.vision.ee.ethz.ch/cvl/rrothe/imdb-wiki/"
+REQUIRED_FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
+NUMERIC_FIELDS = ("dob", "photo_taken", "gender", "face_score", "second_face_score")
+PLAUSIBLE_AGES = (0, 100)
+# MATLAB datenum d is proleptic Gregorian ordinal d - 366; ordinals run from 1 (0001-01-01) to 3652059.
+_MAX_ORDINAL = 3_652_059
+
+
+class MetaError(ValueError):
+    """The metadata cannot be built; the message names the file and says what to do."""
+
+
+@dataclass
+class FilterLog:
+    """Rows removed by each filter, in the order the filters ran."""
+
+    total: int = 0
+    removed: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, df: pd.DataFrame, keep: np.ndarray | pd.Series, reason: str) -> pd.DataFrame:
+        keep = np.asarray(keep, dtype=bool)
+        self.removed[reason] = self.removed.get(reason, 0) + int((~keep).sum())
+        return df[keep]
+
+    def merge(self, other: FilterLog) -> None:
+        self.total += other.total
+        for reason, count in other.removed.items():
+            self.removed[reason] = self.removed.get(reason, 0) + count
+
+    def summary(self, kept: int) -> str:
+        lines = [f"{'rows read':<34}{self.total:>10,}"]
+        lines += [f"{'- ' + reason:<34}{count:>10,}" for reason, count in self.removed.items()]
+        lines.append(f"{'rows kept':<34}{kept:>10,}")
+        return "\n".join(lines)
+
+
+def datenum_to_year_month(dob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MATLAB serial dates to (year, month, valid); broken values (e.g. 1 or 366) are marked invalid."""
+    dob = np.asarray(dob, dtype=np.float64)
+    finite = np.isfinite(dob)
+    ordinal = np.where(finite, np.floor(np.where(finite, dob, 367.0)) - 366, 0)
+    valid = finite & (ordinal >= 1) & (ordinal <= _MAX_ORDINAL)
+    days = np.where(valid, ordinal - 1, 0).astype("timedelta64[D]")
+    dates = np.datetime64("0001-01-01", "D") + days
+    year = dates.astype("datetime64[Y]").astype(np.int64) + 1970
+    month = dates.astype("datetime64[M]").astype(np.int64) % 12 + 1
+    return year, month, valid
+
+
+def official_age(dob: np.ndarray, photo_taken: np.ndarray) -> np.ndarray:
+    """Age in whole years assuming the photo was taken on 1 July; NaN where the birth date is broken."""
+    year, month, valid = datenum_to_year_month(dob)
+    age = np.asarray(photo_taken, dtype=np.float64) - year - (month >= 7)
+    return np.where(valid, age, np.nan)
+
+
+def read_mat(mat_path: Path) -> dict[str, np.ndarray]:
+    """The fields of an IMDB-WIKI `.mat` file as flat 1-D arrays (cells as object arrays)."""
+    key = mat_path.stem
+    try:
+        contents = scipy.io.loadmat(mat_path)
+    except NotImplementedError as err:  # MATLAB v7.3 (HDF5) files
+        raise MetaError(
+            f"{mat_path} is a MATLAB v7.3 file; the IMDB-WIKI metadata is v5: re-download it"
+        ) from err
+    except Exception as err:  # scipy raises many types for truncated or foreign files
+        raise MetaError(
+            f"{mat_path} is not a readable MATLAB file ({err}); re-download it from {DATASET_PAGE}"
+        ) from err
+    if key not in contents:
+        found = ", ".join(k for k in contents if not k.startswith("__")) or "nothing"
+        raise MetaError(f"{mat_path} has no '{key}' struct (found {found}); is it the IMDB-WIKI metadata?")
+    struct = contents[key]
+    names = struct.dtype.names or ()
+    missing = [name for name in REQUIRED_FIELDS if name not in names]
+    if missing:
+        raise MetaError(f"{mat_path} lacks the field(s) {', '.join(missing)}; is it the IMDB-WIKI metadata?")
+    if struct.size != 1:
+        raise MetaError(
+            f"{mat_path}: '{key}' is a struct array of shape {struct.shape}, not the (1, 1) "
+            "struct of the IMDB-WIKI metadata; re-download it"
+        )
+    record = struct[0, 0]
+    columns = {name: np.asarray(record[name]).reshape(-1) for name in names}
+    n = len(columns["dob"])
+    for name in (*REQUIRED_FIELDS, "name", "celeb_id"):
+        if name in columns and len(columns[name]) != n:
+            raise MetaError(f"{mat_path}: field '{name}' has {len(columns[name])} entries but dob has {n}")
+    for name in NUMERIC_FIELDS:
+        try:
+            np.asarray(columns[name], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise MetaError(
+                f"{mat_path}: field '{name}' is not numeric ({err}); is it the IMDB-WIKI metadata?"
+            ) from err
+    return columns
+
+
+def _cell_strings(cells: np.ndarray) -> list[str]:
+    """A MATLAB cell of 1-element string arrays (possibly empty) to Python strings."""
+    out = []
+    for cell in cells:
+        flat = np.asarray(cell).reshape(-1)
+        out.append(str(flat[0]) if flat.size else "")
+    return out
+
+
+def _gender_label(gender: np.ndarray) -> np.ndarray:
+    gender = np.asarray(gender, dtype=np.float64)
+    return np.where(gender == 1.0, "male", np.where(gender == 0.0, "female", ""))
+
+
+def read_source(data_root: Path, source: str) -> pd.DataFrame:
+    """All rows of one source (`imdb` or `wiki`) with computed ages, before any filtering."""
+    mat_path = data_root / SOURCES[source]
+    columns = read_mat(mat_path)
+    crop_dir = Path(SOURCES[source]).parent.as_posix()
+    full_paths = _cell_strings(columns["full_path"])
+    if source == "imdb" and "celeb_id" in columns:
+        person = [f"imdb:{int(i)}" for i in columns["celeb_id"]]
+    else:  # wiki file names start with the person's id: 17/10000217_1981-05-05_2009.jpg
+        person = [f"{source}:{Path(p).name.split('_')[0]}" for p in full_paths]
+    names = _cell_strings(columns["name"]) if "name" in columns else [""] * len(full_paths)
+    return pd.DataFrame(
+        {
+            "path": [f"{crop_dir}/{p}" for p in full_paths],
+            "age": official_age(columns["dob"], columns["photo_taken"]),
+            "gender": _gender_label(columns["gender"]),
+            "face_score": np.asarray(columns["face_score"], dtype=np.float64),
+            "second_face_score": np.asarray(columns["second_face_score"], dtype=np.float64),
+            "person_id": person,
+            "name": names,
+            "source": source,
+        }
+    )
+
+
+def filter_rows(df: pd.DataFrame, *, min_face_score: float | None = None) -> tuple[pd.DataFrame, FilterLog]:
+    """The seed's cleaning: valid birth date, one face found (optionally confident), plausible age."""
+    log_ = FilterLog(total=len(df))
+    df = log_.drop(df, df["age"].notna(), "broken date of birth")
+    df = log_.drop(df, np.isfinite(df["face_score"]), "no face found")
+    df = log_.drop(df, df["second_face_score"].isna(), "second face found")
+    if min_face_score is not None:
+        df = log_.drop(df, df["face_score"] >= min_face_score, f"face score below {min_face_score:g}")
+    low, high = PLAUSIBLE_AGES
+    df = log_.drop(df, df["age"].between(low, high), f"age outside {low}-{high}")
+    return df.assign(age=df["age"].astype(int)), log_
+
+
+def file_sha1(path: Path) -> str | None:
+    """Content hash used to find byte-identical images; None where the file cannot be read."""
+    try:
+        return file_digest(path, "sha1")
+    except (OSError, ValueError):  # ValueError: a path with a NUL byte (corrupt metadata)
+        return None
+
+
+def hash_files(
+    root: Path, relative_paths: Sequence[str], *, desc: str = "hashing images"
+) -> list[str | None]:
+    """sha1 of every file (None where missing), in parallel threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        jobs = pool.map(file_sha1, (root / p for p in relative_paths))
+        digests = list(tqdm(jobs, total=len(relative_paths), desc=desc, unit="img", disable=None))
+    unreadable = [p for p, digest in zip(relative_paths, digests, strict=True) if digest is None]
+    if unreadable:
+        log.warning(
+            "%d of %d image file(s) are missing or unreadable under %s (skipped): %s",
+            len(unreadable),
+            len(digests),
+            root,
+            ", ".join(unreadable[:10]) + (" ..." if len(unreadable) > 10 else ""),
+        )
+    return digests
+
+
+def build_meta(data_root: Path, *, min_face_score: float | None = None) -> tuple[pd.DataFrame, FilterLog]:
+    """The cleaned table of every source found under `data_root`, with each image's content hash."""
+    data_root = Path(data_root)
+    present = [s for s, rel in SOURCES.items() if (data_root / rel).is_file()]
+    if not present:
+        raise MetaError(
+            f"found neither {SOURCES['imdb']} nor {SOURCES['wiki']} under {data_root}. Download "
+            f"imdb_crop.tar and/or wiki_crop.tar from {DATASET_PAGE} and unpack them into {data_root}/"
+        )
+    tables, filters = [], FilterLog()
+    for source in present:
+        table, source_log = filter_rows(read_source(data_root, source), min_face_score=min_face_score)
+        filters.merge(source_log)
+        tables.append(table)
+    df = pd.concat(tables, ignore_index=True)
+    df["sha1"] = hash_files(data_root, df["path"].tolist())
+    df = filters.drop(df, df["sha1"].notna(), "image file missing")
+    if df.empty:
+        raise MetaError(
+            f"no usable rows under {data_root}: are the image folders (e.g. wiki_crop/00 ... 99) unpacked "
+            f"next to the .mat files? Download the *_crop.tar archives from {DATASET_PAGE}"
+        )
+    return df.reset_index(drop=True), filters
+
+
+def write_table(df: pd.DataFrame, out: Path) -> None:
+    with atomic_path(out) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="age-detect build-meta", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-root", type=Path, default=Path("data/raw"), help="holds imdb_crop/ and/or wiki_crop/"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/processed/meta.csv"), help="metadata CSV to write"
+    )
+    parser.add_argument(
+        "--min-face-score", type=float, default=None, help="also drop faces scored below this"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        df, filters = build_meta(args.data_root, min_face_score=args.min_face_score)
+    except MetaError as err:
+        log.error("%s", err)
+        return 2
+    write_table(df, args.out)
+    print(filters.summary(len(df)))
+    print(f"wrote {len(df):,} rows to {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
