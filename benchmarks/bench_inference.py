@@ -38,14 +38,10 @@ from common import (
     utkface_files,
 )
 
-from age_detect_resnet.export.exporting import (
-    INT8_TOLERANCE_YEARS,
-    OnnxRunner,
-    export_onnx,
-    quantize_int8,
-    run_split_images,
-)
-from age_detect_resnet.inference.predictor import TorchRunner
+from age_detect_resnet.export.graph import export_onnx
+from age_detect_resnet.export.quantize import quantize_int8
+from age_detect_resnet.export.verify import INT8_TOLERANCE_YEARS, run_split_images
+from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner
 from age_detect_resnet.runtime import resolve_precision
 
 

@@ -8,7 +8,7 @@ Paths (same detector, same crop, same weights):
 * seed: the crop through Resize, ToTensor, Normalize, then eager fp32 under `torch.no_grad()`;
 * project: `AgePredictor` with its `TorchRunner` (uint8, channels_last, bf16 where the CPU has it,
   inference_mode);
-* onnx: `AgePredictor` from `load_onnx_predictor` (ONNX Runtime, float32), exported on the fly;
+* onnx: `AgePredictor` from `load_predictor(backend="onnx")` (ONNX Runtime, float32), exported on the fly;
 * detection alone, to show how much of each figure is the model.
 """
 
@@ -34,10 +34,10 @@ from common import (
     time_calls,
 )
 
-from age_detect_resnet.export.exporting import export_model, load_onnx_predictor
+from age_detect_resnet.export.exporter import export_model
 from age_detect_resnet.faces.detection import create_detector, crop_face, margins_of
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.inference.predictor import AgePredictor
+from age_detect_resnet.inference.predictor import AgePredictor, load_predictor
 from age_detect_resnet.runtime import resolve_precision
 
 SEED = "seed: fp32 NCHW eager"
@@ -85,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         onnx_file = Path(scratch) / "model.onnx"
         export_model(model, onnx_file)
-        onnx = load_onnx_predictor(onnx_file, detector=detector, threads=args.threads)
+        onnx = load_predictor(onnx_file, backend="onnx", detector=detector, threads=args.threads)
         project_name = (
             f"project: {resolve_precision('auto', torch.device('cpu'))} + channels_last + inference_mode"
         )

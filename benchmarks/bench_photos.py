@@ -21,7 +21,8 @@ from common import SHARED, YUNET, machine, median, print_table
 
 from age_detect_resnet.cli.predict import expand_inputs, predict_photos
 from age_detect_resnet.faces.detection import create_detector
-from age_detect_resnet.inference.predictor import AgePredictor, TorchRunner, load_trained_model
+from age_detect_resnet.inference.backends import TorchRunner
+from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 
 PORTRAITS = SHARED / "data" / "real_photos" / "portraits"
 

@@ -17,7 +17,7 @@ from PIL import Image
 from torchvision import transforms
 
 from age_detect_resnet.data.dataset import to_input_tensor
-from age_detect_resnet.export.exporting import evenly_spaced
+from age_detect_resnet.export.verify import evenly_spaced
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.model import IMAGENET_MEAN, IMAGENET_STD, AgeModel, create_model

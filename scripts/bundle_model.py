@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from age_detect_resnet.export.exporting import run_split_images
+from age_detect_resnet.export.verify import run_split_images
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.predictor import TorchRunner, face_crop_input
 from age_detect_resnet.modeling import bundled, checkpoint

@@ -46,7 +46,7 @@ MOBILENET = WEIGHTS / "mobilenet_v2_imagenet_fp16.safetensors"
 def train_tiny(data_root: Path, out: Path, *extra: str) -> Path:
     """Train a small MobileNetV2 for 2 epochs on 40 px images: seconds on a CPU. It starts from ImageNet
     weights where ../shared has them, so its ages differ from face to face (checks comparing ages bite)."""
-    from age_detect_resnet.training.run import main
+    from age_detect_resnet.cli.train import main
 
     weights = ["--weights", str(MOBILENET)] if MOBILENET.is_file() else ["--no-pretrained"]
     settings = (

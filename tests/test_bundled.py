@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from age_detect_resnet.inference.predictor import AgePredictor, TorchRunner, load_trained_model
+from age_detect_resnet.inference.backends import TorchRunner
+from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.modeling import bundled, checkpoint
 from conftest import TEST_IMAGES, YUNET, require, train_tiny
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from age_detect_resnet.evaluation.evaluate import main as evaluate_main
+from age_detect_resnet.cli.evaluate import main as evaluate_main
 from age_detect_resnet.evaluation.metrics import age_group_label, age_metrics, classification_metrics
 from conftest import TEST_IMAGES, require
 

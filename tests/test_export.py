@@ -11,11 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
+from age_detect_resnet.cli import export as export_cli
 from age_detect_resnet.data.dataset import to_input_tensor
-from age_detect_resnet.export import exporting as export
+from age_detect_resnet.export.exporter import export_model
+from age_detect_resnet.export.verify import INT8_TOLERANCE_YEARS, int8_verdict
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.inference.predictor import AgePredictor, TorchRunner
+from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, read_export_metadata
+from age_detect_resnet.inference.predictor import AgePredictor, load_predictor
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.model import AgeModel, create_backbone
 from conftest import TEST_IMAGES, UTKFACE, WEIGHTS, YUNET, require, train_tiny
@@ -52,7 +55,7 @@ def varied_run(tiny_run: Path, tmp_path_factory) -> Path:
     model.backbone.load_state_dict(backbone.state_dict())
     folder = tmp_path_factory.mktemp("varied")
     metadata = {k: v for k, v in model.metadata.items() if k not in ("format", "model", "sha256")}
-    checkpoint.save_model(model, folder / checkpoint.BEST, metadata)
+    checkpoint.save_model(model, folder / "best.safetensors", metadata)
     for name in ("config.json", "split.csv"):  # the run's test split: what export checks on by default
         shutil.copy(tiny_run / name, folder / name)
     return folder
@@ -62,7 +65,7 @@ def varied_run(tiny_run: Path, tmp_path_factory) -> Path:
 def onnx_file(varied_run: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("onnx") / "age.onnx"
     args = ["--model", str(varied_run), "--format", "onnx", "--out", str(out), "--check-images", str(UTKFACE)]
-    assert export.main(args) == 0
+    assert export_cli.main(args) == 0
     return out
 
 
@@ -71,7 +74,7 @@ def test_onnx_export_gives_pytorch_ages_on_real_faces(onnx_file: Path, varied_ru
     images = real_faces(model.metadata["image_size"])
     expected = pytorch_fp32(model)(images)
     assert expected["age"].std() > 0.1  # the ages differ per face, so matching them means something
-    runner = export.OnnxRunner(onnx_file)
+    runner = OnnxRunner(onnx_file)
     assert_same_outputs(expected, runner(images))
     assert_same_outputs({"age": expected["age"][:1]}, runner(images[:1].numpy()))  # any batch size, numpy too
 
@@ -91,7 +94,7 @@ def test_onnx_export_gives_pytorch_ages_on_real_faces(onnx_file: Path, varied_ru
 )  # TorchScript's deprecation, documented in export.py
 def test_torchscript_export_gives_pytorch_ages_on_real_faces(varied_run: Path, tmp_path: Path):
     out = tmp_path / "age.torchscript.pt"
-    assert export.main(["--model", str(varied_run), "--format", "torchscript", "--out", str(out)]) == 0
+    assert export_cli.main(["--model", str(varied_run), "--format", "torchscript", "--out", str(out)]) == 0
     assert json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["check"]["images"] == "real"
     model = checkpoint.load_model(varied_run)
     images = real_faces(model.metadata["image_size"])
@@ -106,7 +109,7 @@ def test_onnx_predictor_finds_the_same_faces_and_ages_as_pytorch(onnx_file: Path
     model = checkpoint.load_model(varied_run)
     detector = create_detector("yunet", require(YUNET))
     torch_predictor = AgePredictor(runner=pytorch_fp32(model), metadata=model.metadata, detector=detector)
-    onnx_predictor = export.load_onnx_predictor(onnx_file, detector=detector)
+    onnx_predictor = load_predictor(onnx_file, backend="onnx", detector=detector)
     photos = sorted(p for p in require(TEST_IMAGES).iterdir() if p.suffix in (".jpg", ".png"))
     for photo in photos:
         expected, got = torch_predictor.predict(photo), onnx_predictor.predict(photo)
@@ -130,23 +133,23 @@ def test_distribution_model_exports_its_interval(utkface_sample: Path, tmp_path:
     )
     model = checkpoint.load_model(run)
     out = tmp_path / "age.onnx"
-    metadata = export.export_model(model, out, check_images=[utkface_sample])
+    metadata = export_model(model, out, check_images=[utkface_sample])
     assert metadata["outputs"] == ["age", "lower", "upper"]
 
     images = real_faces(model.metadata["image_size"])
     expected = pytorch_fp32(model)(images)
-    got = export.OnnxRunner(out)(images)
+    got = OnnxRunner(out)(images)
     assert_same_outputs(expected, got)
     assert (got["lower"] < got["upper"]).all()
     face = load_rgb(sorted(utkface_sample.iterdir())[0])  # a crop: the whole image is the face
-    (prediction,) = export.load_onnx_predictor(out).predict_image(face)
+    (prediction,) = load_predictor(out, backend="onnx").predict_image(face)
     (reference,) = AgePredictor(runner=pytorch_fp32(model), metadata=model.metadata).predict_image(face)
     assert np.allclose(prediction.interval, reference.interval, atol=TOLERANCE, rtol=0)
 
 
 def test_export_never_overwrites_the_trained_models_metadata(varied_run: Path):
     before = (varied_run / "best.json").read_text(encoding="utf-8")
-    assert export.main(["--model", str(varied_run), "--out", str(varied_run / "best.onnx")]) == 2
+    assert export_cli.main(["--model", str(varied_run), "--out", str(varied_run / "best.onnx")]) == 2
     assert (varied_run / "best.json").read_text(encoding="utf-8") == before
     assert not (varied_run / "best.onnx").exists()
 
@@ -162,7 +165,7 @@ def test_int8_needs_real_images_to_calibrate_and_check(varied_run: Path, tmp_pat
         "--quantize",
         "int8",
     ]
-    assert export.main(args) == 2
+    assert export_cli.main(args) == 2
     assert not (tmp_path / "a.onnx").exists()
 
 
@@ -170,28 +173,28 @@ def test_int8_is_calibrated_on_validation_faces_and_judged_by_its_test_mae(
     varied_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     out = tmp_path / "int8.onnx"
-    assert export.main(["--model", str(varied_run), "--out", str(out), "--quantize", "int8"]) == 0
+    assert export_cli.main(["--model", str(varied_run), "--out", str(out), "--quantize", "int8"]) == 0
     assert "Collecting tensor data" not in capsys.readouterr().out  # the calibrator's chatter is logged
-    check = export.read_export_metadata(out)["check"]
+    check = read_export_metadata(out)["check"]
     split = pd.read_csv(varied_run / "split.csv")
     assert check["count"] == (split["split"] == "test").sum()
     assert check["calibration_count"] == (split["split"] == "val").sum()
-    assert check["age_mae_int8"] <= check["age_mae_float32"] + export.INT8_TOLERANCE_YEARS
+    assert check["age_mae_int8"] <= check["age_mae_float32"] + INT8_TOLERANCE_YEARS
     face = to_input_tensor(load_rgb(sorted(require(UTKFACE).glob("*.jpg"))[7]), 40)[None]
-    assert export.OnnxRunner(out)(face)["age"].shape == (1,)
+    assert OnnxRunner(out)(face)["age"].shape == (1,)
 
 
 def test_the_int8_verdict_is_by_mae_with_ages_and_by_mean_change_without():
     reference, ages = np.array([20.0, 30.0, 40.0, 50.0]), np.array([22.0, 30.0, 37.0, 50.0])
     shifted = reference + np.array([0.5, 0.5, -0.5, -0.5])  # changes every age, not the MAE
     check = {"age_mean_abs_diff": 0.5}
-    assert export.int8_verdict(check, reference, shifted, ages) is None
+    assert int8_verdict(check, reference, shifted, ages) is None
     assert check["age_mae_float32"] == check["age_mae_int8"] == 1.25
-    assert "unlabelled" in export.int8_verdict({"age_mean_abs_diff": 0.5}, reference, shifted, None)
-    assert export.int8_verdict({"age_mean_abs_diff": 0.05}, reference, reference + 0.05, None) is None
-    worse = export.int8_verdict({"age_mean_abs_diff": 1.0}, reference, reference + 1.0, ages)
+    assert "unlabelled" in int8_verdict({"age_mean_abs_diff": 0.5}, reference, shifted, None)
+    assert int8_verdict({"age_mean_abs_diff": 0.05}, reference, reference + 0.05, None) is None
+    worse = int8_verdict({"age_mean_abs_diff": 1.0}, reference, reference + 1.0, ages)
     assert "raises the MAE on 4 labelled test faces from 1.250 to 1.750" in worse
-    assert export.int8_verdict({"age_mean_abs_diff": np.nan}, reference, reference * np.nan, ages)
+    assert int8_verdict({"age_mean_abs_diff": np.nan}, reference, reference * np.nan, ages)
 
 
 def test_onnx_predictor_refuses_a_model_file_that_does_not_match_its_metadata(
@@ -202,4 +205,4 @@ def test_onnx_predictor_refuses_a_model_file_that_does_not_match_its_metadata(
     with (tmp_path / onnx_file.name).open("ab") as handle:
         handle.write(b"\0")
     with pytest.raises(checkpoint.ModelFileError, match="checksum"):
-        export.load_onnx_predictor(tmp_path / onnx_file.name)
+        load_predictor(tmp_path / onnx_file.name, backend="onnx")

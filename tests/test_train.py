@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from age_detect_resnet.inference import load_trained_model, predict_age_for_image
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.training.config import ConfigError, resolve_config
-from age_detect_resnet.training.run import inverse_frequency_weights, should_stop
+from age_detect_resnet.training.optim import inverse_frequency_weights
+from age_detect_resnet.training.run import should_stop
 from conftest import train_tiny
 
 ARTEFACTS = [

@@ -15,12 +15,13 @@ from pathlib import Path
 import anyio
 import numpy as np
 import pytest
+from fastapi import HTTPException
 from PIL import Image
 from starlette.exceptions import StarletteDeprecationWarning
 
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
-from age_detect_resnet.web.app import create_app, main
+from age_detect_resnet.web.app import LiveSessions, create_app, main
 from conftest import TEST_IMAGES, YUNET, require
 
 with warnings.catch_warnings():
@@ -69,6 +70,7 @@ def test_page_offers_upload_form_and_camera_without_external_assets(client):
     page = response.text
     assert 'id="upload-form"' in page and 'type="file"' in page and 'name="file"' in page
     assert "getUserMedia" in page and 'id="camera-button"' in page
+    assert 'id="live-button"' in page and 'id="live-overlay"' in page and 'data-live-fps="4"' in page
     assert f'data-max-upload-bytes="{LIMIT}"' in page
     assert "http://" not in page and "https://" not in page  # the machine may be offline: nothing from a CDN
     assert client.get("/api/health").json() == {"status": "ok"}
@@ -228,3 +230,183 @@ def test_serve_exits_2_with_a_message_when_the_model_or_detector_cannot_be_loade
     no_detector = ["--detector", "yunet", "--detector-model", str(tmp_path / "no.onnx")]
     assert main(["--model", str(tiny_run), *no_detector]) == 2
     assert "no.onnx does not exist" in caplog.text
+
+
+# --- the live camera: POST /api/track ---------------------------------------------------------------
+
+# Per-frame ages the stand-in model gives, in order: the third frame is a wild one (a blurred, turned
+# face), which the steady age (the median so far) must shrug off.
+FRAME_AGES = [40.0, 42.0, 90.0, 41.0, 39.0]
+
+
+def frame_jpeg(shift: int, width: int = 480) -> bytes:
+    """The shared photo as the page sends a camera frame: a JPEG `width` px wide, moved right by
+    `shift` px (the person moving a little between frames)."""
+    with Image.open(require(TEST_IMAGES / "obama.jpg")) as image:
+        small = image.convert("RGB").resize((width, round(image.height * width / image.width)))
+    moved = small.crop((-shift, 0, small.width - shift, small.height))
+    buffer = io.BytesIO()
+    moved.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def scripted_runner(ages: list[float], calls: list[int]):
+    """A stand-in model giving `ages` in turn (one per face), with an interval of -5/+6 years."""
+
+    def runner(images):
+        count = len(images)
+        calls.append(count)
+        start = sum(calls) - count
+        age = np.asarray([ages[(start + i) % len(ages)] for i in range(count)])
+        return {"age": age, "lower": age - 5, "upper": age + 6}
+
+    return runner
+
+
+def live_app(calls: list[int], **settings):
+    """The app with the real YuNet detector around a scripted model; no frame rate limit unless given."""
+    predictor = AgePredictor(
+        runner=scripted_runner(FRAME_AGES, calls),
+        metadata=FAKE_METADATA,
+        detector=create_detector("yunet", require(YUNET)),
+    )
+    return create_app(predictor, max_upload_bytes=LIMIT, **{"live_fps": 1e6, **settings})
+
+
+def track(client: TestClient, session: str | None, data: bytes, name: str = "frame.jpg"):
+    params = {} if session is None else {"session": session}
+    return client.post("/api/track", params=params, files={"file": (name, data, "image/jpeg")})
+
+
+def test_frames_of_a_moving_face_keep_one_track_and_a_steady_age():
+    calls: list[int] = []
+    with TestClient(live_app(calls)) as client:
+        answers = [track(client, "camera-one", frame_jpeg(shift)) for shift in (0, 6, 12, 18, 24)]
+    assert [a.status_code for a in answers] == [200] * 5, answers[-1].text
+    faces = [a.json()["faces"] for a in answers]
+    assert all(len(f) == 1 for f in faces), faces
+    faces = [f[0] for f in faces]
+    assert {f["track_id"] for f in faces} == {1}
+    assert [f["track_frames"] for f in faces] == [1, 2, 3, 4, 5]
+    assert [f["age"] for f in faces] == FRAME_AGES
+    # The median so far: the 90 of the third frame moves the steady age by at most a year.
+    assert [f["steady_age"] for f in faces] == [40.0, 41.0, 42.0, 41.5, 41.0]
+    assert faces[-1]["x1"] - faces[0]["x1"] in range(20, 29)  # the box follows the face
+    assert faces[-1]["steady_low"] < faces[-1]["steady_age"] < faces[-1]["steady_high"]
+    last = answers[-1].json()
+    assert last["session"]["id"] == "camera-one" and last["session"]["frames"] == 5
+    assert last["session"]["seconds"] > 0 and last["image"]["width"] == 480
+
+
+def test_two_cameras_have_their_own_tracks():
+    calls: list[int] = []
+    with TestClient(live_app(calls)) as client:
+        first = [track(client, "camera-one", frame_jpeg(0)) for _ in range(2)]
+        other = track(client, "camera-two", frame_jpeg(0))
+    assert first[-1].json()["faces"][0]["track_frames"] == 2
+    assert other.json()["faces"][0]["track_frames"] == 1 and other.json()["session"]["frames"] == 1
+
+
+def test_frame_without_a_face_is_answered_with_no_faces():
+    """In live mode an empty view is normal (the person stepped away): 200 with no faces, not 422."""
+    with TestClient(live_app([])) as client:
+        response = track(client, "camera-one", grey_png(), name="grey.png")
+    assert response.status_code == 200 and response.json()["faces"] == []
+
+
+@pytest.mark.parametrize(
+    ("session", "message"),
+    [
+        (None, "no session id"),
+        ("short", "'short' is not valid"),
+        ("spaces are not allowed", "is not valid"),
+        ("x" * 65, "is not valid"),
+        ("../../etc/passwd", "is not valid"),
+    ],
+)
+def test_bad_session_ids_are_refused_with_422_before_the_model_runs(session, message):
+    calls: list[int] = []
+    with TestClient(live_app(calls)) as client:
+        response = track(client, session, frame_jpeg(0))
+    assert response.status_code == 422
+    assert message in response.json()["detail"] and "?session=" in response.json()["detail"]
+    assert calls == []
+
+
+def test_bad_frames_are_refused_like_bad_uploads_and_the_session_goes_on():
+    calls: list[int] = []
+    with TestClient(live_app(calls)) as client:
+        text = track(client, "camera-one", b"not a picture", name="frame.txt")
+        cut = track(client, "camera-one", frame_jpeg(0)[:3000], name="cut.jpg")
+        huge = track(client, "camera-one", b"\xff" * (LIMIT + 1))
+        missing = client.post("/api/track", params={"session": "camera-one"}, data={"comment": "no file"})
+        good = track(client, "camera-one", frame_jpeg(0))
+    assert text.status_code == 415 and "frame.txt" in text.json()["detail"]
+    assert cut.status_code == 415 and "truncated or corrupt" in cut.json()["detail"]
+    assert huge.status_code == 413 and "2 MB limit" in huge.json()["detail"]
+    assert missing.status_code == 422 and "'file'" in missing.json()["detail"]
+    assert good.status_code == 200 and good.json()["faces"][0]["track_frames"] == 1
+
+
+def test_a_camera_sending_too_fast_gets_429_and_its_frame_is_not_predicted():
+    calls: list[int] = []
+    with TestClient(live_app(calls, live_fps=0.5)) as client:  # frames at least 1.6 s apart
+        first = track(client, "camera-one", frame_jpeg(0))
+        again = track(client, "camera-one", frame_jpeg(0))
+        other = track(client, "camera-two", frame_jpeg(0))  # the limit is per camera
+    assert first.status_code == 200 and other.status_code == 200
+    assert again.status_code == 429 and again.headers["retry-after"] == "2"
+    assert "1.6 s apart" in again.json()["detail"]
+    assert calls == [1, 1]
+
+
+def test_beyond_the_session_cap_the_least_recently_used_camera_starts_afresh():
+    with TestClient(live_app([], live_sessions=2)) as client:
+        for session in ("camera-one", "camera-two", "camera-one", "camera-three"):
+            assert track(client, session, frame_jpeg(0)).status_code == 200
+        one, two = track(client, "camera-one", frame_jpeg(0)), track(client, "camera-two", frame_jpeg(0))
+    assert one.json()["session"]["frames"] == 3  # used most recently before camera-three came: kept
+    assert two.json()["session"]["frames"] == 1  # dropped for camera-three: a new session
+    assert two.json()["faces"][0]["track_frames"] == 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refusal(sessions: LiveSessions, session_id: str) -> HTTPException:
+    with pytest.raises(HTTPException) as refused, sessions.frame(session_id):
+        pytest.fail(f"the frame of {session_id} was let in")
+    return refused.value
+
+
+def test_sessions_idle_for_a_minute_are_forgotten_and_busy_ones_are_never_dropped():
+    clock = FakeClock()
+    sessions = LiveSessions(max_sessions=2, min_gap=0.2, idle_s=60, clock=clock)
+    with sessions.frame("camera-one") as (_, seconds):
+        assert seconds == 0
+        in_flight = refusal(sessions, "camera-one")
+        assert in_flight.status_code == 429 and "still being answered" in in_flight.detail
+        with sessions.frame("camera-two"):
+            # Both sessions are waiting for an answer: a third camera cannot displace either.
+            full = refusal(sessions, "camera-three")
+    assert full.status_code == 503 and "2 live cameras" in full.detail
+    assert "camera-three" not in sessions
+    clock.now += 0.1
+    too_soon = refusal(sessions, "camera-one")
+    assert too_soon.status_code == 429 and too_soon.headers == {"Retry-After": "1"}
+    clock.now += 29.9
+    with sessions.frame("camera-one") as (_, seconds):
+        assert seconds == pytest.approx(30)  # the server's clock since the session's first frame
+    clock.now += 45  # camera-two idle 75 s, camera-one 45 s
+    with sessions.frame("camera-three"):
+        pass
+    assert "camera-two" not in sessions and "camera-one" in sessions and len(sessions) == 2
+    clock.now += 61
+    with sessions.frame("camera-four"):
+        pass
+    assert len(sessions) == 1 and "camera-four" in sessions

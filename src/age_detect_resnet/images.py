@@ -12,6 +12,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # 50 megapixels (e.g. 8660x5770) covers every camera photo; larger files are almost always broken or
 # hostile (decompression bombs) and would need gigabytes of memory to decode.
 MAX_IMAGE_PIXELS = 50_000_000
+# The one list of photo files every command looks for in a folder (datasets, predict, export checks).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Files `age-detect predict` treats as videos (read frame by frame with OpenCV, see video/reader.py).
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv")
 
 
 class ImageReadError(ValueError):

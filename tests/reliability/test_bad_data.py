@@ -19,6 +19,7 @@ import scipy.io
 import torch
 from PIL import Image
 
+from age_detect_resnet.cli.train import main as train_main
 from age_detect_resnet.data import imdb_wiki as build_meta_module
 from age_detect_resnet.data.cache import prepare_cache
 from age_detect_resnet.data.csv_table import CsvTableError, load_csv_table
@@ -28,7 +29,6 @@ from age_detect_resnet.data.splits import prepare_splits
 from age_detect_resnet.data.utkface import load_utkface
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.training.config import DataConfig
-from age_detect_resnet.training.run import main as train_main
 from conftest import train_tiny
 
 

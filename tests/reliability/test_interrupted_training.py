@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from age_detect_resnet.atomic import write_text_atomic
+from age_detect_resnet.cli.train import main as train_main
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.heads import RegressionHead
 from age_detect_resnet.modeling.model import create_model
-from age_detect_resnet.training.run import main as train_main
+from age_detect_resnet.training import state as training_state
 from conftest import UTKFACE, require
 
 EPOCHS = 3
@@ -81,9 +82,9 @@ def _run_to_end(command: list[str], log: Path) -> None:
 
 def _assert_saved_state_is_usable(run: Path) -> int:
     """The latest checkpoint and model load; returns the epoch the checkpoint holds."""
-    state = checkpoint.load_training_state(run / checkpoint.LAST)
+    state = training_state.read_state(run / "last.pt")
     assert len(state["history"]) == state["epoch"]
-    checkpoint.load_model(run / checkpoint.BEST)
+    checkpoint.load_model(run / "best.safetensors")
     assert _finished_epochs(run) >= state["epoch"]
     return state["epoch"]
 
@@ -128,8 +129,8 @@ def test_interrupted_and_killed_run_resumes_to_the_uninterrupted_result(utkface_
     expected, got = pd.read_csv(reference / "metrics.csv"), pd.read_csv(resumed / "metrics.csv")
     assert list(got["epoch"]) == list(range(1, EPOCHS + 1))
     pd.testing.assert_frame_equal(got[COMPARED], expected[COMPARED], rtol=1e-4)
-    first = checkpoint.load_training_state(reference / checkpoint.LAST)
-    second = checkpoint.load_training_state(resumed / checkpoint.LAST)
+    first = training_state.read_state(reference / "last.pt")
+    second = training_state.read_state(resumed / "last.pt")
     for name, tensor in first["model"].items():
         torch.testing.assert_close(second["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     for key, slot in first["optimizer"]["state"].items():
@@ -142,13 +143,13 @@ def test_interrupted_and_killed_run_resumes_to_the_uninterrupted_result(utkface_
 
 def test_a_kill_during_a_checkpoint_save_never_leaves_a_broken_latest_file(tmp_path):
     """SIGKILL while torch.save is writing a 40 MB state: last.pt stays the previous, complete state."""
-    target = tmp_path / checkpoint.LAST
+    target = tmp_path / "last.pt"
     script = textwrap.dedent(f"""
         import torch
-        from age_detect_resnet.modeling import checkpoint
+        from age_detect_resnet.training import state as training_state
         for i in range(1_000_000):
             state = {{"epoch": i, "weights": torch.full((10_000_000,), float(i))}}
-            checkpoint.save_training_state({str(target)!r}, state)
+            training_state.write_state({str(target)!r}, state)
     """)
     child = subprocess.Popen([sys.executable, "-c", script])
     try:
@@ -164,15 +165,15 @@ def test_a_kill_during_a_checkpoint_save_never_leaves_a_broken_latest_file(tmp_p
     finally:
         child.kill()
         child.wait()
-    state = checkpoint.load_training_state(target)
+    state = training_state.read_state(target)
     assert state["epoch"] >= 0 and bool((state["weights"] == state["epoch"]).all()), "last.pt mixes two saves"
 
 
 def test_ctrl_c_during_a_save_keeps_the_previous_file_and_removes_the_temp(tmp_path, monkeypatch):
     report = tmp_path / "report.md"
     write_text_atomic(report, "# finished report\n")
-    state_file = tmp_path / checkpoint.LAST
-    checkpoint.save_training_state(state_file, {"epoch": 1})
+    state_file = tmp_path / "last.pt"
+    training_state.write_state(state_file, {"epoch": 1})
 
     def interrupted_write(self, text, *args, **kwargs):
         with self.open("w") as handle:
@@ -188,11 +189,11 @@ def test_ctrl_c_during_a_save_keeps_the_previous_file_and_removes_the_temp(tmp_p
     with pytest.raises(KeyboardInterrupt):
         write_text_atomic(report, "# half-written report that must never appear\n")
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.save_training_state(state_file, {"epoch": 2})
+        training_state.write_state(state_file, {"epoch": 2})
     monkeypatch.undo()
 
     assert report.read_text() == "# finished report\n"
-    assert checkpoint.load_training_state(state_file) == {"epoch": 1}
+    assert training_state.read_state(state_file) == {"epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "report.md"]
 
 
@@ -222,10 +223,10 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
     assert any("at epoch 2, step 2" in r.getMessage() and "--lr" in r.getMessage() for r in caplog.records), (
         caplog.text
     )
-    state = checkpoint.load_training_state(out / checkpoint.LAST)
+    state = training_state.read_state(out / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
-    model = checkpoint.load_model(out / checkpoint.BEST)
+    model = checkpoint.load_model(out / "best.safetensors")
     assert model.metadata["epoch"] == 1
     assert len(pd.read_csv(out / "metrics.csv")) == 1
     assert not list(out.glob(".*.tmp"))
@@ -244,17 +245,21 @@ def test_model_state_round_trips_through_the_training_state(tmp_path):
     model(torch.zeros(2, 3, 40, 40)).sum().backward()
     optimizer.step()
     torch.manual_seed(123)
-    path = tmp_path / checkpoint.LAST
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": checkpoint.rng_state()}
-    checkpoint.save_training_state(path, state)
+    path = tmp_path / "last.pt"
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": training_state.rng_state(),
+    }
+    training_state.write_state(path, state)
     expected_draw = torch.rand(3)
 
-    state = checkpoint.load_training_state(path)
-    checkpoint.set_rng_state(state["rng"])
+    state = training_state.read_state(path)
+    training_state.set_rng_state(state["rng"])
     assert torch.equal(torch.rand(3), expected_draw)
     for name, tensor in model.state_dict().items():
         assert torch.equal(state["model"][name], tensor), name
     saved = optimizer.state_dict()["state"]
     for key, slot in saved.items():
         assert torch.equal(state["optimizer"]["state"][key]["exp_avg"], slot["exp_avg"])
-    assert [p.name for p in tmp_path.iterdir()] == [checkpoint.LAST], "no temp file is left behind"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temp file is left behind"

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from age_detect_resnet.cli.train import main as train_main
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import ModelFileError
 from age_detect_resnet.modeling.model import WeightsError, create_model, load_state_dict_file
-from age_detect_resnet.training.run import main as train_main
+from age_detect_resnet.training import state as training_state
 from conftest import WEIGHTS, require
 
 
@@ -35,7 +36,7 @@ class CodeOnLoad:
 @pytest.fixture
 def saved_model(tmp_path) -> Path:
     model = create_model("mobilenet_v2", "regression", pretrained=False, init_age=30.0)
-    path = tmp_path / "run" / checkpoint.BEST
+    path = tmp_path / "run" / "best.safetensors"
     checkpoint.save_model(model, path, {"image_size": 40, "age_range": [10, 75]})
     return path
 
@@ -114,11 +115,11 @@ def test_a_pickle_only_model_file_is_refused(tmp_path):
 
 
 def test_training_state_with_code_is_refused_and_the_code_never_runs(tmp_path):
-    marker, last = tmp_path / "code-ran", tmp_path / checkpoint.LAST
+    marker, last = tmp_path / "code-ran", tmp_path / "last.pt"
     torch.save({"epoch": 3, "model": {"w": torch.zeros(2)}, "extra": CodeOnLoad(marker)}, last)
 
     with pytest.raises(ModelFileError) as caught:
-        checkpoint.load_training_state(last)
+        training_state.read_state(last)
     assert str(last) in str(caught.value) and "not a training state this project wrote" in str(caught.value)
     assert not marker.exists()
 
@@ -129,7 +130,7 @@ def test_training_state_with_code_is_refused_and_the_code_never_runs(tmp_path):
 def test_resume_from_a_booby_trapped_checkpoint_stops_without_running_it(utkface_sample, tmp_path, caplog):
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     out.mkdir()
-    torch.save({"epoch": 1, "extra": CodeOnLoad(marker)}, out / checkpoint.LAST)
+    torch.save({"epoch": 1, "extra": CodeOnLoad(marker)}, out / "last.pt")
     args = shlex.split(
         "--dataset utkface --backbone mobilenet_v2 --no-pretrained --image-size 32 --epochs 2 --batch-size 8 "
         "--num-workers 0 --no-progress --grid-size 0 --no-tensorboard --resume"
@@ -137,7 +138,7 @@ def test_resume_from_a_booby_trapped_checkpoint_stops_without_running_it(utkface
     args += ["--data-root", str(utkface_sample), "--out", str(out)]
     with caplog.at_level(logging.ERROR):
         assert train_main(args) == 2
-    assert str(out / checkpoint.LAST) in caplog.text and "not a training state" in caplog.text
+    assert str(out / "last.pt") in caplog.text and "not a training state" in caplog.text
     assert not marker.exists()
     assert not (out / "metrics.csv").exists(), "no epoch ran on top of a refused checkpoint"
 

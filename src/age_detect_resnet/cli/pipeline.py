@@ -17,10 +17,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from age_detect_resnet.cli import train as train_module
+from age_detect_resnet.data import imdb_wiki as build_meta
 from age_detect_resnet.data.sources import DatasetNotFoundError, guess_dataset
-from age_detect_resnet.preprocessing import build_meta
 from age_detect_resnet.runtime import select_device
-from age_detect_resnet.training import run as train_module
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,32 @@
-"""Ages of the faces in photos: files, folders and globs, to the terminal, CSV/JSON and annotated images.
+"""Ages of the faces in photos and videos: files, folders and globs, to the terminal, CSV/JSON and
+annotated images and videos.
 
     age-detect predict --model runs/NAME photo.jpg holiday/ "scans/*.png"
     age-detect predict --model runs/NAME photos/ --output ages.csv --annotate annotated/
     age-detect predict --model runs/NAME crops/ --no-detect          # each image is already a face
+    age-detect predict clip.mp4 --output ages.csv --annotate out/    # 5 frames a second (--fps 5)
+    age-detect predict clip.mp4 --every 1                            # every frame
+
+Videos (.mp4, .mov, .avi, .mkv, .webm, ...: whatever OpenCV decodes) are read frame by frame at a stride:
+`--fps F` frames per second of video (default 5: ages change slowly, and people rarely move far in 0.2 s,
+so tracking holds), or `--every N`-th frame (`--every 1`: all). Each face is followed from frame to frame
+(video/tracking.py) and each person gets a steady age: the median of their per-frame ages, with an
+interval narrowed by the frames that disagree (see the tracking module). Detection runs on a copy of the
+frame at most `--detect-side` pixels on its longer side (default 640; 0: the detector's own limit).
+The terminal shows one line per track. Outputs:
+* `--output ages.csv`: one row per face per sampled frame, after the photo rows. Video rows add the
+  columns frame, time (seconds), track_id, steady_age, steady_low, steady_high (the track's steady age
+  and interval up to that frame) and track_frames; their age/age_low/age_high are that frame's own. Beside
+  it, `ages_tracks.csv`: one row per person (path, track_id, first_time, last_time, frames, age, age_low,
+  age_high). Without videos the file is exactly the photo table.
+* `--output ages.json`: photos as before; each video is {"path", "video": {fps, frame_count, width, height,
+  sampled_fps, sampled_frames}, "tracks": [...], "faces": [per-frame rows], "error"}.
+* `--annotate DIR`: `DIR/<stem>_ages.mp4`, the sampled frames with boxes, track ids and steady ages.
 
 Each face is detected, cropped with the model's training margins and predicted in batches. A file that
-cannot be used (missing, not an image, truncated, empty, too large) or has no face is reported by name
-and skipped; the exit status is 1 when any file failed, 0 otherwise.
+cannot be used (missing, not an image or video, truncated, empty, too large) or has no face is reported by
+name and skipped; the exit status is 1 when any file failed, 0 otherwise. --max-file-mb applies to photos
+only: videos are streamed.
 """
 
 from __future__ import annotations
@@ -24,19 +44,24 @@ import pandas as pd
 from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
-from age_detect_resnet.data.utkface import IMAGE_SUFFIXES
+from age_detect_resnet.cli.common import command_main
 from age_detect_resnet.faces.detection import DetectorUnavailableError, create_detector
-from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageReadError, load_rgb
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
-from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_trained_model
+from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_predictor
 from age_detect_resnet.modeling.checkpoint import ModelFileError
 from age_detect_resnet.runtime import DeviceError, select_device
+from age_detect_resnet.video.process import VideoResult, is_video, predict_video
+from age_detect_resnet.video.tracking import TrackSummary
 
 log = logging.getLogger(__name__)
 
 MAX_FILE_MB = 50
 # Photos decoded and predicted together: enough faces to fill a batch, little memory.
 FILES_PER_CHUNK = 16
+# Videos: sampled frames per second of video, and the detector's input side (see the module docstring).
+VIDEO_FPS = 5.0
+VIDEO_DETECT_SIDE = 640
 
 
 @dataclass
@@ -46,16 +71,27 @@ class PhotoResult:
     error: str | None = None
 
 
+@dataclass
+class VideoEntry:
+    """A video input: its result, or why it could not be used."""
+
+    path: Path
+    result: VideoResult | None = None
+    error: str | None = None
+
+
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
-    """Image files named by `inputs` (files, folders searched recursively, glob patterns), in order,
-    without repeats; plus a message for every input that matched nothing."""
+    """Image and video files named by `inputs` (files, folders searched recursively, glob patterns), in
+    order, without repeats; plus a message for every input that matched nothing."""
     found: list[Path] = []
     problems: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             matches = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
+                p
+                for p in path.rglob("*")
+                if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
             )
         elif any(ch in item for ch in "*?["):
             # glob.glob, unlike Path.glob, takes absolute patterns such as /data/*/*.jpg
@@ -63,7 +99,7 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
         else:
             matches = [path]  # missing files are reported when read, by name
         if not matches:
-            problems.append(f"{item}: no image files found")
+            problems.append(f"{item}: no image or video files found")
         found.extend(matches)
     return list(dict.fromkeys(found)), problems
 
@@ -101,20 +137,102 @@ def result_rows(results: Sequence[PhotoResult]) -> list[dict]:
     return [{"path": str(r.path), **face.as_dict()} for r in results for face in r.faces]
 
 
-def write_output(results: Sequence[PhotoResult], out: Path) -> None:
+# Column order of a CSV holding video rows (photo rows leave the video columns empty).
+VIDEO_COLUMNS = (
+    "path frame time track_id face_index x1 y1 x2 y2 detector_score age age_low age_high "
+    "steady_age steady_low steady_high track_frames"
+).split()
+TRACK_COLUMNS = "path track_id first_time last_time frames age age_low age_high".split()
+
+
+def write_output(results: Sequence[PhotoResult], out: Path, *, videos: Sequence[VideoEntry] = ()) -> None:
+    """`out` (.csv or .json) with the photos' and videos' faces; for videos in a CSV also
+    `<stem>_tracks.csv` (see the module docstring)."""
     if out.suffix.lower() == ".json":
         document = [
             {"path": str(r.path), "faces": [f.as_dict() for f in r.faces], "error": r.error} for r in results
-        ]
+        ] + [video_document(v) for v in videos]
         write_text_atomic(out, json.dumps(document, indent=2) + "\n")
     elif out.suffix.lower() == ".csv":
         columns = ["path", "face_index", "x1", "y1", "x2", "y2", "detector_score", "age"]
+        rows = result_rows(results)
+        if videos:
+            rows += [{"path": str(v.path), **f.as_dict()} for v in videos if v.result for f in v.result.faces]
+            # only the columns some row has: no age_low/age_high for a model without intervals
+            columns = [c for c in VIDEO_COLUMNS if any(c in row for row in rows)] if rows else VIDEO_COLUMNS
         with atomic_path(out) as tmp:
-            pd.DataFrame(
-                result_rows(results), columns=None if results and any(r.faces for r in results) else columns
-            ).to_csv(tmp, index=False)
+            pd.DataFrame(rows, columns=columns if videos or not rows else None).to_csv(tmp, index=False)
+        if videos:
+            tracks = [
+                {"path": str(v.path), **t.as_dict()} for v in videos if v.result for t in v.result.tracks
+            ]
+            with atomic_path(tracks_path(out)) as tmp:
+                pd.DataFrame(tracks, columns=TRACK_COLUMNS if not tracks else None).to_csv(tmp, index=False)
     else:
         raise ValueError(f"--output {out} must end in .csv or .json")
+
+
+def tracks_path(out: Path) -> Path:
+    """Where the per-track table of a CSV `out` goes: ages.csv -> ages_tracks.csv."""
+    return out.with_name(f"{out.stem}_tracks.csv")
+
+
+def video_document(entry: VideoEntry) -> dict:
+    result = entry.result
+    if result is None:
+        return {"path": str(entry.path), "video": None, "tracks": [], "faces": [], "error": entry.error}
+    info = result.info
+    return {
+        "path": str(entry.path),
+        "video": {
+            "fps": info.fps,
+            "frame_count": info.frame_count,
+            "width": info.width,
+            "height": info.height,
+            "sampled_fps": result.rate,
+            "sampled_frames": result.frames,
+        },
+        "tracks": [t.as_dict() for t in result.tracks],
+        "faces": [f.as_dict() for f in result.faces],
+        "error": entry.error,
+    }
+
+
+def track_line(path: Path, track: TrackSummary) -> str:
+    age = f"{track.age:.0f}"
+    if track.interval is not None:
+        age += f" ({track.interval[0]:.0f}-{track.interval[1]:.0f})"
+    return (
+        f"{path}\ttrack {track.track_id}\t{track.first_time:.1f}-{track.last_time:.1f} s\t"
+        f"{track.frames} frames\tage {age}"
+    )
+
+
+def predict_videos(
+    predictor: AgePredictor, paths: Sequence[Path], args: argparse.Namespace
+) -> Iterator[VideoEntry]:
+    """One entry per video, in order: tracked faces, or the reason it was skipped."""
+    for path in paths:
+        entry = VideoEntry(path)
+        annotate = Path(args.annotate) / f"{path.stem}_ages.mp4" if args.annotate else None
+        try:
+            entry.result = predict_video(
+                predictor,
+                path,
+                every=args.every,
+                fps=None if args.every else args.fps or VIDEO_FPS,
+                annotate_to=annotate,
+                detect_max_side=args.detect_side or None,
+            )
+        except (ImageReadError, OSError) as err:
+            entry.error = str(err)
+        else:
+            if not entry.result.tracks:
+                entry.error = (
+                    f"no face found in the {entry.result.frames} sampled frames of {path}; "
+                    "pass --every 1 to look at every frame"
+                )
+        yield entry
 
 
 def annotate_to(result: PhotoResult, folder: Path) -> Path:
@@ -136,16 +254,16 @@ PREDICTOR_ERRORS = (ModelFileError, DetectorUnavailableError, DeviceError, Predi
 def build_predictor(args: argparse.Namespace) -> AgePredictor:
     """The predictor of `add_predictor_arguments`' options (predict, serve). The model is loaded
     before the detector, so a wrong --model fails before any detector download."""
-    if args.backend == "onnx":
-        if args.tta:
-            raise PredictorOptionsError("--tta needs --backend torch: an ONNX export has no flip averaging")
-        from age_detect_resnet.export.exporting import load_onnx_predictor  # onnxruntime only when asked for
-
-        predictor = load_onnx_predictor(args.model, batch_size=args.batch_size, threads=args.threads)
-    else:
-        device = select_device(args.device)
-        model = load_trained_model(args.model, device)
-        predictor = AgePredictor(model, device=device, batch_size=args.batch_size, tta_flip=args.tta)
+    if args.backend == "onnx" and args.tta:
+        raise PredictorOptionsError("--tta needs --backend torch: an ONNX export has no flip averaging")
+    predictor = load_predictor(
+        args.model,
+        backend=args.backend,
+        device=select_device(args.device) if args.backend == "torch" else "cpu",
+        batch_size=args.batch_size,
+        tta_flip=args.tta,
+        threads=args.threads,
+    )
     predictor.detector = None if args.no_detect else create_detector(args.detector, args.detector_model)
     return predictor
 
@@ -177,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         log.error("--output %s must end in .csv or .json", args.output)
         return 2
+    if (args.every is not None and args.every < 1) or (args.fps is not None and not args.fps > 0):
+        log.error("--every must be at least 1 and --fps above 0")
+        return 2
     try:
         predictor = build_predictor(args)
     except PREDICTOR_ERRORS as err:
@@ -185,8 +306,11 @@ def run(args: argparse.Namespace) -> int:
     paths, problems = expand_inputs(args.paths)
     for problem in problems:
         log.error("%s", problem)
+    videos = [p for p in paths if is_video(p)]
     results = []
-    for result in predict_photos(predictor, paths, max_file_mb=args.max_file_mb):
+    for result in predict_photos(
+        predictor, [p for p in paths if not is_video(p)], max_file_mb=args.max_file_mb
+    ):
         results.append(result)
         if result.error:
             log.error("%s", result.error)
@@ -196,27 +320,53 @@ def run(args: argparse.Namespace) -> int:
             print(f"{result.path}\tface {face.face_index}\tbox {x1},{y1},{x2},{y2}\tage {age_label(face)}")
         if args.annotate:
             annotate_to(result, Path(args.annotate))
+    entries = []
+    for entry in predict_videos(predictor, videos, args):
+        entries.append(entry)
+        if entry.error:
+            log.error("%s", entry.error)
+            continue
+        for track in entry.result.tracks:
+            print(track_line(entry.path, track))
     if args.output:
-        write_output(results, Path(args.output))
-    failed = len(problems) + sum(r.error is not None for r in results)
+        write_output(results, Path(args.output), videos=entries)
+    failed = (
+        len(problems) + sum(r.error is not None for r in results) + sum(e.error is not None for e in entries)
+    )
     if failed:
         log.error("%d of %d input(s) failed", failed, len(paths) + len(problems))
     return 1 if failed else 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image or video files, folders or glob patterns"
+    )
     add_predictor_arguments(parser)
     parser.add_argument("--output", help="write the results to FILE.csv (one row per face) or FILE.json")
-    parser.add_argument("--annotate", help="save each photo with boxes and ages into this folder")
-    parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB, help="skip larger files")
+    parser.add_argument(
+        "--annotate",
+        help="save each photo (and video, as <stem>_ages.mp4) with boxes and ages into this folder",
+    )
+    parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB, help="skip larger photos")
+    stride = parser.add_mutually_exclusive_group()
+    stride.add_argument(
+        "--fps",
+        type=float,
+        help=f"videos: predict this many frames per second of video (default {VIDEO_FPS:g})",
+    )
+    stride.add_argument("--every", type=int, help="videos: predict every N-th frame instead (1: all)")
+    parser.add_argument(
+        "--detect-side",
+        type=int,
+        default=VIDEO_DETECT_SIDE,
+        help=f"videos: detect faces on the frame scaled to this longer side (default {VIDEO_DETECT_SIDE}; "
+        "0: the detector's own limit, 1280); smaller is faster but misses small faces",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="age-detect predict", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return command_main("age-detect predict", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.data.dataset import to_input_tensor
+from age_detect_resnet.data.sources import DataError
 from age_detect_resnet.faces import detection as faces
 from age_detect_resnet.faces.align import Aligner
 from age_detect_resnet.faces.detection import largest_face
@@ -262,7 +263,7 @@ def _prepare_aligned(
                 array[row] = result
                 found.append(landmarks)
         if missing and not found:
-            raise ValueError(
+            raise DataError(
                 f"no face was found in any of the {len(files)} training images (e.g. {files[0]}); "
                 "train without --align, or check the images"
             )

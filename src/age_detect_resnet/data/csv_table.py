@@ -1,6 +1,7 @@
-"""CSV adapter: any dataset given as a CSV with `path,age` columns (optional `person_id`, `gender`), or
+"""CSV adapter: any dataset given as a CSV with `path,age` columns (optional `person_id`), or
 labelled with age groups as `path,age_low,age_high` (both inclusive; optional `age_group` name): the
-`age` is then the group's midpoint and evaluation reports the share predicted inside each group."""
+`age` is then the group's midpoint and evaluation reports the share predicted inside each group.
+Every other column (e.g. `gender`, `ethnicity`) is kept, so `evaluate --by` can break the error down by it."""
 
 from __future__ import annotations
 

@@ -14,6 +14,11 @@ from age_detect_resnet.data.utkface import is_image_file, load_utkface
 log = logging.getLogger(__name__)
 
 
+class DataError(ValueError):
+    """Data that cannot be used as asked (nothing left after filtering, no faces to align); the
+    message says what to change."""
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """No dataset where the user pointed; the message says what to download and where to put it."""
 
@@ -60,7 +65,7 @@ def load_table(
         return load_utkface(data_root), data_root
     if dataset == "csv":
         return load_csv_table(data_root), image_root(dataset, data_root)
-    raise ValueError(f"unknown dataset {dataset!r}; use imdb-wiki, utkface or csv")
+    raise DataError(f"unknown dataset {dataset!r}; use imdb-wiki, utkface or csv")
 
 
 def _imdb_wiki_table(data_root: Path, meta: Path | None, min_face_score: float | None) -> pd.DataFrame:

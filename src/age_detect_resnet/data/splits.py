@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from age_detect_resnet.atomic import atomic_path
-from age_detect_resnet.data.sources import load_table
+from age_detect_resnet.data.sources import DataError, load_table
 from age_detect_resnet.data.tabular import (
     assign_splits,
     drop_duplicate_images,
@@ -55,7 +55,7 @@ def prepare_splits(data: DataConfig, *, seed: int) -> PreparedData:
         removed["over --limit"] = len(table) - data.limit
         table = table.iloc[np.sort(np.random.default_rng(seed).choice(len(table), data.limit, replace=False))]
     if table.empty:
-        raise ValueError(f"no images of ages {data.min_age}-{data.max_age} left in {data.data_root}")
+        raise DataError(f"no images of ages {data.min_age}-{data.max_age} left in {data.data_root}")
     table = table.assign(
         split=assign_splits(
             table, val_fraction=data.val_fraction, test_fraction=data.test_fraction, seed=seed

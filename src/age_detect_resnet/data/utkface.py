@@ -1,4 +1,4 @@
-"""UTKFace adapter: ages (and gender, race) from file names like `25_0_2_20170116174525125.jpg.chip.jpg`."""
+"""UTKFace adapter: age, gender and ethnicity from names like `25_0_2_20170116174525125.jpg.chip.jpg`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from age_detect_resnet.images import IMAGE_SUFFIXES
+
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # The age is always the first field; gender (0 male, 1 female) and race (0-4) follow where present.
 # Upstream has a few malformed names (race missing, a stray space, a missing dot): parse those too.
 _NAME = re.compile(r"^\s*(?P<age>\d{1,3})_(?:(?P<gender>[01])_)?(?:(?P<race>[0-4])_)?")
 _GENDER = {"0": "male", "1": "female"}
+# UTKFace's race codes 0-4 in words: the `ethnicity` column, the name other datasets use for it.
+ETHNICITIES = ("white", "black", "asian", "indian", "others")
 
 
 def parse_utkface_name(name: str) -> dict[str, object] | None:
@@ -50,5 +53,10 @@ def load_utkface(root: Path) -> pd.DataFrame:
             ", ".join(unparsable[:10]) + (" ..." if len(unparsable) > 10 else ""),
         )
     df = pd.DataFrame(rows, columns=["path", "age", "gender", "race"])
+    # A field missing from a malformed name is a missing value, so that it never forms a group of its own.
+    df = df.assign(
+        gender=df["gender"].replace("", None),
+        ethnicity=df["race"].map(dict(enumerate(ETHNICITIES))).astype(object),
+    )
     # UTKFace has no identities: every image is its own group when splitting.
     return df.assign(person_id=None, source="utkface")

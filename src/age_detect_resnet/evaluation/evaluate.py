@@ -3,6 +3,7 @@
     age-detect evaluate --model runs/NAME                                  # the run's saved test split
     age-detect evaluate --model runs/NAME --dataset csv --data-root other.csv --split all
     age-detect evaluate --model runs/NAME --dataset csv --data-root photos.csv --split all --detect
+    age-detect evaluate --model runs/NAME --by gender,ethnicity            # error per group of people
 
 Writes predictions.csv, evaluation.json, evaluation.md and plots/ into --out
 (default: <run>/eval-<dataset>-<split>).
@@ -13,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -23,12 +22,13 @@ import torch
 from age_detect_resnet.data.dataset import AgeDataset, FileImages, make_loader
 from age_detect_resnet.data.sources import DatasetNotFoundError, image_root, load_table
 from age_detect_resnet.data.splits import PreparedData, load_split
+from age_detect_resnet.evaluation.groups import group_errors
 from age_detect_resnet.evaluation.report import evaluation_metrics, prediction_frame, write_evaluation
 from age_detect_resnet.faces.align import Aligner, framing_of
 from age_detect_resnet.faces.detection import DetectorUnavailableError, largest_faces
 from age_detect_resnet.images import ImageReadError
-from age_detect_resnet.inference.predictor import image_size_of
 from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
 from age_detect_resnet.training.config import DATASETS, ConfigError
 from age_detect_resnet.training.engine import evaluate
@@ -57,12 +57,48 @@ def evaluation_table(args: argparse.Namespace, run_dir: Path | None) -> tuple[pd
                 "saved there as split.csv); for another dataset use --split all"
             )
         prepared: PreparedData = load_split(run_dir / "split.csv", image_root(dataset, data_root))
-        return prepared.split("test"), prepared.root, dataset
+        test = with_attributes(prepared.split("test"), args.by, dataset, data_root, args.meta)
+        return test, prepared.root, dataset
     table, root = load_table(dataset, data_root, meta=Path(args.meta) if args.meta else None)
+    check_by(args.by, set(table.columns), data_root)
     table = table[table["age"].between(args.min_age, args.max_age)]
     if args.limit is not None:
         table = table.sample(min(args.limit, len(table)), random_state=0)
     return table.reset_index(drop=True), root, dataset
+
+
+def by_columns(text: str | None) -> list[str]:
+    """`--by gender,ethnicity` as a list of column names, in order, without repeats."""
+    names = [name.strip() for name in (text or "").split(",")]
+    return list(dict.fromkeys(name for name in names if name))
+
+
+# Columns of every table that are no attribute of the person in the image.
+NOT_ATTRIBUTES = frozenset({"path", "age", "split", "source", "sha1", "face_found"})
+
+
+def with_attributes(
+    table: pd.DataFrame, by: list[str], dataset: str, data_root: Path, meta: str | None
+) -> pd.DataFrame:
+    """A saved split keeps only path, age, person_id and split: join the `--by` columns it lacks from
+    the dataset's own table (for UTKFace, parsed from the file names again)."""
+    lacking = [name for name in by if name not in table.columns]
+    if not lacking:
+        return table
+    full, _ = load_table(dataset, data_root, meta=Path(meta) if meta else None)
+    check_by(by, set(table.columns) | set(full.columns), data_root)
+    attributes = full.drop_duplicates("path").set_index("path")[lacking]
+    return table.join(attributes, on="path")
+
+
+def check_by(by: list[str], available: set[str], data_root: Path) -> None:
+    """Refuse `--by` names that are no column of the dataset, naming the columns that are."""
+    unknown = [name for name in by if name not in available]
+    if not unknown:
+        return
+    usable = sorted(available - NOT_ATTRIBUTES)
+    hint = f"available: {', '.join(usable)}" if usable else "it has no columns besides path and age"
+    raise ConfigError(f"--by {', '.join(unknown)}: no such column in the dataset at {data_root}; {hint}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,8 +134,12 @@ def run(args: argparse.Namespace) -> int:
         _, predictions = evaluate(
             model, loader, device=device, autocast=autocast, tta_flip=args.tta, desc="evaluate"
         )
-        frame = prediction_frame(table, predictions, model)
+        # person_id too: the error of two photos of one person is one draw for the groups' intervals
+        by_columns_kept = [*args.by, "person_id"] if args.by else []
+        frame = prediction_frame(table, predictions, model, extra_columns=by_columns_kept)
         metrics = evaluation_metrics(frame, model)
+        if args.by:
+            metrics["by"] = group_errors(frame, args.by)
         extra = {
             "model": str(model_path),
             "dataset": f"{dataset} at {root}",
@@ -152,19 +192,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
     parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
+    parser.add_argument(
+        "--by",
+        type=by_columns,
+        default="",
+        metavar="COLUMNS",
+        help="comma list of label columns to break the error down by, e.g. gender,ethnicity",
+    )
     parser.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="age-detect evaluate", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pandas as pd
 import torch
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
+from age_detect_resnet.evaluation.groups import groups_markdown, plot_groups
 from age_detect_resnet.evaluation.metrics import (
     age_metrics,
     classification_metrics,
@@ -23,7 +25,6 @@ from age_detect_resnet.evaluation.plots import (
     plot_group_errors,
     plot_predicted_vs_true,
 )
-from age_detect_resnet.modeling.heads import BinsHead, DistributionHead
 from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.training.engine import Predictions
 
@@ -31,25 +32,27 @@ from age_detect_resnet.training.engine import Predictions
 GROUP_LABEL_COLUMNS = ("age_group", "age_low", "age_high")
 
 
-def prediction_frame(table: pd.DataFrame, predictions: Predictions, model: AgeModel) -> pd.DataFrame:
-    """One row per evaluated image: its table columns, the prediction, and head-specific extras."""
+def prediction_frame(
+    table: pd.DataFrame, predictions: Predictions, model: AgeModel, *, extra_columns: Sequence[str] = ()
+) -> pd.DataFrame:
+    """One row per evaluated image: its table columns, the prediction, and head-specific extras;
+    `extra_columns` are further table columns to keep (the attributes `evaluate --by` groups by)."""
     rows = table.iloc[predictions.indices]
     frame = pd.DataFrame(
         {"path": rows["path"].to_numpy(), "age": predictions.ages, "predicted": predictions.predicted}
     )
     frame["error"] = frame["predicted"] - frame["age"]
-    for column in GROUP_LABEL_COLUMNS:
+    for column in (*GROUP_LABEL_COLUMNS, *extra_columns):
         if column in rows:
             frame[column] = rows[column].to_numpy()
     head, outputs = model.head, torch.from_numpy(predictions.outputs)
-    if isinstance(head, DistributionHead) and len(frame):
-        bounds = head.interval_bounds(outputs.to(head.centres.device)).cpu().numpy()
-        frame["lower"], frame["upper"] = bounds[:, 0], bounds[:, 1]
-    if isinstance(head, BinsHead) and len(frame):
-        frame["true_group"] = head.bin_of(
-            torch.as_tensor(frame["age"].to_numpy(dtype=float, copy=True))
-        ).numpy()
-        frame["predicted_group"] = outputs.argmax(dim=1).numpy()
+    if len(frame):
+        outputs = outputs.to(next(head.parameters()).device)
+        readout = head.predict(outputs)  # "age" is `predicted` already; the rest (e.g. lower, upper) join it
+        labels = head.label_columns(outputs, torch.as_tensor(frame["age"].to_numpy(dtype=float, copy=True)))
+        for name, values in {**readout, **labels}.items():
+            if name != "age":
+                frame[name] = values.cpu().numpy()
     return frame
 
 
@@ -157,9 +160,13 @@ def write_evaluation(
     if "classification" in metrics:
         cl = metrics["classification"]
         written["confusion"] = plot_confusion(cl["confusion"], cl["groups"], plots / "confusion.png")
+    if "by" in metrics:
+        written.update(plot_groups(metrics["by"], plots))
     markdown = [f"# {title}", ""]
     markdown += [f"- {key}: {value}" for key, value in (extra or {}).items()] + [""]
     markdown += [metrics_markdown(metrics)]
+    if "by" in metrics:
+        markdown += [groups_markdown(metrics["by"])]
     markdown += [f"![{name}](plots/{path.name})" for name, path in written.items()]
     write_text_atomic(out_dir / "evaluation.md", "\n".join(markdown) + "\n")
     return written

@@ -16,18 +16,21 @@ def age_label(face: FacePrediction) -> str:
     return f"{face.age:.0f} ({low:.0f}-{high:.0f})"
 
 
-def draw_predictions(image: Image.Image, faces: Sequence[FacePrediction]) -> Image.Image:
-    """A copy of `image` with every face boxed and labelled with its age; line widths and text
-    scale with the photo so labels stay legible on large and small images."""
+def draw_predictions(
+    image: Image.Image, faces: Sequence[FacePrediction], *, labels: Sequence[str] | None = None
+) -> Image.Image:
+    """A copy of `image` with every face boxed and labelled with its age (or with `labels`, one per
+    face: a video's track and steady age); line widths and text scale with the photo so labels stay
+    legible on large and small images."""
     annotated = image.convert("RGB").copy()
     draw = ImageDraw.Draw(annotated)
     scale = max(annotated.size) / 800
     width = max(2, round(3 * scale))
     font = ImageFont.load_default(size=max(12, round(22 * scale)))
-    for face in faces:
+    for index, face in enumerate(faces):
         x1, y1, x2, y2 = face.box
         draw.rectangle((x1, y1, x2, y2), outline=(40, 220, 90), width=width)
-        text = age_label(face)
+        text = labels[index] if labels is not None else age_label(face)
         left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
         height = bottom - top
         y = y1 - height - 2 * width if y1 - height - 2 * width >= 0 else y2 + width

@@ -1,6 +1,6 @@
 """Using a trained model: the seed's API, a batched photo predictor with face detection, and the grid.
 
-from age_detect_resnet.inference.predictor import load_trained_model, predict_age_for_image
+from age_detect_resnet.inference import load_trained_model, predict_age_for_image
 model = load_trained_model("runs/utkface-resnet50-regression", "cpu")
 age, image = predict_age_for_image("face.jpg", model, "cpu")      # the image is the face (no detection)
 
@@ -11,7 +11,7 @@ for face in predictor.predict("group_photo.jpg"):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -32,55 +32,16 @@ from age_detect_resnet.faces.detection import (
     largest_face,
 )
 from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.inference.backends import AgeRunner, TorchRunner, load_runner
 from age_detect_resnet.modeling import checkpoint
-from age_detect_resnet.modeling.heads import DistributionHead
+from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.modeling.model import AgeModel
-from age_detect_resnet.runtime import autocast_factory, resolve_precision
-
-# (B, 3, S, S) uint8 -> {"age": (B,), and for models with intervals "lower"/"upper": (B,)}
-AgeRunner = Callable[[torch.Tensor], dict[str, np.ndarray]]
 
 
 def load_trained_model(path: str | Path | None = "default", device: str | torch.device = "cpu") -> AgeModel:
     """The trained model in a run folder (or its best.safetensors; `default`: the model bundled with
     the package), in eval mode on `device`."""
     return checkpoint.load_model(path, torch.device(device))
-
-
-def image_size_of(model: AgeModel) -> int:
-    return int(model.metadata.get("image_size", 224))
-
-
-class TorchRunner:
-    """Runs an `AgeModel` on batches: inference mode, bf16 autocast where the hardware has it,
-    channels_last, optional flip test-time augmentation."""
-
-    def __init__(
-        self,
-        model: AgeModel,
-        device: str | torch.device = "cpu",
-        *,
-        precision: str = "auto",
-        tta_flip: bool = False,
-    ) -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
-        self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
-        self.tta_flip = tta_flip
-
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
-        images = images.to(self.device, memory_format=torch.channels_last)
-        with self.autocast():
-            outputs = self.model(images).float()
-            if self.tta_flip:
-                outputs = (outputs + self.model(images.flip(-1)).float()) / 2
-        head = self.model.head
-        result = {"age": head.decode(outputs).cpu().numpy()}
-        if isinstance(head, DistributionHead):
-            bounds = head.interval_bounds(outputs).cpu().numpy()
-            result["lower"], result["upper"] = bounds[:, 0], bounds[:, 1]
-        return result
 
 
 def predict_age_for_image(
@@ -100,7 +61,7 @@ def face_crop_input(image: Image.Image, metadata: dict[str, Any]) -> torch.Tenso
     """A face crop file as the model's uint8 (3, S, S) input. For a model trained on aligned faces the
     largest face is detected and aligned (its landmarks are needed); otherwise, and where no detector
     or no face is available, the whole image is resized."""
-    size = int(metadata.get("image_size", 224))
+    size = image_size_of(metadata)
     framing = framing_of(metadata)
     if isinstance(framing, LandmarkFraming):
         try:
@@ -149,8 +110,8 @@ class AgePredictor:
     grown by the training margins for older models), predict in batches.
 
     Without a detector each whole image is treated as one face (as `predict_age_for_image`).
-    `runner` replaces the PyTorch runner (e.g. ONNX Runtime, see export.py); with neither a model nor
-    a runner, the model bundled with the package is used.
+    `runner` replaces the PyTorch runner (e.g. ONNX Runtime: see backends.py and `load_predictor`);
+    with neither a model nor a runner, the model bundled with the package is used.
     """
 
     def __init__(
@@ -170,7 +131,7 @@ class AgePredictor:
             runner = TorchRunner(model, device, tta_flip=tta_flip)
         self.runner = runner
         self.metadata = metadata if metadata is not None else model.metadata
-        self.image_size = int(self.metadata.get("image_size", 224))
+        self.image_size = image_size_of(self.metadata)
         self.framing = framing_of(self.metadata)
         self.detector = detector
         self.batch_size = batch_size
@@ -234,6 +195,25 @@ class AgePredictor:
                 position += 1
             results.append(faces)
         return results
+
+
+def load_predictor(
+    model: AgeModel | Path | str | None = "default",
+    *,
+    backend: str = "torch",
+    device: str | torch.device = "cpu",
+    detector: FaceDetector | None = None,
+    batch_size: int = 32,
+    tta_flip: bool = False,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+) -> AgePredictor:
+    """A photo predictor on any backend (see `backends.load_runner`): same detection, framing and
+    resizing whichever runs the model."""
+    runner, metadata = load_runner(
+        model, backend=backend, device=device, tta_flip=tta_flip, threads=threads, providers=providers
+    )
+    return AgePredictor(runner=runner, metadata=metadata, detector=detector, batch_size=batch_size)
 
 
 def prediction_grid(

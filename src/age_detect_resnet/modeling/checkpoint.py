@@ -1,20 +1,18 @@
-"""Saving and loading: the best model as safetensors + JSON (no pickle), and a resumable training state.
+"""A trained model on disk: weights as safetensors (no pickle) + a JSON of everything needed to use it.
 
 best.safetensors   the weights
-best.json          architecture, head, image size, normalisation, age range, crop framing,
+best.json          architecture, head, image size, normalisation, age range, face framing,
                    the weights' sha256 (a changed or foreign file is refused)
-last.pt            model, optimizer, scheduler and RNG state of the last finished epoch,
-                   loaded with weights_only=True
+
+The resumable training state (last.pt) is training/state.py's; where a run keeps its files, run_folder.py's.
 """
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -23,10 +21,11 @@ from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.modeling import bundled
 from age_detect_resnet.modeling.model import AgeModel, model_from_description
+from age_detect_resnet.run_folder import RunFolder
 
 FORMAT = "age-detect-resnet/1"
-BEST = "best.safetensors"
-LAST = "last.pt"
+# Models saved before the image size was recorded were trained at torchvision's 224 px.
+DEFAULT_IMAGE_SIZE = 224
 
 
 class ModelFileError(ValueError):
@@ -69,7 +68,7 @@ def resolve_model_path(path: Path | str | None) -> Path:
             raise ModelFileError(str(err)) from err
     path = Path(path)
     if path.is_dir():
-        path = path / BEST
+        path = RunFolder(path).best
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist; pass a run folder (runs/NAME) or its best.safetensors")
     if path.suffix != ".safetensors":
@@ -120,39 +119,7 @@ def load_model(path: Path | str | None, device: torch.device | str = "cpu") -> A
     return model.to(device).eval()
 
 
-def rng_state() -> dict[str, Any]:
-    _, keys, position, *_ = np.random.get_state()
-    state = {
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(keys.astype(np.int64)),
-        "numpy_position": int(position),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(
-        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"], 0, 0.0)
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_training_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(Path(path)) as tmp:
-        torch.save(state, tmp)
-
-
-def load_training_state(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"nothing to resume: {path} does not exist (start without --resume)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle refusals and corrupt archives raise many types
-        raise ModelFileError(f"{path} is not a training state this project wrote ({err})") from err
+def image_size_of(model_or_metadata: AgeModel | dict[str, Any]) -> int:
+    """The side in pixels of the square faces a model takes (from its metadata)."""
+    metadata = model_or_metadata if isinstance(model_or_metadata, dict) else model_or_metadata.metadata
+    return int(metadata.get("image_size", DEFAULT_IMAGE_SIZE))

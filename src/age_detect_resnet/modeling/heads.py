@@ -37,9 +37,13 @@ def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.
 
 
 class AgeHead(nn.Module):
-    """Base class: `forward` gives raw outputs; `loss` and `decode` interpret them."""
+    """Base class: `forward` gives raw outputs; `loss` trains them; `predict` reads them out.
+
+    `predict` is the one readout every consumer uses (training metrics, reports, the runtime backends,
+    the exported graph): a dict named by `output_names`, each (B,) — "age" always first."""
 
     kind = "base"
+    output_names: tuple[str, ...] = ("age",)
 
     def __init__(self, in_features: int, hidden_dim: int, outputs: int) -> None:
         super().__init__()
@@ -57,6 +61,17 @@ class AgeHead(nn.Module):
     def decode(self, outputs: torch.Tensor) -> torch.Tensor:
         """(B, K) raw outputs -> (B,) ages in years."""
         raise NotImplementedError
+
+    def predict(self, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, K) raw outputs -> {name: (B,)} for every name of `output_names`."""
+        return {"age": self.decode(outputs)}
+
+    def calibrate(self, outputs: torch.Tensor, ages: torch.Tensor) -> None:
+        """Fit the head's settings on validation outputs and ages (nothing to fit by default)."""
+
+    def label_columns(self, outputs: torch.Tensor, ages: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra per-sample columns of an evaluation report that need the true ages (none by default)."""
+        return {}
 
     def describe(self) -> dict[str, Any]:
         """What `create_head` needs to rebuild this head (stored in the model's metadata)."""
@@ -117,12 +132,18 @@ class BinsHead(ProbabilisticHead):
     def loss(self, outputs, ages, weights=None):
         return _weighted_mean(F.cross_entropy(outputs.float(), self.bin_of(ages), reduction="none"), weights)
 
+    def label_columns(self, outputs, ages):
+        """The true and the most probable group, for the report's confusion matrix."""
+        return {"true_group": self.bin_of(ages), "predicted_group": outputs.argmax(dim=1)}
+
     def describe(self):
         return {**super().describe(), "min_age": self.min_age, "max_age": self.max_age}
 
 
 class DistributionHead(ProbabilisticHead):
     kind = "distribution"
+    output_names = ("age", "lower", "upper")
+    quantile_level: torch.Tensor
 
     def __init__(
         self,
@@ -138,9 +159,28 @@ class DistributionHead(ProbabilisticHead):
         self.label_sigma = label_sigma
         self.expectation_weight = expectation_weight
         self.interval = interval
-        # The central probability mass whose quantiles give an interval with `interval` coverage;
-        # set on validation data by `calibrate_interval` (the raw softmax is usually over-confident).
-        self.interval_quantile_level = interval_quantile_level or interval
+        # The central probability mass whose quantiles give an interval with `interval` coverage; set on
+        # validation data by `calibrate_interval` (the raw softmax is usually over-confident). A buffer,
+        # so that the training state and the saved weights carry it with the rest of the head.
+        self.register_buffer("quantile_level", torch.tensor(float(interval_quantile_level or interval)))
+
+    @property
+    def interval_quantile_level(self) -> float:
+        return float(self.quantile_level)
+
+    @interval_quantile_level.setter
+    def interval_quantile_level(self, level: float) -> None:
+        self.quantile_level.fill_(float(level))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Models saved before the level was a buffer carry it in their metadata only, from which this
+        # head was built: keep that value.
+        state_dict.setdefault(prefix + "quantile_level", self.quantile_level.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def predict(self, outputs):
+        bounds = self.interval_bounds(outputs)
+        return {"age": self.decode(outputs), "lower": bounds[:, 0], "upper": bounds[:, 1]}
 
     def target_distribution(self, ages: torch.Tensor) -> torch.Tensor:
         """(B,) ages -> (B, 101) soft labels: a Gaussian around each age, or one-hot when sigma is 0."""
@@ -170,8 +210,9 @@ class DistributionHead(ProbabilisticHead):
 
     def interval_bounds(self, outputs: torch.Tensor, level: float | None = None) -> torch.Tensor:
         """(B, 2) lower and upper age of the calibrated interval."""
-        level = self.interval_quantile_level if level is None else level
-        tails = torch.tensor([(1 - level) / 2, (1 + level) / 2])
+        # The buffer itself, not its float value, so that an exported graph reads the calibrated level.
+        level = self.quantile_level if level is None else torch.tensor(float(level))
+        tails = torch.stack([(1 - level) / 2, (1 + level) / 2])
         return self.quantiles(outputs, tails)
 
     def calibrate_interval(self, outputs: torch.Tensor, ages: torch.Tensor) -> float:
@@ -184,6 +225,9 @@ class DistributionHead(ProbabilisticHead):
             low, high = (mid, high) if covered < self.interval else (low, mid)
         self.interval_quantile_level = high
         return high
+
+    def calibrate(self, outputs, ages):
+        self.calibrate_interval(outputs, ages)
 
     def describe(self):
         return {

@@ -133,6 +133,15 @@ def create_backbone(
     return spec.strip(model), spec.features
 
 
+def raw_outputs(model: nn.Module, images: torch.Tensor, *, tta_flip: bool = False) -> torch.Tensor:
+    """(B, K) float32 head outputs of `model` (an AgeModel, or one wrapped in DDP or compiled); with
+    `tta_flip` the mean of the image's and its mirror image's (test-time augmentation)."""
+    outputs = model(images).float()
+    if tta_flip:
+        outputs = (outputs + model(images.flip(-1)).float()) / 2
+    return outputs
+
+
 class AgeModel(nn.Module):
     """Backbone + head, taking uint8 or [0, 1] float images (B, 3, H, W) and normalising them itself,
     so every caller (training, inference, exported models) feeds the same raw pixels."""
@@ -163,6 +172,10 @@ class AgeModel(nn.Module):
         # The head runs in float32 even under autocast: bf16 would round ages to 0.25-year steps.
         with torch.autocast(device_type=features.device.type, enabled=False):
             return self.head(features.float())
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) -> the head's readout, {name: (B,)} (see `AgeHead.predict`)."""
+        return self.head.predict(self(images))
 
     def predict_ages(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B,) ages in years."""

@@ -101,6 +101,17 @@ class OptimConfig:
     schedule: str = _setting("constant", "learning-rate schedule", choices=("constant", "cosine"))
     warmup_epochs: float = _setting(0.0, "linear warm-up length in epochs")
     age_weighting: bool = _setting(False, "weight the loss by inverse age frequency (helps the rare ages)")
+    clip_grad_norm: float = _setting(
+        0.0, "clip the gradients' total L2 norm to this before each step (0 = off)"
+    )
+    accumulate: int = _setting(
+        1, "optimiser step every N batches (the effective batch is N x --batch-size; same memory)"
+    )
+    ema_decay: float = _setting(
+        0.0,
+        "keep an exponential moving average of the weights with this decay per step (e.g. 0.999); it is "
+        "validated and saved as the best model (0 = off)",
+    )
 
 
 @dataclass(frozen=True)
@@ -244,6 +255,12 @@ def _validate(config: Config) -> None:
         raise ConfigError("--align prepares the aligned faces once, in the image cache: add --cache")
     if not 0 < config.model.interval < 1:
         raise ConfigError(f"interval must be between 0 and 1, got {config.model.interval}")
+    optim = config.optim
+    if optim.accumulate < 1 or optim.clip_grad_norm < 0 or not 0 <= optim.ema_decay < 1:
+        raise ConfigError(
+            "need accumulate >= 1, clip_grad_norm >= 0 and 0 <= ema_decay < 1, got "
+            f"{optim.accumulate}, {optim.clip_grad_norm}, {optim.ema_decay}"
+        )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, *, only: tuple[str, ...] | None = None) -> None:

@@ -6,6 +6,7 @@ function (identity in a single process), so the same loops serve CPU, GPU and DD
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -17,7 +18,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from age_detect_resnet.data.dataset import Batch
-from age_detect_resnet.modeling.model import AgeModel
+from age_detect_resnet.modeling.model import AgeModel, raw_outputs
+from age_detect_resnet.training.ema import ModelEma
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,14 +52,22 @@ def train_one_epoch(
     reduce: Reduce = _no_reduce,
     progress: bool = True,
     module: AgeModel | None = None,
+    clip_grad_norm: float = 0.0,
+    accumulate: int = 1,
+    ema: ModelEma | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns the mean loss and MAE over all samples of all processes.
 
     `module` is the unwrapped model (for its head) when `model` is wrapped in DDP or compiled.
     `age_weights` (101,) weights each sample's loss by its age (inverse-frequency weighting).
+    The optimiser steps every `accumulate` batches (and after the last), on the mean of their
+    gradients, clipped to a total norm of `clip_grad_norm` (0: not clipped); under DDP the gradients
+    are reduced across processes only on those steps (`no_sync`). `ema` is updated after every step.
     """
-    head = (module or model).head
+    unwrapped = module or model
+    head = unwrapped.head
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, abs error sum, samples, skipped
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch} train", unit="batch", leave=False, disable=not progress)
@@ -73,24 +83,24 @@ def train_one_epoch(
             if age_weights is not None
             else None
         )
-        with autocast():
-            outputs = model(images)
-        loss = head.loss(outputs, ages, weights)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr or check the data "
-                "(the last good checkpoint is kept)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        steps_now = (step + 1) % accumulate == 0 or step + 1 == len(loader)
+        sync = contextlib.nullcontext() if steps_now or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast():
+                outputs = model(images)
+            loss = head.loss(outputs, ages, weights)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr or check the data "
+                    "(the last good checkpoint is kept)"
+                )
+            (scaler.scale(loss / accumulate) if scaler is not None else loss / accumulate).backward()
+        if steps_now:
+            optimizer_step(optimizer, unwrapped, scaler, clip_grad_norm)
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update(unwrapped)
         with torch.no_grad():
             n = ages.numel()
             totals[0] += loss.detach().double() * n
@@ -110,6 +120,26 @@ def train_one_epoch(
         "skipped": totals[3].item(),
         "seconds": time.perf_counter() - start,
     }
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    scaler: torch.amp.GradScaler | None,
+    clip_grad_norm: float,
+) -> None:
+    """Clip (when asked), step and clear the gradients; with an fp16 scaler, unscaled first."""
+    if scaler is not None:
+        if clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        if clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @dataclass
@@ -151,9 +181,7 @@ def evaluate(
         images = to_device(batch.images, device, channels_last=channels_last)
         ages = batch.ages.to(device, non_blocking=True)
         with autocast():
-            outputs = model(images).float()
-            if tta_flip:
-                outputs = (outputs + model(images.flip(-1)).float()) / 2
+            outputs = raw_outputs(model, images, tta_flip=tta_flip)
         predicted = head.decode(outputs)
         totals[0] += head.loss(outputs, ages).double() * ages.numel()
         totals[1] += (predicted - ages).abs().sum().double()

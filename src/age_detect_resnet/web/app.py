@@ -16,6 +16,28 @@ Memory stays bounded under load: a request is admitted (or refused with 503) bef
 so at most max-concurrent + max-queue uploads of at most max-upload-mb are held, and only
 max-concurrent photos are decoded at a time; the model runs in worker threads, so the page and the
 health check keep answering while photos queue.
+
+Live camera. The page's "Live camera" mode films with getUserMedia and sends a frame (a JPEG at most
+640 px wide) every 1/--live-fps seconds, the next one only after the previous answer, to
+POST /api/track?session=ID, where ID is chosen by the page (8-64 letters, digits, "-" or "_"; a new one
+each time the camera is started) and the frame is the multipart field `file`, as for /api/predict.
+Each session has its own FaceTracker (age_detect_resnet.video.tracking), so a person keeps a track id
+and a steady age (the median over their frames) while they stay in view:
+  200  {"faces": [{track_id, x1, y1, x2, y2, age, steady_age[, steady_low, steady_high], track_frames}],
+        "image": {"width", "height"}, "session": {"id", "frames", "seconds"}}; no face is not an error here
+  422  the session id is missing or malformed (and as for /api/predict: no multipart field `file`)
+  429  (with Retry-After) the session's previous frame is still being answered, or this frame came
+       sooner than 0.8/--live-fps seconds after the session's previous one: the frame is dropped, unread,
+       and the client simply sends a later one; the 20% slack absorbs network jitter for a page that
+       keeps to --live-fps
+  503  --live-sessions cameras are each waiting for an answer, or the prediction queue is full
+  413, 415 as for /api/predict; the upload and pixel limits, and the admission queue, are shared with it
+Frame times are the server's clock at the frame's arrival (seconds since the session's first frame),
+not a client timestamp: it cannot go backwards or be forged, and it is the clock the rate limit uses.
+Work per client is bounded: one frame in flight and --live-fps frames per second per session, and at
+most --live-sessions sessions; a session with no frame for 60 s is forgotten, and when all are taken a
+new session replaces the least recently used one that is not waiting for an answer (that camera's next
+frame starts afresh with new track ids).
 """
 
 from __future__ import annotations
@@ -24,9 +46,14 @@ import argparse
 import contextlib
 import copy
 import logging
+import math
+import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
@@ -46,6 +73,7 @@ from age_detect_resnet.cli.predict import PREDICTOR_ERRORS, add_predictor_argume
 from age_detect_resnet.faces.detection import Face, FaceDetector
 from age_detect_resnet.images import MAX_IMAGE_PIXELS, ImageReadError, ImageTooLargeError, load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction
+from age_detect_resnet.video.tracking import FaceTracker
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +86,18 @@ MULTIPART_OVERHEAD = 64 * 1024
 DEFAULT_MAX_CONCURRENT = 2
 DEFAULT_MAX_QUEUE = 16
 PAGE_PLACEHOLDER = "__MAX_UPLOAD_BYTES__"
+LIVE_FPS_PLACEHOLDER = "__LIVE_FPS__"
+DEFAULT_LIVE_FPS = 4.0  # enough for boxes that follow a face; each frame costs a full prediction
+# A frame may reach the server up to 20% sooner than 1/fps after the previous one: the page keeps to
+# the rate when it sends, and network delays vary from request to request.
+FRAME_GAP_SLACK = 0.8
+DEFAULT_LIVE_SESSIONS = 32
+SESSION_IDLE_S = 60.0  # a page whose camera was stopped (or closed) frees its session after this
+# The page sends a frame every 1/fps s, but a busy server answers later than that; two seconds keeps a
+# person's track through a few slow answers, and is still short enough that someone else stepping in
+# where they were later gets a new track.
+LIVE_MAX_MISSED = 2.0
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 NO_FACE = (
     "no face found in the photo; use one where the face is large, sharp, lit from the front "
     "and turned to the camera"
@@ -79,6 +119,20 @@ PREDICT_OPENAPI = {
             }
         },
     }
+}
+
+
+TRACK_OPENAPI = {
+    **PREDICT_OPENAPI,
+    "parameters": [
+        {
+            "name": "session",
+            "in": "query",
+            "required": True,
+            "description": "the camera's session id, chosen by the client: 8-64 of A-Z a-z 0-9 - _",
+            "schema": {"type": "string", "pattern": SESSION_ID.pattern},
+        }
+    ],
 }
 
 
@@ -129,6 +183,114 @@ class PredictionGate:
             self._admitted -= 1
 
 
+@dataclass
+class LiveSession:
+    """One camera's state between frames: its tracker, and what the rate limit needs."""
+
+    tracker: FaceTracker
+    started: float  # server clock at the first frame
+    last_frame: float  # server clock at the last frame let in
+    busy: bool = False  # a frame is between arrival and answer
+    frames: int = 0  # frames tracked
+
+
+class LiveSessions:
+    """The live cameras' trackers, keyed by the client's session id, with the work each may cause
+    bounded: one frame at a time per session, frames at least `min_gap` seconds apart, at most
+    `max_sessions` sessions (idle ones forgotten after `idle_s`, otherwise the least recently used one
+    that is not busy gives way to a new one).
+
+    Only touched on the event loop (the model runs in worker threads, the tracker does not), so it
+    needs no lock; `clock` is the server's clock, also the time axis of every tracker.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_sessions: int = DEFAULT_LIVE_SESSIONS,
+        min_gap: float = FRAME_GAP_SLACK / DEFAULT_LIVE_FPS,
+        idle_s: float = SESSION_IDLE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_sessions < 1 or min_gap < 0 or idle_s <= 0:
+            raise ValueError(
+                f"max_sessions must be >= 1, min_gap >= 0 and idle_s > 0, not {max_sessions}, "
+                f"{min_gap}, {idle_s}"
+            )
+        self.max_sessions = max_sessions
+        self.min_gap = min_gap
+        self.idle_s = idle_s
+        self.clock = clock
+        self._sessions: OrderedDict[str, LiveSession] = OrderedDict()  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    @contextlib.contextmanager
+    def frame(self, session_id: str) -> Iterator[tuple[LiveSession, float]]:
+        """Let one frame of `session_id` in (or refuse it: 429, 503) and hold the session busy until
+        the frame is answered; yields the session and the frame's time in seconds since its start."""
+        now = self.clock()
+        self._forget_idle(now)
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = self._open(session_id, now)
+        elif session.busy:
+            raise HTTPException(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                "this camera's previous frame is still being answered; send the next frame after its answer",
+                headers={"Retry-After": "1"},
+            )
+        elif now - session.last_frame < self.min_gap:
+            raise HTTPException(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                f"frames of one camera must come at least {self.min_gap:.3g} s apart; this one was "
+                "dropped, send a later one",
+                headers={"Retry-After": str(max(1, math.ceil(self.min_gap)))},
+            )
+        self._sessions.move_to_end(session_id)
+        session.busy, session.last_frame = True, now
+        try:
+            yield session, now - session.started
+        finally:
+            session.busy = False
+
+    def _forget_idle(self, now: float) -> None:
+        for session_id, session in list(self._sessions.items()):
+            if not session.busy and now - session.last_frame > self.idle_s:
+                del self._sessions[session_id]
+
+    def _open(self, session_id: str, now: float) -> LiveSession:
+        if len(self._sessions) >= self.max_sessions:
+            victim = next((key for key, s in self._sessions.items() if not s.busy), None)
+            if victim is None:
+                raise HTTPException(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    f"the server is already following {self.max_sessions} live cameras; retry in a moment",
+                    headers={"Retry-After": "1"},
+                )
+            log.info("live session %s replaced by %s: %d sessions at most", victim, session_id, len(self))
+            del self._sessions[victim]
+        session = LiveSession(FaceTracker(max_missed=LIVE_MAX_MISSED), started=now, last_frame=now)
+        self._sessions[session_id] = session
+        return session
+
+
+def checked_session_id(value: str | None) -> str:
+    """The query parameter `session`, or 422 saying what a valid one looks like."""
+    if value is None or not SESSION_ID.fullmatch(value):
+        shown = "no session id" if value is None else f"the session id {value[:80]!r} is not valid"
+        raise HTTPException(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            f"{shown}; pass ?session= with 8-64 letters, digits, '-' or '_' (the same for every frame "
+            "of one camera)",
+        )
+    return value
+
+
 def too_large(max_bytes: int) -> HTTPException:
     return HTTPException(
         HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -171,11 +333,13 @@ def check_upload_headers(request: Request, max_bytes: int) -> None:
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str]:
     """The bytes and display name of the multipart field `file`; 413 as soon as the body outgrows
-    `max_bytes`, 422 when the field is missing."""
+    `max_bytes`, 422 when the field is missing, 400 when the client hangs up halfway."""
     cap = max_bytes + MULTIPART_OVERHEAD
     parser = MultiPartParser(request.headers, capped(request.stream(), cap), max_files=1, max_fields=16)
     try:
         form = await parser.parse()
+    except ClientDisconnect:
+        raise HTTPException(HTTPStatus.BAD_REQUEST, "the upload was interrupted") from None
     except UploadTooLargeError:
         raise too_large(max_bytes) from None
     except MultiPartException as err:
@@ -231,9 +395,11 @@ def model_summary(predictor: AgePredictor) -> dict[str, Any]:
     }
 
 
-def index_page(max_upload_bytes: int) -> str:
+def index_page(max_upload_bytes: int, live_fps: float) -> str:
     page = resources.files(__package__).joinpath("index.html").read_text(encoding="utf-8")
-    return page.replace(PAGE_PLACEHOLDER, str(max_upload_bytes))
+    return page.replace(PAGE_PLACEHOLDER, str(max_upload_bytes)).replace(
+        LIVE_FPS_PLACEHOLDER, f"{live_fps:g}"
+    )
 
 
 def create_app(
@@ -243,16 +409,25 @@ def create_app(
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     max_queue: int = DEFAULT_MAX_QUEUE,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
+    live_fps: float = DEFAULT_LIVE_FPS,
+    live_sessions: int = DEFAULT_LIVE_SESSIONS,
+    session_idle_s: float = SESSION_IDLE_S,
 ) -> FastAPI:
-    """The web app around `predictor`: GET / (the page), GET /api/health, POST /api/predict."""
+    """The web app around `predictor`: GET / (the page), GET /api/health, POST /api/predict and
+    POST /api/track (the live camera, `live_fps` frames per second per session at most)."""
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be positive, not {max_upload_bytes}")
+    if not live_fps > 0:
+        raise ValueError(f"live_fps must be positive, not {live_fps}")
     predictor = copy.copy(predictor)  # the app's own handle, whose detector is safe to share between threads
     if predictor.detector is not None:
         predictor.detector = SerializedDetector(predictor.detector)
     gate = PredictionGate(max_concurrent, max_queue)
+    sessions = LiveSessions(
+        max_sessions=live_sessions, min_gap=FRAME_GAP_SLACK / live_fps, idle_s=session_idle_s
+    )
     summary = model_summary(predictor)
-    page = index_page(max_upload_bytes)
+    page = index_page(max_upload_bytes, live_fps)
     # The interactive docs load their scripts from a CDN, which an offline machine cannot reach.
     app = FastAPI(
         title="age-detect", summary="Age estimation from face photos", docs_url=None, redoc_url=None
@@ -270,10 +445,7 @@ def create_app(
     async def predict(request: Request) -> dict[str, Any]:
         check_upload_headers(request, max_upload_bytes)
         async with gate.admission():
-            try:
-                data, name = await read_upload(request, max_upload_bytes)
-            except ClientDisconnect:
-                raise HTTPException(HTTPStatus.BAD_REQUEST, "the upload was interrupted") from None
+            data, name = await read_upload(request, max_upload_bytes)
             async with gate.model_slots:
                 faces, (width, height) = await run_in_threadpool(
                     predict_photo, predictor, data, name, max_pixels=max_image_pixels
@@ -284,6 +456,26 @@ def create_app(
             "faces": [face.as_dict() for face in faces],
             "image": {"width": width, "height": height},
             "model": summary,
+        }
+
+    @app.post("/api/track", openapi_extra=TRACK_OPENAPI)
+    async def track(request: Request) -> dict[str, Any]:
+        session_id = checked_session_id(request.query_params.get("session"))
+        check_upload_headers(request, max_upload_bytes)
+        # The session's refusals (429) come first: they cost nothing and take no place in the queue.
+        with sessions.frame(session_id) as (session, seconds):
+            async with gate.admission():
+                data, name = await read_upload(request, max_upload_bytes)
+                async with gate.model_slots:
+                    faces, (width, height) = await run_in_threadpool(
+                        predict_photo, predictor, data, name, max_pixels=max_image_pixels
+                    )
+            tracked = session.tracker.update(faces, seconds)
+            session.frames += 1
+        return {
+            "faces": [face.as_dict() for face in tracked],
+            "image": {"width": width, "height": height},
+            "session": {"id": session_id, "frames": session.frames, "seconds": round(seconds, 3)},
         }
 
     return app
@@ -310,6 +502,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_QUEUE,
         help="photos waiting for the model; requests beyond get 503 with Retry-After",
     )
+    parser.add_argument(
+        "--live-fps",
+        type=float,
+        default=DEFAULT_LIVE_FPS,
+        help="frames per second the live camera sends; faster frames of one camera get 429",
+    )
+    parser.add_argument(
+        "--live-sessions",
+        type=int,
+        default=DEFAULT_LIVE_SESSIONS,
+        help="live cameras followed at once; beyond, the least recently active one is dropped",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -319,6 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.max_upload_mb <= 0 or args.max_concurrent < 1 or args.max_queue < 0:
         parser.error("--max-upload-mb must be > 0, --max-concurrent >= 1 and --max-queue >= 0")
+    if not args.live_fps > 0 or args.live_sessions < 1:
+        parser.error("--live-fps must be > 0 and --live-sessions >= 1")
     try:
         predictor = build_predictor(args)
     except PREDICTOR_ERRORS as err:
@@ -329,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_upload_bytes=round(args.max_upload_mb * MB),
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
+        live_fps=args.live_fps,
+        live_sessions=args.live_sessions,
     )
     print(
         f"age-detect serve: open http://{args.host}:{args.port}/ (model {args.model}; Ctrl+C stops)",

@@ -1,0 +1,55 @@
+"""What every command's `main` shares: logging, its parser, and one tuple of user errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable, Sequence
+
+from age_detect_resnet.data.csv_table import CsvTableError
+from age_detect_resnet.data.imdb_wiki import MetaError
+from age_detect_resnet.data.sources import DataError, DatasetNotFoundError
+from age_detect_resnet.faces.detection import DetectorUnavailableError
+from age_detect_resnet.images import ImageReadError
+from age_detect_resnet.modeling.checkpoint import ModelFileError
+from age_detect_resnet.modeling.model import WeightsError
+from age_detect_resnet.run_folder import RunFolderError
+from age_detect_resnet.runtime import DeviceError
+from age_detect_resnet.training.config import ConfigError
+
+# Problems a user can fix from the message alone: logged as one line, exit status 2, no traceback.
+# Anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DataError,
+    DatasetNotFoundError,
+    CsvTableError,
+    MetaError,
+    ImageReadError,
+    ModelFileError,
+    RunFolderError,
+    WeightsError,
+    DetectorUnavailableError,
+    DeviceError,
+)
+
+
+def command_main(
+    prog: str,
+    doc: str | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    argv: Sequence[str] | None,
+) -> int:
+    """Parse `argv` with the command's options (its module docstring's first paragraph as the
+    description) and run it."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=(doc or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,69 @@
+"""`age-detect train` (= `python -m age_detect_resnet.train`): train, keep the best model by validation
+MAE, evaluate it on the test split, write the report. The run itself is training/run.py's."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from age_detect_resnet.cli.common import USER_ERRORS, command_main
+from age_detect_resnet.run_folder import RunFolder
+from age_detect_resnet.training.config import (
+    Config,
+    add_config_arguments,
+    overrides_from_args,
+    resolve_config,
+)
+from age_detect_resnet.training.distributed import cleanup_distributed
+from age_detect_resnet.training.engine import NonFiniteLossError
+from age_detect_resnet.training.models import adopt_init_architecture
+from age_detect_resnet.training.run import train
+
+log = logging.getLogger(__name__)
+
+
+def config_for_run(args: argparse.Namespace) -> Config:
+    """Defaults, the config file, the command line; on --resume the run's saved config replaces the
+    defaults and file, so a continued run keeps its settings (command-line values still apply)."""
+    overrides = overrides_from_args(args)
+    config = resolve_config(args.config, overrides)
+    saved = RunFolder(config.run_dir()).config
+    if args.resume and saved.is_file():
+        config = resolve_config(saved, overrides)
+    return adopt_init_architecture(config)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def run(
+    args: argparse.Namespace, argv: Sequence[str] | None = None, *, prog: str = "age-detect train"
+) -> int:
+    try:
+        config = config_for_run(args)
+        command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
+        train(config, resume=args.resume, progress=not args.no_progress, command=command)
+    except KeyboardInterrupt:
+        log.error(
+            "interrupted; the last finished epoch is saved: continue with the same command plus --resume"
+        )
+        return 130
+    except (*USER_ERRORS, NonFiniteLossError) as err:
+        log.error("%s", err)
+        return 2
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return command_main("age-detect train", __doc__, add_arguments, lambda args: run(args, argv), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Error by group (`evaluate --by gender,ethnicity`): is the model worse for some people than for others?
+
+For each attribute value: images, MAE with a 95% confidence interval, mean signed error (and, for data
+labelled with age groups, the share inside the labelled group); the same per value x true age group,
+because a value with many old faces has a higher MAE for that reason alone. The gaps are called out, and
+groups with too few images to support a comparison are flagged rather than ranked as if they did.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from age_detect_resnet.evaluation.metrics import (
+    age_group_label,
+    age_group_order,
+    age_metrics,
+    interval_label_metrics,
+)
+from age_detect_resnet.evaluation.plots import _save
+
+# Under this many images a group's MAE moves by a year or more between samples of the same people:
+# such groups are reported but flagged, and kept out of the "largest gap" when reliable groups exist.
+MIN_RELIABLE_COUNT = 30
+Z_95 = 1.959964  # two-sided 95% quantile of the standard normal
+WORST_CELLS = 3
+
+
+def attribute_values(values: pd.Series) -> pd.Series:
+    """Group names as text; missing values (NaN, None, "" as IMDB-WIKI writes an unknown gender) -> None.
+
+    Whole numbers read as floats (a 0/1 column with a gap reads as 0.0/1.0) are named as integers."""
+
+    def name(value: object) -> str | None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        if isinstance(value, float | np.floating) and float(value).is_integer():
+            return str(int(value))
+        text = str(value).strip()
+        return text or None
+
+    return pd.Series([name(v) for v in values], index=values.index, dtype=object)
+
+
+def standard_error(values: np.ndarray, clusters: np.ndarray) -> float | None:
+    """Standard error of the mean of `values`, with the images of one cluster (one person) counted as
+    one draw: two photos of the same face are not two independent measurements. With every image its
+    own cluster this is the usual s / sqrt(n). None below two clusters."""
+    sums = pd.Series(values - values.mean()).groupby(clusters).sum().to_numpy()
+    if sums.size < 2:
+        return None
+    return math.sqrt(sums.size / (sums.size - 1) * float((sums**2).sum())) / values.size
+
+
+def _interval(mean: float, se: float | None) -> list[float] | None:
+    # An MAE is never negative: the normal interval is cut at 0.
+    return None if se is None else [max(mean - Z_95 * se, 0.0), mean + Z_95 * se]
+
+
+def _value_stats(frame: pd.DataFrame, clusters: np.ndarray, min_count: int) -> dict[str, Any]:
+    true, pred = frame["age"].to_numpy(dtype=float), frame["predicted"].to_numpy(dtype=float)
+    overall = age_metrics(true, pred)
+    se = standard_error(np.abs(pred - true), clusters)
+    stats: dict[str, Any] = {
+        "count": overall["count"],
+        "people": int(pd.unique(clusters).size),
+        "mae": overall["mae"],
+        "mae_se": se,
+        "mae_ci95": _interval(overall["mae"], se),
+        "mean_signed_error": overall["mean_signed_error"],
+        "reliable": overall["count"] >= min_count,
+    }
+    if {"age_low", "age_high"} <= set(frame.columns):
+        labelled = interval_label_metrics(frame["age_low"], frame["age_high"], pred)
+        stats.update({k: labelled[k] for k in ("inside", "mean_distance", "mean_signed_distance")})
+    cells = {
+        group: {**cell, "reliable": cell["count"] >= min_count} for group, cell in overall["groups"].items()
+    }
+    return {"stats": stats, "cells": cells}
+
+
+def _gap(values: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The best and the worst value by MAE, among the reliable values where there are two of them; else
+    among those with an interval at all (two people or more), flagged as not reliable."""
+    reliable = [v for v, s in values.items() if s["reliable"]]
+    with_interval = [v for v, s in values.items() if s["mae_se"] is not None]
+    candidates = next((c for c in (reliable, with_interval, list(values)) if len(c) >= 2), None)
+    if candidates is None:
+        return None
+    ranked = sorted(candidates, key=lambda v: values[v]["mae"])
+    best, worst = ranked[0], ranked[-1]
+    gap = values[worst]["mae"] - values[best]["mae"]
+    errors = [values[v]["mae_se"] for v in (best, worst)]
+    ci = None
+    if None not in errors:
+        half = Z_95 * math.hypot(*errors)  # different people in the two groups: the variances add
+        ci = [gap - half, gap + half]
+    return {
+        "best": best,
+        "worst": worst,
+        "mae_gap": gap,
+        "mae_gap_ci95": ci,
+        "reliable": len(reliable) >= 2,
+    }
+
+
+def _worst_cells(
+    cells: dict[str, dict[str, dict[str, Any]]], age_group_mae: dict[str, float], n: int
+) -> list[dict[str, Any]]:
+    """Reliable value x age-group cells furthest ABOVE the MAE of all images of that age group: the
+    comparison at equal age, so a value is not blamed for the age mix of its images."""
+    found = [
+        {
+            "value": value,
+            "age_group": group,
+            "count": cell["count"],
+            "mae": cell["mae"],
+            "age_group_mae": age_group_mae[group],
+            "excess_mae": cell["mae"] - age_group_mae[group],
+        }
+        for value, groups in cells.items()
+        for group, cell in groups.items()
+        if cell["reliable"] and cell["mae"] > age_group_mae[group]
+    ]
+    return sorted(found, key=lambda c: c["excess_mae"], reverse=True)[:n]
+
+
+def person_clusters(frame: pd.DataFrame) -> np.ndarray:
+    """One id per image: its `person_id` where it has one, else an id of its own."""
+    people = attribute_values(frame["person_id"]) if "person_id" in frame.columns else [None] * len(frame)
+    return np.array(
+        [f"image {i}" if person is None else f"person {person}" for i, person in enumerate(people)],
+        dtype=object,
+    )
+
+
+def group_errors(
+    frame: pd.DataFrame, attributes: list[str], *, min_count: int = MIN_RELIABLE_COUNT
+) -> dict[str, Any]:
+    """Per attribute: errors per value and per value x true age group, the gap, the worst cells.
+
+    `frame` is the evaluation's prediction frame (`age`, `predicted`, optionally `age_low`/`age_high`,
+    `person_id`, and the attribute columns). The result is JSON-ready; images without a value are
+    counted as missing.
+    """
+    missing = [a for a in attributes if a not in frame.columns]
+    if missing:
+        raise ValueError(f"no column {', '.join(missing)} in the predictions to group by")
+    absolute_all = (frame["predicted"] - frame["age"]).abs().to_numpy(dtype=float)
+    age_groups = np.array([age_group_label(a) for a in frame["age"]])
+    age_group_mae = {g: float(absolute_all[age_groups == g].mean()) for g in set(age_groups)}
+    clusters = person_clusters(frame)
+    by_person = pd.unique(clusters).size < len(frame)
+    result: dict[str, Any] = {
+        "min_count": min_count,
+        "ci": "95% normal approximation of the MAE"
+        + (", images of one person_id counted as one draw" if by_person else ""),
+        "attributes": {},
+    }
+    for attribute in attributes:
+        names = attribute_values(frame[attribute])
+        values, cells = {}, {}
+        for value in sorted(names.dropna().unique()):
+            mask = (names == value).to_numpy()
+            computed = _value_stats(frame[mask], clusters[mask], min_count)
+            values[value], cells[value] = computed["stats"], computed["cells"]
+        result["attributes"][attribute] = {
+            "missing": int(names.isna().sum()),
+            "values": values,
+            "age_groups": cells,
+            "gap": _gap(values),
+            "worst_cells": _worst_cells(cells, age_group_mae, WORST_CELLS),
+        }
+    return result
+
+
+def _ci_text(ci: list[float] | None) -> str:
+    return f"{ci[0]:.2f}–{ci[1]:.2f}" if ci else "n/a"
+
+
+def _gap_sentence(attribute: str, gap: dict[str, Any], values: dict[str, Any]) -> str:
+    best, worst = gap["best"], gap["worst"]
+    text = (
+        f"Largest gap in {attribute}: **{worst}** MAE {values[worst]['mae']:.2f} vs **{best}** "
+        f"{values[best]['mae']:.2f}, {gap['mae_gap']:.2f} years"
+    )
+    ci = gap["mae_gap_ci95"]
+    if ci:
+        text += f" (95% CI {ci[0]:.2f} to {ci[1]:.2f})"
+        if ci[0] <= 0:
+            text += ": the interval includes 0, so this sample cannot tell the two apart"
+    if not gap["reliable"]:
+        text += "; fewer than two values have enough images, so this comparison is not reliable"
+    return text + "."
+
+
+def attribute_markdown(attribute: str, stats: dict[str, Any], min_count: int) -> list[str]:
+    values = stats["values"]
+    if not values:
+        return [f"## Error by {attribute}", "", f"No evaluated image has a {attribute}.", ""]
+    labelled = any("inside" in s for s in values.values())
+    extra_header = " inside the labelled group | mean distance |" if labelled else ""
+    lines = [
+        f"## Error by {attribute}",
+        "",
+        f"| {attribute} | images | MAE (95% CI) | mean signed error |{extra_header} note |",
+        "|---|---:|---:|---:|" + ("---:|---:|" if labelled else "") + "---|",
+    ]
+    for value, s in values.items():
+        extra = f" {s['inside']:.1%} | {s['mean_distance']:.2f} |" if labelled else ""
+        note = "" if s["reliable"] else f"under {min_count} images: not reliable"
+        people = f" ({s['people']:,} {'person' if s['people'] == 1 else 'people'})"
+        people = people if s["people"] < s["count"] else ""
+        lines.append(
+            f"| {value} | {s['count']:,}{people} | {s['mae']:.2f} ({_ci_text(s['mae_ci95'])}) | "
+            f"{s['mean_signed_error']:+.2f} |{extra} {note} |"
+        )
+    lines.append("")
+    if stats["missing"]:
+        lines += [f"{stats['missing']:,} image(s) with no {attribute} are left out of this section.", ""]
+    if stats["gap"]:
+        lines += [_gap_sentence(attribute, stats["gap"], values), ""]
+    groups = sorted({g for cells in stats["age_groups"].values() for g in cells}, key=age_group_order)
+    lines += [
+        f"MAE (images) per {attribute} and true age group, to compare at equal age (a value with older "
+        f"faces has a higher MAE for that reason alone); cells under {min_count} images are marked *:",
+        "",
+        f"| {attribute} | " + " | ".join(groups) + " |",
+        "|---|" + "---:|" * len(groups),
+    ]
+    for value, cells in stats["age_groups"].items():
+        row = [
+            f"{cells[g]['mae']:.2f} ({cells[g]['count']:,}){'' if cells[g]['reliable'] else '*'}"
+            if g in cells
+            else "–"
+            for g in groups
+        ]
+        lines.append(f"| {value} | " + " | ".join(row) + " |")
+    lines.append("")
+    if stats["worst_cells"]:
+        lines += [
+            f"Furthest above the MAE of all images of the same age group (cells of {min_count}+ images): "
+            + "; ".join(
+                f"{c['value']} {c['age_group']} MAE {c['mae']:.2f} vs {c['age_group_mae']:.2f} "
+                f"(+{c['excess_mae']:.2f}, {c['count']:,} images)"
+                for c in stats["worst_cells"]
+            )
+            + ".",
+            "",
+        ]
+    return lines
+
+
+def groups_markdown(by: dict[str, Any]) -> str:
+    """The report's sections, one per attribute (tables, the gap, the worst cells)."""
+    lines = [
+        f"Error by group: 95% confidence intervals by {by['ci'].removeprefix('95% ')}; values and cells "
+        f"under {by['min_count']} images are flagged as not reliable.",
+        "",
+    ]
+    for attribute, stats in by["attributes"].items():
+        lines += attribute_markdown(attribute, stats, by["min_count"])
+    return "\n".join(lines)
+
+
+def plot_attribute(attribute: str, stats: dict[str, Any], path: Path) -> Path:
+    """MAE per value with 95% CI bars (faded: too few images), and a heat map of value x age group."""
+    values = list(stats["values"])
+    groups = sorted({g for cells in stats["age_groups"].values() for g in cells}, key=age_group_order)
+    fig = Figure(figsize=(12, max(3.5, 0.45 * len(values) + 2)), layout="constrained")  # long value names
+    bars, heat = fig.subplots(1, 2, width_ratios=[1, 1.6])
+    x = np.arange(len(values))
+    maes = np.array([stats["values"][v]["mae"] for v in values])
+    # (2, values): distances from each MAE down and up to its interval (none for a single image)
+    cis = np.array([stats["values"][v]["mae_ci95"] or [m, m] for v, m in zip(values, maes, strict=True)])
+    yerr = np.abs(cis.T - maes)
+    alphas = [1.0 if stats["values"][v]["reliable"] else 0.35 for v in values]
+    for i in range(len(values)):
+        bars.bar(x[i], maes[i], color="tab:blue", alpha=alphas[i])
+    bars.errorbar(x, maes, yerr=yerr, fmt="none", ecolor="black", capsize=4)
+    bars.set_xticks(x, [f"{v}\n({stats['values'][v]['count']:,})" for v in values], rotation=30)
+    bars.set_ylabel("MAE (years), 95% CI")
+    bars.set_title(f"MAE by {attribute} (faded: too few images)")
+    bars.grid(alpha=0.3, axis="y")
+    matrix = np.full((len(values), len(groups)), np.nan)
+    for i, v in enumerate(values):
+        for j, g in enumerate(groups):
+            if g in stats["age_groups"][v]:
+                matrix[i, j] = stats["age_groups"][v][g]["mae"]
+    image = heat.imshow(np.ma.masked_invalid(matrix), cmap="Reds", aspect="auto")
+    for i, v in enumerate(values):
+        for j, g in enumerate(groups):
+            cell = stats["age_groups"][v].get(g)
+            if cell:
+                heat.text(
+                    j,
+                    i,
+                    f"{cell['mae']:.1f}\n({cell['count']})",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if cell["reliable"] else "grey",
+                    bbox={"facecolor": "white", "alpha": 0.6, "edgecolor": "none", "pad": 1},
+                )
+    heat.set_xticks(range(len(groups)), groups, rotation=45)
+    heat.set_yticks(range(len(values)), values)
+    heat.set_xlabel("true age group")
+    heat.set_title(f"MAE by {attribute} and age (images in brackets; grey: too few)")
+    fig.colorbar(image, ax=heat, label="MAE (years)")
+    return _save(fig, path)
+
+
+def plot_groups(by: dict[str, Any], plots_dir: Path) -> dict[str, Path]:
+    """One figure per attribute, plots_dir/by_<attribute>.png."""
+    return {
+        f"by_{attribute}": plot_attribute(
+            attribute, stats, Path(plots_dir) / f"by_{_file_part(attribute)}.png"
+        )
+        for attribute, stats in by["attributes"].items()
+        if stats["values"]
+    }
+
+
+def _file_part(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

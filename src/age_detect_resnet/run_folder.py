@@ -1,0 +1,131 @@
+"""A run folder: the one place that knows what a training run writes, and where.
+
+    runs/NAME/
+        config.json              the resolved settings (a continued run reads them back)
+        split.csv                every image with its split (evaluation and export reuse it)
+        best.safetensors + .json the model with the best validation MAE, and its metadata
+        last.pt                  the training state after the last finished epoch (--resume)
+        metrics.csv, plots/      the learning curves; run.json + report.md: the run's summary
+        predictions.csv, evaluation.json/.md   the best model on the test split
+        eval-<dataset>-<split>/  reports of `age-detect evaluate`
+        age_model.onnx, age_model.torchscript.pt + .json   exports of `age-detect export`
+
+Training writes it; evaluate, export, predict and serve find a run's parts through `RunFolder.of`.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from age_detect_resnet.data.splits import PreparedData
+
+
+class RunFolderError(ValueError):
+    """A run folder that lacks what was asked of it; the message names the file."""
+
+
+class RunFolder:
+    """The files of one run, by name; nothing is read until asked for."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def of(cls, model: Path | str | None) -> RunFolder | None:
+        """The run a model belongs to (a run folder, or a file in one), if it is one: it holds
+        config.json. None for the bundled model, a loose file, or a folder of something else."""
+        if model is None or str(model) == "default":
+            return None
+        path = Path(model)
+        folder = cls(path if path.is_dir() else path.parent)
+        return folder if folder.config.is_file() else None
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    # The files, by what they hold.
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def split(self) -> Path:
+        return self.path / "split.csv"
+
+    @property
+    def best(self) -> Path:
+        return self.path / "best.safetensors"
+
+    @property
+    def last(self) -> Path:
+        return self.path / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def evaluation(self) -> Path:
+        """evaluation.json of the final test (evaluation.md and predictions.csv lie beside it)."""
+        return self.path / "evaluation.json"
+
+    def evaluation_dir(self, dataset: str, split: str) -> Path:
+        return self.path / f"eval-{dataset}-{split}"
+
+    def export(self, fmt: str) -> Path:
+        """The default file of `age-detect export --format fmt` (onnx or torchscript)."""
+        return self.path / ("age_model.onnx" if fmt == "onnx" else "age_model.torchscript.pt")
+
+    # What the files say.
+    @cached_property
+    def saved_config(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise RunFolderError(f"{self.config} cannot be read as a run's settings ({err})") from err
+        if not isinstance(data, dict):
+            raise RunFolderError(f"{self.config} is not a run's settings")
+        return data
+
+    @property
+    def data_settings(self) -> dict[str, Any]:
+        """The [data] section of config.json ({} where it has none)."""
+        return self.saved_config.get("data", {})
+
+    def load_split(self) -> PreparedData:
+        """The run's images with their splits, rooted where config.json says its data lives."""
+        from age_detect_resnet.data.sources import image_root
+        from age_detect_resnet.data.splits import load_split
+
+        if not self.split.is_file():
+            raise RunFolderError(f"{self.split} does not exist: the run saved no split")
+        data = self.data_settings
+        try:
+            root = image_root(data["dataset"], Path(data["data_root"]))
+        except KeyError as err:
+            raise RunFolderError(f"{self.config} names no dataset and data root") from err
+        return load_split(self.split, root)

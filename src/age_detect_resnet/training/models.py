@@ -1,0 +1,109 @@
+"""The model a run starts from: ImageNet-pretrained backbone + a new head, or a trained age model
+(`--init`), and the metadata its saved checkpoints carry."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from age_detect_resnet.data.splits import PreparedData
+from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.model import AgeModel, create_model
+from age_detect_resnet.training.config import Config
+from age_detect_resnet.training.loaders import cache_alignment
+
+log = logging.getLogger(__name__)
+
+
+def build_model(config: Config, train_ages: np.ndarray, device: torch.device) -> AgeModel:
+    """The model to train, on `device` (channels_last when configured)."""
+    m = config.model
+    model = (
+        start_from_trained(config, device)
+        if m.init
+        else create_model(
+            m.backbone,
+            m.head,
+            pretrained=m.pretrained,
+            weights=Path(m.weights) if m.weights else None,
+            hidden_dim=m.hidden_dim,
+            init_age=float(train_ages.mean()),
+            min_age=config.data.min_age,
+            max_age=config.data.max_age,
+            label_sigma=m.label_sigma,
+            expectation_weight=m.expectation_weight,
+            interval=m.interval,
+        )
+    ).to(device)
+    if config.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def start_from_trained(config: Config, device: torch.device) -> AgeModel:
+    """The trained age model named by --init, in training mode: the two-stage recipe (a large dataset
+    first, then one's own). Its architecture is the run's (see `adopt_init_architecture`)."""
+    model = checkpoint.load_model(config.model.init, device).train()
+    log.info(
+        "starting from the trained model %s (%s + %s head, validation MAE %s)",
+        config.model.init,
+        model.backbone_name,
+        model.head.kind,
+        model.metadata.get("val_mae", "?"),
+    )
+    model.metadata = {}
+    return model
+
+
+def adopt_init_architecture(config: Config) -> Config:
+    """With --init, the backbone and head settings are the trained model's, so config.json says what
+    was really trained; without it, `config` unchanged."""
+    if not config.model.init:
+        return config
+    description = checkpoint.read_metadata(checkpoint.resolve_model_path(config.model.init))["model"]
+    head = description["head"]
+    adopted = {
+        "backbone": description["backbone"],
+        "head": head["kind"],
+        "pretrained": False,
+        "weights": None,
+    }
+    for name in ("hidden_dim", "label_sigma", "expectation_weight", "interval"):
+        if name in head:
+            adopted[name] = head[name]
+    changed = {k: v for k, v in adopted.items() if getattr(config.model, k) != v}
+    if changed:
+        log.info("--init %s sets %s", config.model.init, ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, **adopted))
+
+
+def model_metadata(
+    config: Config,
+    prepared: PreparedData,
+    framing: dict[str, Any],
+    aligned_counts: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """What the saved model needs at inference (image size, framing, alignment template) and where it
+    came from (dataset, training images, --init)."""
+    metadata = {
+        "image_size": config.data.image_size,
+        "age_range": [config.data.min_age, config.data.max_age],
+        "dataset": config.data.dataset,
+        "crop": framing,
+        "train_images": int((prepared.table["split"] == "train").sum()),
+    }
+    alignment = cache_alignment(config)
+    if alignment is not None:
+        metadata["alignment"] = alignment.aligner.to_metadata()
+        if aligned_counts:
+            metadata["alignment"]["training_images"] = {
+                k: v for k, v in aligned_counts.items() if k in ("faces_found", "no_face_median_landmarks")
+            }
+    if config.model.init:
+        metadata["init"] = config.model.init
+    return metadata

@@ -1,0 +1,136 @@
+"""The training state: everything `--resume` needs to continue a run as if it had not stopped.
+
+Like timm's CheckpointSaver, one object captures and restores the model, optimiser, scheduler, gradient
+scaler, EMA weights, random-number generators, the epoch, the best validation MAE and the history. The
+head's calibrated settings are buffers of the model, so they travel with its state_dict. The file
+(last.pt, see run_folder.py) is written atomically and read with `weights_only=True`: no pickled code.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from age_detect_resnet.atomic import atomic_path
+from age_detect_resnet.modeling.checkpoint import ModelFileError
+from age_detect_resnet.modeling.model import AgeModel
+from age_detect_resnet.training.ema import ModelEma
+
+
+class TrainingState:
+    def __init__(
+        self,
+        model: AgeModel,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        ema: ModelEma | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = (
+            model,
+            optimizer,
+            scheduler,
+            scaler,
+            ema,
+        )
+        self.epoch = 0
+        self.best_mae = math.inf
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def evaluated_model(self) -> AgeModel:
+        """The weights that are validated and saved as the best model: the EMA's where there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def record(self, row: dict[str, float]) -> bool:
+        """Add an epoch's row (it has `epoch` and `val_mae`); True when its validation MAE is the best."""
+        self.history.append(row)
+        self.epoch = int(row["epoch"])
+        improved = row["val_mae"] < self.best_mae
+        if improved:
+            self.best_mae = row["val_mae"]
+        return improved
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "epoch": self.epoch,
+            "best_mae": self.best_mae,
+            "history": self.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        # Runs saved before the head's interval level was a buffer kept it beside the model.
+        if "interval_quantile_level" in state and hasattr(self.model.head, "interval_quantile_level"):
+            self.model.head.interval_quantile_level = state["interval_quantile_level"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:  # EMA switched on for a continued run: start the average at the current weights
+                self.ema.module.load_state_dict(self.model.state_dict())
+        set_rng_state(state["rng"])
+        self.epoch, self.best_mae, self.history = state["epoch"], state["best_mae"], list(state["history"])
+
+    def save(self, path: Path) -> None:
+        write_state(path, self.state_dict())
+
+    def restore(self, path: Path) -> None:
+        self.load_state_dict(read_state(path))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python's, NumPy's, torch's (and CUDA's) generators, as tensors and lists `weights_only` loads."""
+    _, keys, position, *_ = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_position": int(position),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_position"], 0, 0.0)
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(Path(path)) as tmp:
+        torch.save(state, tmp)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"nothing to resume: {path} does not exist (start without --resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle refusals and corrupt archives raise many types
+        raise ModelFileError(f"{path} is not a training state this project wrote ({err})") from err

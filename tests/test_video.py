@@ -1,0 +1,335 @@
+"""Videos: the face tracker and its steady ages, frame strides, the video pipeline on short clips made
+from the shared photos, and `age-detect predict` on videos (outputs, annotated MP4, broken files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from age_detect_resnet.cli.predict import expand_inputs
+from age_detect_resnet.cli.predict import main as predict_main
+from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.inference.predictor import FacePrediction
+from age_detect_resnet.video.reader import Stride, VideoReadError, read_frames
+from age_detect_resnet.video.tracking import FaceTracker, box_iou
+from conftest import TEST_IMAGES, YUNET, require
+
+CLIP_FPS = 10
+CLIP_FRAMES = 25  # 2.5 s
+
+
+def face(box, age=40.0, interval=None) -> FacePrediction:
+    return FacePrediction(0, tuple(box), tuple(box), 0.9, age, interval)
+
+
+def make_clip(path: Path, photos: list[str], *, size=(320, 240), frames=CLIP_FRAMES, fourcc="mp4v"):
+    """A clip of the photos side by side, each shrunk into its slot and drifting a few pixels per frame
+    (so that every frame is a slightly different picture); returns the photos as they appear in it."""
+    width, height = size
+    slot = width // len(photos)
+    thumbs = []
+    for name in photos:
+        photo = load_rgb(require(TEST_IMAGES / name))
+        scale = min(slot * 0.9 / photo.width, height * 0.85 / photo.height)
+        thumbs.append(photo.resize((round(photo.width * scale), round(photo.height * scale))))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), CLIP_FPS, size)
+    for i in range(frames):
+        canvas = Image.new("RGB", size, (120, 120, 120))
+        for k, thumb in enumerate(thumbs):
+            x = k * slot + (slot - thumb.width) // 2 + (i % 5) - 2
+            canvas.paste(thumb, (x, (height - thumb.height) // 2 + i // 8 - 1))
+        writer.write(cv2.cvtColor(np.asarray(canvas), cv2.COLOR_RGB2BGR))
+    writer.release()
+    return thumbs
+
+
+def frame_count(path: Path) -> int:
+    capture = cv2.VideoCapture(str(path))
+    count = 0
+    while capture.grab():
+        count += 1
+    capture.release()
+    return count
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("clips")
+    one = make_clip(folder / "obama.mp4", ["obama.jpg"])
+    two = make_clip(folder / "pair.mp4", ["obama.jpg", "biden.jpg"], size=(480, 240))
+    return {"one": folder / "obama.mp4", "one_faces": one, "two": folder / "pair.mp4", "two_faces": two}
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from age_detect_resnet.faces.detection import create_detector
+    from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
+
+    return AgePredictor(
+        load_trained_model("default", "cpu"), detector=create_detector("yunet", require(YUNET))
+    )
+
+
+# --- tracker (no model) ---------------------------------------------------------------------------------
+
+
+def test_box_iou_of_identical_disjoint_and_half_overlapping_boxes():
+    a = np.array([[0, 0, 10, 10]], dtype=float)
+    b = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [5, 0, 15, 10]], dtype=float)
+    assert box_iou(a, b)[0] == pytest.approx([1.0, 0.0, 1 / 3])
+
+
+def test_faces_follow_their_tracks_by_overlap_and_a_far_face_starts_a_new_one():
+    tracker = FaceTracker()
+    first = tracker.update([face((0, 0, 100, 100), 30), face((300, 0, 400, 100), 60)], 0.0)
+    # given in the other order, moved a little: each keeps its id
+    second = tracker.update([face((310, 5, 410, 105), 61), face((8, 4, 108, 104), 31)], 0.1)
+    assert [t.track_id for t in first] == [1, 2]
+    assert [t.track_id for t in second] == [2, 1]
+    assert [t.frames for t in second] == [2, 2]
+    third = tracker.update([face((600, 0, 700, 100))], 0.2)  # overlaps no track
+    assert third[0].track_id == 3
+
+
+def test_a_track_survives_a_short_gap_and_ends_after_max_missed_seconds():
+    tracker = FaceTracker(max_missed=1.0)
+    tracker.update([face((0, 0, 100, 100))], 0.0)
+    assert tracker.update([face((2, 0, 102, 100))], 0.9)[0].track_id == 1  # 0.9 s unseen: same person
+    tracker.update([], 1.5)
+    assert tracker.update([face((2, 0, 102, 100))], 2.0)[0].track_id == 2  # 1.1 s unseen: ended
+    summaries = tracker.summaries()
+    assert [(s.track_id, s.first_time, s.last_time, s.frames) for s in summaries] == [
+        (1, 0.0, 0.9, 2),
+        (2, 2.0, 2.0, 1),
+    ]
+
+
+def test_two_people_crossing_keep_their_ids():
+    # A walks right along the top, B walks left lower down; their boxes overlap while they pass,
+    # but each box overlaps its own previous box more than the other person's.
+    tracker = FaceTracker()
+    ids = []
+    for step in range(30):
+        a = face((10 * step, 0, 10 * step + 100, 100), 25)
+        b = face((290 - 10 * step, 60, 390 - 10 * step, 160), 70)
+        ids.append([t.track_id for t in tracker.update([a, b], step / 10)])
+    assert ids == [[1, 2]] * 30
+    assert [round(s.age) for s in tracker.summaries()] == [25, 70]
+
+
+def test_steady_age_is_the_median_and_ignores_a_wild_frame():
+    tracker = FaceTracker()
+    ages = [40, 41, 39, 40, 95, 40, 41]
+    for i, age in enumerate(ages):
+        tracked = tracker.update([face((0, 0, 100, 100), age)], i / 5)[0]
+    assert tracked.age == 41  # this frame's own age
+    assert tracked.steady_age == pytest.approx(40)
+    assert tracker.summaries()[0].age == pytest.approx(40)
+
+
+def test_identical_frames_keep_the_frame_interval_and_varied_frames_narrow_it():
+    # Per-frame 80% interval +-12.8 years: a per-frame standard deviation of 10.
+    same, varied = FaceTracker(), FaceTracker()
+    rng = np.random.default_rng(0)
+    for i in range(200):
+        time = i / 5  # 5 frames a second: each frame counts as independent
+        same.update([face((0, 0, 100, 100), 40.0, (40 - 12.8, 40 + 12.8))], time)
+        age = 40 + 6 * rng.standard_normal()  # frames disagree with a spread of 6
+        varied.update([face((0, 0, 100, 100), age, (age - 12.8, age + 12.8))], time)
+    low, high = same.summaries()[0].interval
+    assert (low, high) == pytest.approx((27.2, 52.8), abs=0.01)  # a still picture: nothing new to learn
+    low, high = varied.summaries()[0].interval
+    # the person's part sqrt(10^2 - 6^2) = 8 remains: +-10.3, not 12.8 and not 12.8 / sqrt(200)
+    assert 2 * 9 < high - low < 2 * 11.5
+    assert low < varied.summaries()[0].age < high
+
+
+def test_consecutive_frames_a_fraction_of_a_second_apart_count_as_one_look():
+    fast, slow = FaceTracker(), FaceTracker()
+    ages = [30, 40, 50, 35, 45] * 6
+    for i, age in enumerate(ages):
+        interval = (age - 12.8, age + 12.8)
+        fast.update([face((0, 0, 100, 100), age, interval)], i / 100)  # 0.3 s in all
+        slow.update([face((0, 0, 100, 100), age, interval)], i / 2)  # 15 s in all
+    fast_low, fast_high = fast.summaries()[0].interval
+    slow_low, slow_high = slow.summaries()[0].interval
+    assert slow_high - slow_low < fast_high - fast_low
+
+
+def test_a_model_without_intervals_gives_none_and_memory_per_track_is_bounded():
+    tracker = FaceTracker(window=50)
+    for i in range(500):
+        tracked = tracker.update([face((0, 0, 100, 100), 20.0 if i < 450 else 60.0)], i / 10)[0]
+    assert tracked.interval is None and tracked.frames == 500
+    assert tracked.steady_age == 60.0  # the window holds only the 50 newest ages
+    assert tracker.summaries()[0].as_dict()["frames"] == 500
+
+
+def test_times_going_backwards_are_refused():
+    tracker = FaceTracker()
+    tracker.update([], 1.0)
+    with pytest.raises(ValueError, match="must not go back"):
+        tracker.update([], 0.5)
+
+
+# --- reading ----------------------------------------------------------------------------------------------
+
+
+def test_stride_every_n_frames_or_a_target_rate():
+    assert [i for i in range(13) if Stride(30, every=4).keeps(i)] == [0, 4, 8, 12]
+    assert [i for i in range(31) if Stride(30, fps=5).keeps(i)] == [0, 6, 12, 18, 24, 30]
+    assert Stride(30, fps=5).count(300) == 50 and Stride(30, fps=5).rate == 5
+    assert Stride(29.97, fps=10).count(2997) == 1000
+    assert Stride(10, fps=25).count(30) == 30 and Stride(10, fps=25).rate == 10  # never above the video's
+    assert Stride(10).count(30) == 30
+    with pytest.raises(ValueError, match="not both"):
+        Stride(30, every=2, fps=5)
+
+
+def test_read_frames_yields_the_sampled_frames_with_their_times(clips):
+    frames = [(i, t, image.size) for i, t, image in read_frames(clips["one"], every=3)]
+    assert [i for i, _, _ in frames] == list(range(0, CLIP_FRAMES, 3))
+    assert frames[1][1] == pytest.approx(0.3)
+    assert frames[0][2] == (320, 240)
+    assert len(list(read_frames(clips["one"], fps=4))) == 10  # 2.5 s at 4 a second
+
+
+def test_broken_videos_raise_an_error_naming_the_file(tmp_path, clips):
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    truncated_mp4 = tmp_path / "cut.mp4"
+    truncated_mp4.write_bytes(clips["one"].read_bytes()[: clips["one"].stat().st_size // 2])
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    for path in (garbage, truncated_mp4, tmp_path / "empty.mp4", tmp_path / "missing.mp4"):
+        with pytest.raises(VideoReadError, match=str(path)):
+            list(read_frames(path))
+    assert issubclass(VideoReadError, ImageReadError)  # the CLI skips it like a bad photo
+
+
+def test_a_video_ending_before_its_declared_frames_is_reported_as_truncated(tmp_path):
+    # AVI keeps its header at the front, so a cut file opens and then stops early.
+    whole = tmp_path / "whole.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(30):
+        writer.write(np.full((48, 64, 3), 8 * i, np.uint8))
+    writer.release()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert len(list(read_frames(whole))) == 30
+    with pytest.raises(VideoReadError, match=r"cut\.avi ends after \d+ of the 30 frames"):
+        list(read_frames(cut))
+
+
+# --- the pipeline -----------------------------------------------------------------------------------------
+
+
+def test_one_face_gives_one_track_whose_steady_age_matches_the_photo(predictor, clips, tmp_path):
+    from age_detect_resnet.video.process import predict_video
+
+    photo_age = predictor.predict_image(clips["one_faces"][0])[0].age
+    out = tmp_path / "annotated.mp4"
+    result = predict_video(predictor, clips["one"], every=1, annotate_to=out, progress=False)
+    assert result.frames == CLIP_FRAMES and len(result.faces) == CLIP_FRAMES
+    assert [t.track_id for t in result.tracks] == [1]
+    track = result.tracks[0]
+    assert track.frames == CLIP_FRAMES and track.last_time == pytest.approx(2.4)
+    assert abs(track.age - photo_age) < 3
+    assert track.interval[0] < track.age < track.interval[1]
+    assert frame_count(out) == CLIP_FRAMES
+    annotated = next(read_frames(out))[2]
+    first = next(read_frames(clips["one"]))[2]
+    assert np.abs(np.asarray(annotated, float) - np.asarray(first, float)).max() > 100  # boxes drawn
+
+
+def test_two_faces_side_by_side_give_two_steady_tracks(predictor, clips):
+    from age_detect_resnet.video.process import predict_video
+
+    photo_ages = [predictor.predict_image(thumb)[0].age for thumb in clips["two_faces"]]
+    result = predict_video(predictor, clips["two"], fps=5, progress=False)
+    assert result.frames == 13  # 2.5 s at 5 a second, from a 10 fps clip
+    assert [t.frames for t in result.tracks] == [13, 13]
+    left = {f.track.track_id for f in result.faces if f.face.box[0] < 240}
+    assert len(left) == 1  # the left face is one track throughout
+    by_side = sorted(
+        result.tracks,
+        key=lambda t: next(f.face.box[0] for f in result.faces if f.track.track_id == t.track_id),
+    )
+    for track, photo_age in zip(by_side, photo_ages, strict=True):
+        assert abs(track.age - photo_age) < 4
+
+
+def test_detection_on_a_smaller_copy_maps_boxes_and_landmarks_back_to_the_frame(predictor, clips):
+    from age_detect_resnet.video.process import DownscaledDetector
+
+    frame = next(read_frames(clips["two"]))[2]  # 480 x 240
+    full = sorted(predictor.detector.detect(frame), key=lambda f: f.box[0])
+    small = sorted(DownscaledDetector(predictor.detector, 320).detect(frame), key=lambda f: f.box[0])
+    assert len(full) == len(small) == 2
+    for a, b in zip(full, small, strict=True):
+        assert np.abs(np.subtract(a.box, b.box)).max() < 4
+        assert np.abs(np.subtract(a.landmarks, b.landmarks)).max() < 4
+
+
+# --- the CLI ----------------------------------------------------------------------------------------------
+
+
+def test_predict_cli_writes_frame_rows_tracks_csv_and_annotated_video(clips, tmp_path, capsys):
+    out = tmp_path / "ages.csv"
+    status = predict_main(
+        [str(clips["two"]), "--every", "2", "--output", str(out), "--annotate", str(tmp_path / "ann")]
+    )
+    assert status == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "\ttrack " in line]
+    assert len(lines) == 2 and all("13 frames" in line for line in lines)
+    rows = pd.read_csv(out)
+    assert list(rows.columns[:4]) == ["path", "frame", "time", "track_id"]
+    assert {"steady_age", "steady_low", "steady_high", "age_low"} <= set(rows.columns)
+    assert len(rows) == 26 and sorted(rows["frame"].unique()) == list(range(0, CLIP_FRAMES, 2))
+    tracks = pd.read_csv(tmp_path / "ages_tracks.csv")
+    assert list(tracks["track_id"]) == [1, 2] and list(tracks["frames"]) == [13, 13]
+    # a track's last per-frame row carries the steady age its summary reports
+    last = rows[rows["track_id"] == 1].iloc[-1]
+    assert last["steady_age"] == pytest.approx(tracks["age"][0], abs=0.01)
+    assert frame_count(tmp_path / "ann" / "pair_ages.mp4") == 13
+
+
+def test_predict_cli_json_and_a_mixed_folder_with_a_broken_video(clips, tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(clips["one"], folder / "sub" / "clip.mp4")
+    shutil.copy(require(TEST_IMAGES / "obama2.jpg"), folder / "portrait.jpg")
+    (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(3000))
+    (folder / "notes.txt").write_text("not an input")
+    assert sorted(p.name for p in expand_inputs([str(folder)])[0]) == [
+        "broken.mp4",
+        "clip.mp4",
+        "portrait.jpg",
+    ]
+
+    out = tmp_path / "ages.json"
+    csv = tmp_path / "ages.csv"
+    assert predict_main([str(folder), "--output", str(out)]) == 1
+    assert f"{folder / 'broken.mp4'} is not a video" in caplog.text
+    document = {Path(entry["path"]).name: entry for entry in json.loads(out.read_text())}
+    assert document["portrait.jpg"]["faces"] and document["portrait.jpg"]["error"] is None
+    clip = document["clip.mp4"]
+    assert clip["video"]["sampled_frames"] == 13 and clip["video"]["fps"] == CLIP_FPS  # default --fps 5
+    assert len(clip["tracks"]) == 1 and len(clip["faces"]) == 13 and clip["error"] is None
+    assert document["broken.mp4"]["error"] and document["broken.mp4"]["faces"] == []
+
+    assert predict_main([str(folder), "--output", str(csv), "--every", "5"]) == 1
+    rows = pd.read_csv(csv)
+    photo = rows[rows["path"].str.endswith("portrait.jpg")]
+    assert len(photo) == 1 and photo["frame"].isna().all()  # photo rows leave the video columns empty
+    assert len(rows) == 1 + 5
+
+
+def test_predict_cli_rejects_a_zero_stride(clips):
+    assert predict_main([str(clips["one"]), "--every", "0"]) == 2
