@@ -12,7 +12,6 @@ Writes predictions.csv, evaluation.json, evaluation.md and plots/ into --out
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from age_detect_resnet.faces.detection import DetectorUnavailableError, largest_
 from age_detect_resnet.images import ImageReadError
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
+from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
 from age_detect_resnet.training.config import DATASETS, ConfigError
 from age_detect_resnet.training.engine import evaluate
@@ -36,27 +36,21 @@ from age_detect_resnet.training.engine import evaluate
 log = logging.getLogger(__name__)
 
 
-def run_folder(model_path: Path) -> Path | None:
-    """The run folder a model belongs to (it holds config.json and split.csv), if any."""
-    folder = model_path if model_path.is_dir() else model_path.parent
-    return folder if (folder / "config.json").is_file() else None
-
-
-def evaluation_table(args: argparse.Namespace, run_dir: Path | None) -> tuple[pd.DataFrame, Path, str]:
+def evaluation_table(args: argparse.Namespace, run: RunFolder | None) -> tuple[pd.DataFrame, Path, str]:
     """The images to evaluate, their root folder, and the dataset's name."""
-    saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["data"] if run_dir else {}
+    saved = run.data_settings if run else {}
     dataset = args.dataset or saved.get("dataset")
     data_root = Path(args.data_root or saved.get("data_root", "data/raw"))
     if dataset is None:
         raise ConfigError("--dataset is needed: the model has no run folder to take it from")
     if args.split == "test":
-        same_dataset = run_dir is not None and dataset == saved.get("dataset")
-        if not same_dataset or not (run_dir / "split.csv").is_file():
+        same_dataset = run is not None and dataset == saved.get("dataset")
+        if not same_dataset or not run.split.is_file():
             raise ConfigError(
                 "--split test needs the model's run folder and its own dataset (the test split is "
                 "saved there as split.csv); for another dataset use --split all"
             )
-        prepared: PreparedData = load_split(run_dir / "split.csv", image_root(dataset, data_root))
+        prepared: PreparedData = load_split(run.split, image_root(dataset, data_root))
         test = with_attributes(prepared.split("test"), args.by, dataset, data_root, args.meta)
         return test, prepared.root, dataset
     table, root = load_table(dataset, data_root, meta=Path(args.meta) if args.meta else None)
@@ -106,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
         model_path = Path(args.model)
         device = select_device(args.device)
         model = checkpoint.load_model(model_path, device)
-        run_dir = run_folder(model_path)
-        table, root, dataset = evaluation_table(args, run_dir)
+        run = RunFolder.of(model_path)
+        table, root, dataset = evaluation_table(args, run)
         if table.empty:
             raise ConfigError("no images to evaluate (check --data-root and the age range)")
         faces = None
@@ -152,7 +146,15 @@ def run(args: argparse.Namespace) -> int:
             frame["face_found"] = found.to_numpy()
             metrics["detection"] = {"faces_found": int(found.sum()), "whole_image_used": int((~found).sum())}
             extra["no face found (whole image used)"] = int((~found).sum())
-        out = Path(args.out) if args.out else (run_dir or Path("runs")) / f"eval-{dataset}-{args.split}"
+        out = (
+            Path(args.out)
+            if args.out
+            else (
+                run.evaluation_dir(dataset, args.split)
+                if run
+                else Path("runs") / f"eval-{dataset}-{args.split}"
+            )
+        )
         write_evaluation(frame, metrics, out, title=f"Evaluation of {model_path}", extra=extra)
     except (
         ConfigError,
