@@ -120,6 +120,18 @@ def test_ema_weights_lag_behind_the_trained_ones():
     assert torch.allclose(ema.module.state_dict()[weight], expected)
 
 
+def test_ema_follows_batchnorm_statistics_but_keeps_its_own_calibrated_interval():
+    model = small_model()
+    ema = ModelEma(model, decay=0.5)
+    ema.module.head.interval_quantile_level = 0.9  # calibrated on the averaged model's validation outputs
+    model.train()(torch.randn(4, 3, 32, 32))  # a training step moves BatchNorm's running statistics
+    ema.update(model)
+    averaged, trained = ema.module.state_dict(), model.state_dict()
+    assert torch.equal(averaged["backbone.bn1.running_mean"], trained["backbone.bn1.running_mean"])
+    assert ema.module.head.interval_quantile_level == pytest.approx(0.9)
+    assert model.head.interval_quantile_level == pytest.approx(0.8)
+
+
 def _trained_head_weight(loader, *, accumulate: int = 1, clip: float = 0.0) -> torch.Tensor:
     """The last layer's weight after one SGD epoch over `loader`, BatchNorm kept in eval mode so that its
     statistics do not depend on the batch size."""

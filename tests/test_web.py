@@ -19,9 +19,10 @@ from fastapi import HTTPException
 from PIL import Image
 from starlette.exceptions import StarletteDeprecationWarning
 
+from age_detect_resnet.cli.serve import main
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
-from age_detect_resnet.web.app import LiveSessions, create_app, main
+from age_detect_resnet.web.app import LiveSessions, create_app
 from conftest import TEST_IMAGES, YUNET, require
 
 with warnings.catch_warnings():

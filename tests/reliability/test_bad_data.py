@@ -19,8 +19,8 @@ import scipy.io
 import torch
 from PIL import Image
 
+from age_detect_resnet.cli import build_meta as build_meta_module
 from age_detect_resnet.cli.train import main as train_main
-from age_detect_resnet.data import imdb_wiki as build_meta_module
 from age_detect_resnet.data.cache import prepare_cache
 from age_detect_resnet.data.csv_table import CsvTableError, load_csv_table
 from age_detect_resnet.data.dataset import AgeDataset

@@ -10,7 +10,7 @@ from importlib import import_module
 
 # subcommand -> (module, one-line help); modules are imported only when their command runs.
 COMMANDS = {
-    "build-meta": ("age_detect_resnet.data.imdb_wiki", "build the IMDB-WIKI metadata table"),
+    "build-meta": ("age_detect_resnet.cli.build_meta", "build the IMDB-WIKI metadata table"),
     "train": ("age_detect_resnet.cli.train", "train, evaluate on the test split, write the report"),
     "evaluate": ("age_detect_resnet.cli.evaluate", "evaluate a trained model on a dataset"),
     "pipeline": (
@@ -18,9 +18,9 @@ COMMANDS = {
         "the whole job on a dataset folder: metadata, training, report",
     ),
     "predict": ("age_detect_resnet.cli.predict", "ages of the faces in photos (files, folders, globs)"),
-    "serve": ("age_detect_resnet.web.app", "a web page and JSON API for age estimation"),
+    "serve": ("age_detect_resnet.cli.serve", "a web page and JSON API for age estimation"),
     "export": ("age_detect_resnet.cli.export", "export a trained model to ONNX or TorchScript"),
-    "compare": ("age_detect_resnet.evaluation.compare", "a Markdown table comparing finished runs"),
+    "compare": ("age_detect_resnet.cli.compare", "a Markdown table comparing finished runs"),
 }
 
 

@@ -2,15 +2,108 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from age_detect_resnet.cli.common import command_main
+from age_detect_resnet.data.sources import DatasetNotFoundError
 from age_detect_resnet.evaluation import evaluate
+from age_detect_resnet.faces.detection import DetectorUnavailableError
+from age_detect_resnet.images import ImageReadError
+from age_detect_resnet.modeling.checkpoint import ModelFileError
+from age_detect_resnet.training.config import DATASETS, ConfigError
+
+log = logging.getLogger(__name__)
+
+# Logged as one line with exit status 2 (ValueError too: a table or image the evaluation cannot use).
+EVALUATION_ERRORS = (
+    ConfigError,
+    ModelFileError,
+    DatasetNotFoundError,
+    DetectorUnavailableError,
+    ImageReadError,
+    ValueError,
+)
+
+
+def by_columns(text: str | None) -> list[str]:
+    """`--by gender,ethnicity` as a list of column names, in order, without repeats."""
+    names = [name.strip() for name in (text or "").split(",")]
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="default", help="run folder, its best.safetensors, or default: the bundled model"
+    )
+    parser.add_argument("--dataset", choices=DATASETS, help="default: the run's dataset")
+    parser.add_argument("--data-root", help="default: the run's data root")
+    parser.add_argument("--meta", help="imdb-wiki: a metadata CSV built by build-meta")
+    parser.add_argument(
+        "--split",
+        choices=("test", "all"),
+        default="test",
+        help="test: the run's saved test split; all: every image of the dataset",
+    )
+    parser.add_argument("--out", help="report folder (default: <run>/eval-<dataset>-<split>)")
+    parser.add_argument("--min-age", type=float, default=0, help="--split all: youngest age evaluated")
+    parser.add_argument("--max-age", type=float, default=100, help="--split all: oldest age evaluated")
+    parser.add_argument("--limit", type=int, help="--split all: evaluate a random sample of N images")
+    parser.add_argument(
+        "--detect",
+        action="store_true",
+        help="photos are uncropped: detect the largest face and frame it as the model was trained (aligned)",
+    )
+    parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
+    parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
+    parser.add_argument(
+        "--by",
+        type=by_columns,
+        default="",
+        metavar="COLUMNS",
+        help="comma list of label columns to break the error down by, e.g. gender,ethnicity",
+    )
+    parser.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        metrics, out = evaluate.evaluate_model(
+            args.model,
+            dataset=args.dataset,
+            data_root=args.data_root,
+            meta=args.meta,
+            split=args.split,
+            out=args.out,
+            min_age=args.min_age,
+            max_age=args.max_age,
+            limit=args.limit,
+            detect=args.detect,
+            detector=args.detector,
+            detector_model=args.detector_model,
+            by=args.by,
+            tta=args.tta,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            skip_bad_images=args.skip_bad_images,
+            device=args.device,
+        )
+    except EVALUATION_ERRORS as err:
+        log.error("%s", err)
+        return 2
+    print(f"MAE {metrics['mae']:.2f} years on {metrics['count']:,} images; report in {out / 'evaluation.md'}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return command_main("age-detect evaluate", evaluate.__doc__, evaluate.add_arguments, evaluate.run, argv)
+    return command_main("age-detect evaluate", evaluate.__doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from age_detect_resnet.cli import build_meta
 from age_detect_resnet.cli import train as train_module
-from age_detect_resnet.data import imdb_wiki as build_meta
 from age_detect_resnet.data.sources import DatasetNotFoundError, guess_dataset
 from age_detect_resnet.runtime import select_device
 

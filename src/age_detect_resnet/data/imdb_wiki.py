@@ -1,19 +1,15 @@
-"""Build the metadata table of IMDB-WIKI from `imdb.mat` / `wiki.mat`.
-
-    python -m age_detect_resnet.data.imdb_wiki [--data-root data/raw] \
-        [--out data/processed/meta.csv]
+"""Build the metadata table of IMDB-WIKI from `imdb.mat` / `wiki.mat`; `age-detect build-meta`
+(cli/build_meta.py) writes it to a CSV.
 
 The data root holds `imdb_crop/` and/or `wiki_crop/` as unpacked from the dataset page
 (https://data.vision.ee.ethz.ch/cvl/rrothe/imdb-wiki/). Ages follow the official rule (photo taken on
 1 July of `photo_taken`); rows are kept where a face was found, no second face was found, the age is
-plausible (0-100) and the image file exists. How many rows each filter removed is printed.
+plausible (0-100) and the image file exists. `FilterLog` counts the rows each filter removed.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -235,42 +231,3 @@ def build_meta(data_root: Path, *, min_face_score: float | None = None) -> tuple
 def write_table(df: pd.DataFrame, out: Path) -> None:
     with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="age-detect build-meta", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data-root", type=Path, default=Path("data/raw"), help="holds imdb_crop/ and/or wiki_crop/"
-    )
-    parser.add_argument(
-        "--out", type=Path, default=Path("data/processed/meta.csv"), help="metadata CSV to write"
-    )
-    parser.add_argument(
-        "--min-face-score", type=float, default=None, help="also drop faces scored below this"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        df, filters = build_meta(args.data_root, min_face_score=args.min_face_score)
-    except MetaError as err:
-        log.error("%s", err)
-        return 2
-    write_table(df, args.out)
-    print(filters.summary(len(df)))
-    print(f"wrote {len(df):,} rows to {args.out}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    return run(parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

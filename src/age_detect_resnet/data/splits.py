@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -17,11 +18,35 @@ from age_detect_resnet.data.tabular import (
     filter_age_range,
     limit_classes_to_n,
 )
-from age_detect_resnet.training.config import DataConfig
 
 log = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ["path", "age", "person_id", "split"]
+
+
+class SplitSettings(Protocol):
+    """What `prepare_splits` reads of a data config (training's `DataConfig` is one)."""
+
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def data_root(self) -> str: ...
+    @property
+    def meta(self) -> str | None: ...
+    @property
+    def min_face_score(self) -> float | None: ...
+    @property
+    def min_age(self) -> int: ...
+    @property
+    def max_age(self) -> int: ...
+    @property
+    def max_per_age(self) -> int | None: ...
+    @property
+    def val_fraction(self) -> float: ...
+    @property
+    def test_fraction(self) -> float: ...
+    @property
+    def limit(self) -> int | None: ...
 
 
 @dataclass
@@ -34,7 +59,7 @@ class PreparedData:
         return self.table[self.table["split"] == name].reset_index(drop=True)
 
 
-def prepare_splits(data: DataConfig, *, seed: int) -> PreparedData:
+def prepare_splits(data: SplitSettings, *, seed: int) -> PreparedData:
     """Load, deduplicate, keep the age range, balance, cap, and split by person, stratified by age."""
     table, root = load_table(
         data.dataset,

@@ -2,14 +2,13 @@
 
     age-detect compare runs/utkface-resnet50-regression runs/utkface-resnet50-distribution ...
 
-Every number comes from the runs' own files (run.json, evaluation.json, config.json).
+Every number comes from the runs' own files (run.json, evaluation.json, config.json); the command is
+cli/compare.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,22 +65,3 @@ def comparison_table(runs: Sequence[dict[str, Any]]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="age-detect compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders")
-    args = parser.parse_args(argv)
-    try:
-        runs = [load_run(r) for r in args.runs]
-    except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(comparison_table(runs))
-    hardware = {r["run"]["hardware"] for r in runs}
-    print(f"\nHardware: {'; '.join(sorted(hardware))}.")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,8 +2,10 @@
 
 The average of the last few thousand steps' weights generalises a little better than the last
 step's and is less sensitive to when training stops (Polyak averaging; timm's ModelEmaV2 and
-torchvision's reference scripts offer the same). Buffers (BatchNorm statistics, the head's calibrated
-interval) are copied, not averaged.
+torchvision's reference scripts offer the same). Normalisation statistics (BatchNorm's running mean
+and variance) follow the trained model's, copied at every step; every other buffer (the head's
+calibrated interval level) is the average's own: it is calibrated on the averaged model's validation
+outputs and must not be overwritten by the trained model's value.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ class ModelEma:
         self.module: AgeModel = copy.deepcopy(model).eval()
         self.module.requires_grad_(False)
         self.parameter_names = {name for name, _ in self.module.named_parameters()}
+        self.followed_buffers = {
+            f"{module_name}.{buffer_name}" if module_name else buffer_name
+            for module_name, module in self.module.named_modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase)
+            for buffer_name, _ in module.named_buffers(recurse=False)
+        }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -39,7 +47,7 @@ class ModelEma:
             target = averaged[name]
             if name in self.parameter_names:
                 target.lerp_(value.detach().to(target.dtype), 1 - decay)
-            else:
+            elif name in self.followed_buffers:
                 target.copy_(value)
 
     def state_dict(self) -> dict:

@@ -42,17 +42,15 @@ frame starts afresh with new track ids).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import logging
 import math
 import re
-import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
@@ -69,7 +67,6 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from age_detect_resnet.cli.predict import PREDICTOR_ERRORS, add_predictor_arguments, build_predictor
 from age_detect_resnet.faces.detection import Face, FaceDetector
 from age_detect_resnet.images import MAX_IMAGE_PIXELS, ImageReadError, ImageTooLargeError, load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction
@@ -481,70 +478,6 @@ def create_app(
     return app
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_predictor_arguments(parser)
-    parser.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on; 0.0.0.0 for the whole network (the camera needs https "
-        "or localhost in the browser)",
-    )
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument(
-        "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="larger uploads get 413"
-    )
-    parser.add_argument(
-        "--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT, help="photos predicted at the same time"
-    )
-    parser.add_argument(
-        "--max-queue",
-        type=int,
-        default=DEFAULT_MAX_QUEUE,
-        help="photos waiting for the model; requests beyond get 503 with Retry-After",
-    )
-    parser.add_argument(
-        "--live-fps",
-        type=float,
-        default=DEFAULT_LIVE_FPS,
-        help="frames per second the live camera sends; faster frames of one camera get 429",
-    )
-    parser.add_argument(
-        "--live-sessions",
-        type=int,
-        default=DEFAULT_LIVE_SESSIONS,
-        help="live cameras followed at once; beyond, the least recently active one is dropped",
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(prog="age-detect serve", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.max_upload_mb <= 0 or args.max_concurrent < 1 or args.max_queue < 0:
-        parser.error("--max-upload-mb must be > 0, --max-concurrent >= 1 and --max-queue >= 0")
-    if not args.live_fps > 0 or args.live_sessions < 1:
-        parser.error("--live-fps must be > 0 and --live-sessions >= 1")
-    try:
-        predictor = build_predictor(args)
-    except PREDICTOR_ERRORS as err:
-        log.error("%s", err)
-        return 2
-    app = create_app(
-        predictor,
-        max_upload_bytes=round(args.max_upload_mb * MB),
-        max_concurrent=args.max_concurrent,
-        max_queue=args.max_queue,
-        live_fps=args.live_fps,
-        live_sessions=args.live_sessions,
-    )
-    print(
-        f"age-detect serve: open http://{args.host}:{args.port}/ (model {args.model}; Ctrl+C stops)",
-        flush=True,
-    )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run_server(app: FastAPI, *, host: str, port: int) -> None:
+    """Serve `app` on host:port until Ctrl+C, uvicorn logging each request."""
+    uvicorn.run(app, host=host, port=port, log_level="info")

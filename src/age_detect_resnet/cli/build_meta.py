@@ -1,0 +1,52 @@
+"""Build the metadata table of IMDB-WIKI from `imdb.mat` / `wiki.mat`.
+
+`age-detect build-meta` (= `python -m age_detect_resnet.preprocessing.build_meta`, the seed's path):
+the table of data/imdb_wiki.py written to a CSV, then how many rows each filter removed.
+
+    age-detect build-meta [--data-root data/raw] [--out data/processed/meta.csv] [--min-face-score S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from age_detect_resnet.cli.common import USER_ERRORS, command_main
+from age_detect_resnet.data.imdb_wiki import build_meta, write_table
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-root", type=Path, default=Path("data/raw"), help="holds imdb_crop/ and/or wiki_crop/"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("data/processed/meta.csv"), help="metadata CSV to write"
+    )
+    parser.add_argument(
+        "--min-face-score", type=float, default=None, help="also drop faces scored below this"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        df, filters = build_meta(args.data_root, min_face_score=args.min_face_score)
+    except USER_ERRORS as err:  # MetaError: the message names the file and what to do
+        log.error("%s", err)
+        return 2
+    write_table(df, args.out)
+    print(filters.summary(len(df)))
+    print(f"wrote {len(df):,} rows to {args.out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return command_main("age-detect build-meta", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

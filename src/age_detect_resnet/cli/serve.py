@@ -1,0 +1,97 @@
+"""`age-detect serve`: the web page and JSON API of web/app.py, on a model loaded as `predict` does."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from age_detect_resnet.cli.predict import PREDICTOR_ERRORS, add_predictor_arguments, build_predictor
+from age_detect_resnet.web import app as web_app
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_predictor_arguments(parser)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for the whole network (the camera needs https "
+        "or localhost in the browser)",
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--max-upload-mb", type=float, default=web_app.DEFAULT_MAX_UPLOAD_MB, help="larger uploads get 413"
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=web_app.DEFAULT_MAX_CONCURRENT,
+        help="photos predicted at the same time",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=web_app.DEFAULT_MAX_QUEUE,
+        help="photos waiting for the model; requests beyond get 503 with Retry-After",
+    )
+    parser.add_argument(
+        "--live-fps",
+        type=float,
+        default=web_app.DEFAULT_LIVE_FPS,
+        help="frames per second the live camera sends; faster frames of one camera get 429",
+    )
+    parser.add_argument(
+        "--live-sessions",
+        type=int,
+        default=web_app.DEFAULT_LIVE_SESSIONS,
+        help="live cameras followed at once; beyond, the least recently active one is dropped",
+    )
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse limits the server cannot work with (usage and message, exit status 2)."""
+    if args.max_upload_mb <= 0 or args.max_concurrent < 1 or args.max_queue < 0:
+        parser.error("--max-upload-mb must be > 0, --max-concurrent >= 1 and --max-queue >= 0")
+    if not args.live_fps > 0 or args.live_sessions < 1:
+        parser.error("--live-fps must be > 0 and --live-sessions >= 1")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        predictor = build_predictor(args)
+    except PREDICTOR_ERRORS as err:
+        log.error("%s", err)
+        return 2
+    app = web_app.create_app(
+        predictor,
+        max_upload_bytes=round(args.max_upload_mb * web_app.MB),
+        max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
+        live_fps=args.live_fps,
+        live_sessions=args.live_sessions,
+    )
+    print(
+        f"age-detect serve: open http://{args.host}:{args.port}/ (model {args.model}; Ctrl+C stops)",
+        flush=True,
+    )
+    web_app.run_server(app, host=args.host, port=args.port)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Not cli.common.command_main: the limits are checked against the parser, for argparse's own error.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    parser = argparse.ArgumentParser(
+        prog="age-detect serve", description=(web_app.__doc__ or "").split("\n\n")[0]
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
