@@ -5,12 +5,12 @@ predicted, the tracked pipeline against a naive per-frame loop, in one run.
     python benchmarks/bench_video.py --frames 300 --model runs/NAME
 
 Paths (same model and runner precision, same YuNet detector, same decoded frames, stride 1):
-* naive: each frame through `AgePredictor.predict_image` with a batch size of 1 (detector on the frame
-  at the detector's own limit, 1280 px, then the model once per face), no tracking;
+* naive: each frame through `AgePredictor.predict_image` with a batch size of 1 (detector on the full
+  1280 px frame, then the model once per face), no tracking;
 * tracked, full-res detection: `video.process.predict_video` (faces of 8 frames share model batches,
   tracking and steady ages), detector as in the naive path;
 * tracked, CLI default: the same with detection on a copy 640 px wide (`--detect-side 640`, the
-  default of `age-detect predict` for videos).
+  default of `age-detect predict` for photos and videos).
 Frames/s include decoding the MP4 (and, for the tracked paths, tracking). "mean |age diff|" compares
 each path's per-frame ages with the naive path's, face by face: what batching and the smaller detection
 copy change in the predictions (bf16 batches differ slightly from batches of one).
@@ -97,7 +97,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     model = load_trained_model(args.model, "cpu")
-    detector = create_detector("yunet", YUNET) if YUNET.is_file() else create_detector("auto")
+    kind = "yunet" if YUNET.is_file() else "auto"
+    detector = create_detector(kind, YUNET if YUNET.is_file() else None, max_side=None)  # full frames
     runner = TorchRunner(model)
     naive = AgePredictor(runner=runner, metadata=model.metadata, detector=detector, batch_size=1)
     tracked = AgePredictor(runner=runner, metadata=model.metadata, detector=detector)

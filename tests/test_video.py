@@ -15,10 +15,11 @@ from PIL import Image
 
 from age_detect_resnet.cli.predict import expand_inputs
 from age_detect_resnet.cli.predict import main as predict_main
+from age_detect_resnet.faces.detection import box_iou
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.inference.predictor import FacePrediction
 from age_detect_resnet.video.reader import Stride, VideoReadError, read_frames
-from age_detect_resnet.video.tracking import FaceTracker, box_iou
+from age_detect_resnet.video.tracking import FaceTracker
 from conftest import TEST_IMAGES, YUNET, require
 
 CLIP_FPS = 10
@@ -266,11 +267,13 @@ def test_two_faces_side_by_side_give_two_steady_tracks(predictor, clips):
 
 
 def test_detection_on_a_smaller_copy_maps_boxes_and_landmarks_back_to_the_frame(predictor, clips):
-    from age_detect_resnet.video.process import DownscaledDetector
+    from age_detect_resnet.faces.detection import with_max_side
 
     frame = next(read_frames(clips["two"]))[2]  # 480 x 240
-    full = sorted(predictor.detector.detect(frame), key=lambda f: f.box[0])
-    small = sorted(DownscaledDetector(predictor.detector, 320).detect(frame), key=lambda f: f.box[0])
+    full = sorted(with_max_side(predictor.detector, None).detect(frame), key=lambda f: f.box[0])
+    scaled = with_max_side(predictor.detector, 320)
+    small = sorted(scaled.detect(frame), key=lambda f: f.box[0])
+    assert scaled.max_side == 320 and predictor.detector.max_side != 320  # the original keeps its own
     assert len(full) == len(small) == 2
     for a, b in zip(full, small, strict=True):
         assert np.abs(np.subtract(a.box, b.box)).max() < 4

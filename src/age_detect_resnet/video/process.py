@@ -12,7 +12,7 @@ Speed, and what each shortcut costs:
 * `detect_max_side` runs the face detector on a copy of the frame scaled down to that longer side (the
   crops the model sees are still cut from the full frame). Detection is most of a frame's time at 720p
   and above; a smaller copy misses faces smaller than about 10 pixels at that scale (e.g. 30 pixels wide
-  in a 1920-pixel frame at 640). None keeps the detector's own limit (1280 pixels).
+  in a 1920-pixel frame at 640). None keeps the detector's own setting (1280 by default).
 * The stride (`every` / `fps`) is the caller's choice of which frames to predict at all.
 
 Memory is bounded for a video of any length: frames are read one at a time and at most one batch of
@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path
-from age_detect_resnet.faces.detection import Face, FaceDetector
+from age_detect_resnet.faces.detection import with_max_side
 from age_detect_resnet.images import VIDEO_SUFFIXES
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction
@@ -90,31 +90,6 @@ class VideoResult:
     annotated: Path | None = None
 
 
-class DownscaledDetector:
-    """A detector run on a copy of the image whose longer side is at most `max_side`, with its boxes
-    and landmarks mapped back to the full image."""
-
-    def __init__(self, detector: FaceDetector, max_side: int) -> None:
-        self.detector = detector
-        self.max_side = max_side
-        self.name = f"{detector.name}@{max_side}"
-
-    def detect(self, image: Image.Image) -> list[Face]:
-        width, height = image.size
-        scale = min(1.0, self.max_side / max(width, height))
-        if scale == 1.0:
-            return self.detector.detect(image)
-        small = image.resize((round(width * scale), round(height * scale)), Image.Resampling.BILINEAR)
-        return [
-            Face(
-                tuple(v / scale for v in face.box),
-                face.score,
-                tuple((x / scale, y / scale) for x, y in face.landmarks) if face.landmarks else None,
-            )
-            for face in self.detector.detect(small)
-        ]
-
-
 def predict_video(
     predictor: AgePredictor,
     path: Path | str,
@@ -138,7 +113,7 @@ def predict_video(
     tracker = tracker or FaceTracker()
     if detect_max_side and predictor.detector is not None:
         predictor = copy.copy(predictor)  # the caller's predictor keeps its own detector
-        predictor.detector = DownscaledDetector(predictor.detector, detect_max_side)
+        predictor.detector = with_max_side(predictor.detector, detect_max_side)
     frame_bytes = 3 * info.width * info.height
     held = max(1, min(frames_per_batch, MAX_HELD_BYTES // frame_bytes if frame_bytes else frames_per_batch))
     result = VideoResult(path, info, stride.rate)

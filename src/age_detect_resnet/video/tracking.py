@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from age_detect_resnet.faces.detection import box_iou
+
 if TYPE_CHECKING:  # the tracker only reads .box, .age and .interval; no torch import at run time
     from age_detect_resnet.inference.predictor import FacePrediction
 
@@ -101,18 +103,6 @@ class TrackSummary:
         if self.interval is not None:
             row["age_low"], row["age_high"] = round(self.interval[0], 2), round(self.interval[1], 2)
         return row
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(N, 4) and (M, 4) boxes (x1, y1, x2, y2) -> (N, M) intersection over union."""
-    a, b = a[:, None, :], b[None, :, :]
-    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
-    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
-    inter = width * height
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    union = area_a + area_b - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 class _Track:
