@@ -27,7 +27,7 @@ YUNET_MODEL = ASSETS / "face_detection_yunet.onnx"
 # The name that selects the bundled model wherever a model path is asked for.
 DEFAULT_MODEL_NAME = "default"
 # SHA-256 of the bundled age model's weights file (written by `write_bundled_model`).
-AGE_MODEL_SHA256 = "4f73e75f3d9d163ef66b8301aa6f8f633546e8597a98bdff2ce8af356c11bf13"
+AGE_MODEL_SHA256 = "a681af6bc9c417e283881c13f586d737584055cd0465273f24abfa272ccb769f"
 
 
 class BundledModelError(RuntimeError):
