@@ -31,7 +31,7 @@ from age_detect_resnet.data.dataset import to_input_tensor
 from age_detect_resnet.data.sources import DataError
 from age_detect_resnet.faces import detection as faces
 from age_detect_resnet.faces.align import Aligner
-from age_detect_resnet.faces.detection import largest_face
+from age_detect_resnet.faces.detection import LANDMARK_METHOD, largest_face
 from age_detect_resnet.images import ImageReadError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,12 @@ class CacheAlignment:
     context: float = 1.25  # stored side / model input side
 
     def key(self) -> str:
-        return json.dumps({"alignment": self.aligner.to_metadata(), "context": self.context}, sort_keys=True)
+        described = {
+            "alignment": self.aligner.to_metadata(),
+            "context": self.context,
+            "landmarks": LANDMARK_METHOD,
+        }
+        return json.dumps(described, sort_keys=True)
 
 
 def cache_key(

@@ -54,6 +54,12 @@ DETECTION_MAX_SIDE = 1280
 REFINE_FACE_SIDE = 224
 UPRIGHT_PASSES = 2
 UPRIGHT_MIN_DEGREES = 3.0
+# How the default YuNet detector places landmarks: part of the prepared-image cache's key, so that training
+# images are re-detected when this changes, as photos are.
+LANDMARK_METHOD = (
+    f"yunet max_side={DETECTION_MAX_SIDE} refine_side={REFINE_FACE_SIDE} "
+    f"upright_passes={UPRIGHT_PASSES} upright_min_degrees={UPRIGHT_MIN_DEGREES}"
+)
 
 
 class DetectorUnavailableError(RuntimeError):
