@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from age_detect_resnet.cli.common import USER_ERRORS, command_main
-from age_detect_resnet.data.imdb_wiki import build_meta, write_table
+from age_detect_resnet.cli.common import command_main
+from age_detect_resnet.data.imdb_wiki import MetaError, build_meta, write_table
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         df, filters = build_meta(args.data_root, min_face_score=args.min_face_score)
-    except USER_ERRORS as err:  # MetaError: the message names the file and what to do
+    except MetaError as err:  # the message names the file and what to do
         log.error("%s", err)
         return 2
     write_table(df, args.out)

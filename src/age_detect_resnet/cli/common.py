@@ -1,4 +1,4 @@
-"""What every command's `main` shares: logging, its parser, and one tuple of user errors."""
+"""What every command's `main` shares: logging, its parser, and one list of user errors."""
 
 from __future__ import annotations
 
@@ -6,32 +6,35 @@ import argparse
 import logging
 from collections.abc import Callable, Sequence
 
-from age_detect_resnet.data.csv_table import CsvTableError
-from age_detect_resnet.data.imdb_wiki import MetaError
-from age_detect_resnet.data.sources import DataError, DatasetNotFoundError
-from age_detect_resnet.faces.detection import DetectorUnavailableError
-from age_detect_resnet.images import ImageReadError
-from age_detect_resnet.modeling.checkpoint import ModelFileError
-from age_detect_resnet.modeling.model import WeightsError
-from age_detect_resnet.run_folder import RunFolderError
-from age_detect_resnet.runtime import DeviceError
-from age_detect_resnet.training.config import ConfigError
 
-# Problems a user can fix from the message alone: logged as one line, exit status 2, no traceback.
-# Anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    DataError,
-    DatasetNotFoundError,
-    CsvTableError,
-    MetaError,
-    ImageReadError,
-    ModelFileError,
-    RunFolderError,
-    WeightsError,
-    DetectorUnavailableError,
-    DeviceError,
-)
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Problems a user can fix from the message alone: logged as one line, exit status 2, no traceback.
+    Anything else is a bug and keeps its traceback. Imported when asked for, not with this module, so
+    that a command without a model (build-meta) does not load torch to start."""
+    from age_detect_resnet.data.csv_table import CsvTableError
+    from age_detect_resnet.data.imdb_wiki import MetaError
+    from age_detect_resnet.data.sources import DataError, DatasetNotFoundError
+    from age_detect_resnet.faces.detection import DetectorUnavailableError
+    from age_detect_resnet.images import ImageReadError
+    from age_detect_resnet.modeling.checkpoint import ModelFileError
+    from age_detect_resnet.modeling.model import WeightsError
+    from age_detect_resnet.run_folder import RunFolderError
+    from age_detect_resnet.runtime import DeviceError
+    from age_detect_resnet.training.config import ConfigError
+
+    return (
+        ConfigError,
+        DataError,
+        DatasetNotFoundError,
+        CsvTableError,
+        MetaError,
+        ImageReadError,
+        ModelFileError,
+        RunFolderError,
+        WeightsError,
+        DetectorUnavailableError,
+        DeviceError,
+    )
 
 
 def command_main(
@@ -40,9 +43,11 @@ def command_main(
     add_arguments: Callable[[argparse.ArgumentParser], None],
     run: Callable[[argparse.Namespace], int],
     argv: Sequence[str] | None,
+    *,
+    check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None,
 ) -> int:
     """Parse `argv` with the command's options (its module docstring's first paragraph as the
-    description) and run it."""
+    description), let `check` refuse combinations argparse cannot (through `parser.error`), and run it."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -52,4 +57,7 @@ def command_main(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if check is not None:
+        check(parser, args)
+    return run(args)

@@ -8,25 +8,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from age_detect_resnet.cli.common import command_main
-from age_detect_resnet.data.sources import DatasetNotFoundError
+from age_detect_resnet.cli.common import command_main, user_errors
 from age_detect_resnet.evaluation import evaluate
-from age_detect_resnet.faces.detection import DetectorUnavailableError
-from age_detect_resnet.images import ImageReadError
-from age_detect_resnet.modeling.checkpoint import ModelFileError
-from age_detect_resnet.training.config import DATASETS, ConfigError
+from age_detect_resnet.training.config import DATASETS
 
 log = logging.getLogger(__name__)
-
-# Logged as one line with exit status 2 (ValueError too: a table or image the evaluation cannot use).
-EVALUATION_ERRORS = (
-    ConfigError,
-    ModelFileError,
-    DatasetNotFoundError,
-    DetectorUnavailableError,
-    ImageReadError,
-    ValueError,
-)
 
 
 def by_columns(text: str | None) -> list[str]:
@@ -95,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             skip_bad_images=args.skip_bad_images,
             device=args.device,
         )
-    except EVALUATION_ERRORS as err:
+    except (*user_errors(), ValueError) as err:  # ValueError: a table or image it cannot use
         log.error("%s", err)
         return 2
     print(f"MAE {metrics['mae']:.2f} years on {metrics['count']:,} images; report in {out / 'evaluation.md'}")

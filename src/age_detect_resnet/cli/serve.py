@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from age_detect_resnet.cli.common import command_main
 from age_detect_resnet.cli.predict import PREDICTOR_ERRORS, add_predictor_arguments, build_predictor
 from age_detect_resnet.web import app as web_app
 
@@ -82,15 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Not cli.common.command_main: the limits are checked against the parser, for argparse's own error.
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    parser = argparse.ArgumentParser(
-        prog="age-detect serve", description=(web_app.__doc__ or "").split("\n\n")[0]
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
-    return run(args)
+    return command_main("age-detect serve", web_app.__doc__, add_arguments, run, argv, check=check_arguments)
 
 
 if __name__ == "__main__":

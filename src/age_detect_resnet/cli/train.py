@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from age_detect_resnet.cli.common import USER_ERRORS, command_main
+from age_detect_resnet.cli.common import command_main, user_errors
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.training.config import (
     Config,
@@ -53,7 +53,7 @@ def run(
             "interrupted; the last finished epoch is saved: continue with the same command plus --resume"
         )
         return 130
-    except (*USER_ERRORS, NonFiniteLossError) as err:
+    except (*user_errors(), NonFiniteLossError) as err:
         log.error("%s", err)
         return 2
     finally:

@@ -27,26 +27,16 @@ SPLIT_COLUMNS = ["path", "age", "person_id", "split"]
 class SplitSettings(Protocol):
     """What `prepare_splits` reads of a data config (training's `DataConfig` is one)."""
 
-    @property
-    def dataset(self) -> str: ...
-    @property
-    def data_root(self) -> str: ...
-    @property
-    def meta(self) -> str | None: ...
-    @property
-    def min_face_score(self) -> float | None: ...
-    @property
-    def min_age(self) -> int: ...
-    @property
-    def max_age(self) -> int: ...
-    @property
-    def max_per_age(self) -> int | None: ...
-    @property
-    def val_fraction(self) -> float: ...
-    @property
-    def test_fraction(self) -> float: ...
-    @property
-    def limit(self) -> int | None: ...
+    dataset: str
+    data_root: str
+    meta: str | None
+    min_face_score: float | None
+    min_age: int
+    max_age: int
+    max_per_age: int | None
+    val_fraction: float
+    test_fraction: float
+    limit: int | None
 
 
 @dataclass
