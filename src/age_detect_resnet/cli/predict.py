@@ -44,13 +44,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
-from age_detect_resnet.cli.common import command_main
-from age_detect_resnet.faces.detection import DetectorUnavailableError, create_detector
+from age_detect_resnet.cli.common import command_main, user_errors
+from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageReadError, load_rgb
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_predictor
-from age_detect_resnet.modeling.checkpoint import ModelFileError
-from age_detect_resnet.runtime import DeviceError, select_device
+from age_detect_resnet.runtime import select_device
 from age_detect_resnet.video.process import VideoResult, is_video, predict_video
 from age_detect_resnet.video.tracking import TrackSummary
 
@@ -247,8 +246,10 @@ class PredictorOptionsError(ValueError):
     """Options that cannot work together; the message says which."""
 
 
-# What build_predictor reports as a user error (exit 2, no traceback) in every command that uses it.
-PREDICTOR_ERRORS = (ModelFileError, DetectorUnavailableError, DeviceError, PredictorOptionsError)
+def predictor_errors() -> tuple[type[BaseException], ...]:
+    """What build_predictor reports as a user error (exit 2, no traceback) in every command that uses it:
+    the project's user errors and option combinations it refuses."""
+    return (*user_errors(), PredictorOptionsError)
 
 
 def build_predictor(args: argparse.Namespace) -> AgePredictor:
@@ -300,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         predictor = build_predictor(args)
-    except PREDICTOR_ERRORS as err:
+    except predictor_errors() as err:
         log.error("%s", err)
         return 2
     paths, problems = expand_inputs(args.paths)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from age_detect_resnet.cli.common import command_main
-from age_detect_resnet.cli.predict import PREDICTOR_ERRORS, add_predictor_arguments, build_predictor
+from age_detect_resnet.cli.predict import add_predictor_arguments, build_predictor, predictor_errors
 from age_detect_resnet.web import app as web_app
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def run(args: argparse.Namespace) -> int:
     try:
         predictor = build_predictor(args)
-    except PREDICTOR_ERRORS as err:
+    except predictor_errors() as err:
         log.error("%s", err)
         return 2
     app = web_app.create_app(
