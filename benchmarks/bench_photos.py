@@ -7,9 +7,11 @@ Paths (same model, same YuNet detector, same photos):
 * naive: one photo at a time through `AgePredictor.predict` with fp32 (a batch of one face per call);
 * project (default): `age-detect predict`'s `predict_photos` (faces of 16 photos share a model batch,
   bf16 where the CPU has it);
-* project, 640 px detection: the same with faces searched for on a copy at most 640 px long (what videos
-  use; small faces there are detected again at full precision); crops are still cut from the full photo.
-All paths detect with YuNet at its default size (at most 1280 px) unless said otherwise.
+* project, previous detector: the same with YuNet's settings before this version (faces searched for on
+  a copy at most 1280 px long, regions for the second look at full resolution): what the smaller
+  default copy and regions save.
+All paths detect with YuNet at its default settings (faces.detection) unless said otherwise; crops are
+always cut from the full photo.
 Photos/s is over the whole folder; the per-photo latency is each path's median over single photos
 (`AgePredictor.predict`, one photo at a time). "mean |age diff|" compares each path's ages of the
 largest face with the naive path's.
@@ -26,7 +28,7 @@ import torch
 from common import SHARED, YUNET, machine, median, print_table
 
 from age_detect_resnet.cli.predict import expand_inputs, predict_photos
-from age_detect_resnet.faces.detection import create_detector
+from age_detect_resnet.faces.detection import YuNetDetector, create_detector
 from age_detect_resnet.inference.backends import TorchRunner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 
@@ -60,10 +62,12 @@ def main() -> None:
     variants = {
         "naive: one photo at a time, fp32": naive,
         "project (default): predict_photos (shared batches, bf16)": AgePredictor(model, detector=detector),
-        "project, detection on a 640 px copy": AgePredictor(
-            model, detector=create_detector(kind, yunet, max_side=640)
-        ),
     }
+    if yunet is not None:
+        previous = YuNetDetector(yunet, max_side=1280, refine_side=224, region_face_side=427)
+        variants["project, previous detector (1280 px, full-resolution regions)"] = AgePredictor(
+            model, detector=previous
+        )
     rows, seconds, ages = [], {}, {}
     for label, predictor in variants.items():
         predictor.predict(photos[0])  # warm-up (oneDNN kernels, detector)

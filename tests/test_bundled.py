@@ -136,6 +136,6 @@ def test_the_bundle_gives_a_photo_rotated_by_20_degrees_nearly_the_same_age(name
     for angle in (20, -20):
         turned = upright.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128,) * 3)
         ages.append(max(predictor.predict_image(turned), key=lambda f: f.detector_score).age)
-    # Measured on the shipped model: spreads of 0.5-4.5 years over the five photos (README; up to 12.7
+    # Measured on the shipped model: spreads of 0.6-2.7 years over the five photos (README; up to 12.7
     # without the detector's upright re-detection).
     assert max(ages) - min(ages) < 5.0, ages

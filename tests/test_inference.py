@@ -85,6 +85,39 @@ def test_batching_gives_the_same_ages_as_one_by_one(tiny_run):
     assert together == pytest.approx(alone, abs=0.05)
 
 
+def test_photos_searched_in_threads_give_the_same_faces_as_one_at_a_time(tiny_run):
+    import threading
+
+    import cv2
+
+    model = load_trained_model(tiny_run)
+    images = [Image.open(require(TEST_IMAGES) / n).convert("RGB") for n in PHOTOS] * 2
+    opencv_threads = cv2.getNumThreads()
+    threaded = AgePredictor(model, detector=create_detector("yunet"), detect_workers=3)
+    alone = AgePredictor(model, detector=create_detector("yunet"), detect_workers=1)
+    together = threaded.predict_images(images)
+    assert cv2.getNumThreads() == opencv_threads  # restored after the threaded section
+    for mine, reference in zip(together, alone.predict_images(images), strict=True):
+        assert [f.box for f in mine] == [pytest.approx(f.box, abs=1) for f in reference]
+        assert [f.age for f in mine] == pytest.approx([f.age for f in reference], abs=0.05)
+
+    class OneThreadOnly:  # no clone(): cannot be copied, so it must be called from one thread
+        name = "recording"
+        max_side = None
+
+        def __init__(self, detector):
+            self.detector, self.threads = detector, set()
+
+        def detect(self, image):
+            self.threads.add(threading.get_ident())
+            return self.detector.detect(image)
+
+    recording = OneThreadOnly(create_detector("yunet"))
+    shared = AgePredictor(model, detector=recording, detect_workers=3)
+    assert [len(faces) for faces in shared.predict_images(images)] == [1] * len(images)
+    assert recording.threads == {threading.get_ident()}
+
+
 def test_predict_cli_reports_bad_files_and_writes_csv(tiny_run, tmp_path, capsys, caplog):
     photos = require(TEST_IMAGES)
     (tmp_path / "empty.jpg").write_bytes(b"")

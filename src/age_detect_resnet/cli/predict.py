@@ -362,7 +362,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=VIDEO_DETECT_SIDE,
         help=f"videos: detect faces on the frame scaled to this longer side (default {VIDEO_DETECT_SIDE}; "
-        "0: the detector's own limit, 1280); smaller is faster but misses small faces",
+        "0: the detector's own setting, as for photos); smaller is faster but misses small faces",
     )
 
 

@@ -11,7 +11,10 @@ for face in predictor.predict("group_photo.jpg"):
 
 from __future__ import annotations
 
+import os
+import queue
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +32,9 @@ from age_detect_resnet.faces.detection import (
     Face,
     FaceDetector,
     create_detector,
+    independent_copies,
     largest_face,
+    opencv_threads,
 )
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.inference.backends import AgeRunner, TorchRunner, load_runner
@@ -105,13 +110,21 @@ class FacePrediction:
         return row
 
 
+# One face ready for the model: the detection (None: the whole image), the crop's box in the image, the
+# model's input tensor.
+FaceInput = tuple[Face | None, tuple[int, int, int, int], torch.Tensor]
+
+
 class AgePredictor:
     """Photos to ages: detect every face, frame it as in training (aligned by its landmarks, or the box
     grown by the training margins for older models), predict in batches.
 
     Without a detector each whole image is treated as one face (as `predict_age_for_image`).
-    `runner` replaces the PyTorch runner (e.g. ONNX Runtime: see backends.py and `load_predictor`);
-    with neither a model nor a runner, the model bundled with the package is used.
+    Several photos (`predict_images`) are searched for faces `detect_workers` at a time, each thread with
+    its own copy of the detector and OpenCV on one thread (default: up to 4, one per CPU core): on 2 cores
+    1.3x the detection throughput of one photo at a time with OpenCV's own threads (the 240 shared
+    portraits). `runner` replaces the PyTorch runner (e.g. ONNX Runtime: see backends.py and
+    `load_predictor`); with neither a model nor a runner, the model bundled with the package is used.
     """
 
     def __init__(
@@ -124,6 +137,7 @@ class AgePredictor:
         metadata: dict[str, Any] | None = None,
         batch_size: int = 32,
         tta_flip: bool = False,
+        detect_workers: int | None = None,
     ) -> None:
         if runner is None:
             if model is None:
@@ -135,19 +149,46 @@ class AgePredictor:
         self.framing = framing_of(self.metadata)
         self.detector = detector
         self.batch_size = batch_size
+        self.detect_workers = detect_workers or min(4, os.cpu_count() or 1)
+        self._detector_copies: list[FaceDetector] = []
 
-    def face_inputs(
-        self, image: Image.Image
-    ) -> list[tuple[Face | None, tuple[int, int, int, int], torch.Tensor]]:
+    def face_inputs(self, image: Image.Image) -> list[FaceInput]:
         """(face, crop box, model input) per face; the whole image when there is no detector."""
-        if self.detector is None:
+        return self._face_inputs(image, self.detector)
+
+    def _face_inputs(self, image: Image.Image, detector: FaceDetector | None) -> list[FaceInput]:
+        if detector is None:
             whole = (0, 0, *image.size)
             return [(None, whole, to_input_tensor(image, self.image_size))]
         inputs = []
-        for face in self.detector.detect(image):
+        for face in detector.detect(image):
             pixels, box = self.framing.crop(image, face, self.image_size)
             inputs.append((face, box, pixels_to_input(pixels)))
         return inputs
+
+    def all_face_inputs(self, images: Sequence[Image.Image]) -> list[list[FaceInput]]:
+        """`face_inputs` of each image, in order: in `detect_workers` threads where the detector can be
+        copied (see the class docstring), else one image at a time."""
+        workers = min(self.detect_workers, len(images))
+        if self.detector is None or workers < 2:
+            return [self.face_inputs(image) for image in images]
+        if not self._detector_copies or self._detector_copies[0] is not self.detector:
+            self._detector_copies = independent_copies(self.detector, self.detect_workers)
+        if len(self._detector_copies) < 2:
+            return [self.face_inputs(image) for image in images]
+        free: queue.SimpleQueue[FaceDetector] = queue.SimpleQueue()
+        for detector in self._detector_copies[:workers]:
+            free.put(detector)
+
+        def one(image: Image.Image) -> list[FaceInput]:
+            detector = free.get()  # never waits: as many detectors as threads
+            try:
+                return self._face_inputs(image, detector)
+            finally:
+                free.put(detector)
+
+        with opencv_threads(1), ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one, images))
 
     def run(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
         """Model outputs for many inputs, `batch_size` at a time."""
@@ -169,7 +210,7 @@ class AgePredictor:
 
     def predict_images(self, images: Sequence[Image.Image]) -> list[list[FacePrediction]]:
         """Faces of several photos, run through the model in shared batches."""
-        per_image = [self.face_inputs(image) for image in images]
+        per_image = self.all_face_inputs(images)
         flat = [entry for entries in per_image for entry in entries]
         outputs = self.run([tensor for _, _, tensor in flat])
         results, position = [], 0

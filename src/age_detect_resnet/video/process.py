@@ -12,7 +12,7 @@ Speed, and what each shortcut costs:
 * `detect_max_side` runs the face detector on a copy of the frame scaled down to that longer side (the
   crops the model sees are still cut from the full frame). Detection is most of a frame's time at 720p
   and above; a smaller copy misses faces smaller than about 10 pixels at that scale (e.g. 30 pixels wide
-  in a 1920-pixel frame at 640). None keeps the detector's own setting (1280 by default).
+  in a 1920-pixel frame at 640). None keeps the detector's own setting (640 by default, as for photos).
 * The stride (`every` / `fps`) is the caller's choice of which frames to predict at all.
 
 Memory is bounded for a video of any length: frames are read one at a time and at most one batch of
