@@ -1,0 +1,71 @@
+"""The README's side-by-side table of models on the real-photo sets, from `real_photos.sh` reports.
+
+    python experiments/real_photos_table.py "LABEL=DIR[:UTKFACE_EVALUATION_JSON]" ...
+
+DIR holds `portraits/` and `fairface/` (and, where the model has a run folder, `utkface-test/`), each with
+the `evaluation.json` that `age-detect evaluate` wrote; UTKFACE_EVALUATION_JSON names another UTKFace test
+evaluation where DIR has none. Prints two Markdown tables: the headline figures per model, then FairFace's
+mean distance to each labelled age group.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def metrics(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())["metrics"]
+    except (OSError, ValueError, KeyError) as err:
+        raise SystemExit(f"{path}: not an evaluation report of `age-detect evaluate` ({err})") from err
+
+
+def parse(argument: str) -> tuple[str, Path, Path | None]:
+    label, sep, rest = argument.partition("=")
+    if not sep or not label or not rest:
+        raise SystemExit(f"{argument!r}: expected LABEL=DIR[:UTKFACE_EVALUATION_JSON]")
+    folder, _, utkface = rest.partition(":")
+    default = Path(folder) / "utkface-test" / "evaluation.json"
+    return label, Path(folder), Path(utkface) if utkface else (default if default.is_file() else None)
+
+
+def main(arguments: list[str]) -> int:
+    if not arguments or arguments[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if arguments else 2
+    rows, groups = [], {}
+    for label, folder, utkface in map(parse, arguments):
+        portraits = metrics(folder / "portraits" / "evaluation.json")
+        fairface = metrics(folder / "fairface" / "evaluation.json")["labelled_groups"]
+        utk = metrics(utkface) if utkface else None
+        utk_cell = f"{utk['mae']:.2f} ({utk['count']:,} faces)" if utk else "–"
+        rows.append(
+            f"| {label} | {utk_cell} | {portraits['mae']:.2f} | {100 * fairface['inside']:.1f}% | "
+            f"{fairface['mean_distance']:.2f} |"
+        )
+        groups[label] = fairface["groups"]
+    print(
+        "| model | UTKFace test MAE (its own split) | portraits MAE (`--detect`) | FairFace inside the group "
+        "| FairFace mean distance |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    names = list(next(iter(groups.values())))
+    print()
+    print("| FairFace mean distance (inside) | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for label, per_group in groups.items():
+        cells = [
+            f"{per_group[n]['mean_distance']:.2f} ({100 * per_group[n]['inside']:.0f}%)"
+            if n in per_group
+            else "–"
+            for n in names
+        ]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
