@@ -56,10 +56,10 @@ DETECTION_MAX_SIDE = 640
 # UPRIGHT_PASSES times, while they are UPRIGHT_MIN_DEGREES or more off. The region is REGION_CONTEXT face
 # sizes wide and shows the face at most REGION_FACE_SIDE pixels tall (full resolution for smaller faces).
 # Against a first look at 1280 px and regions at full resolution (the previous settings), on the shared
-# photos with the bundled model: 1.7x the photos/s on the 240 portraits (bench_photos.py, one photo at a
-# time), `evaluate --detect` portraits MAE 4.58 (was 4.60), FairFace 37.4% inside / 5.35 y (was 38.3% /
-# 5.33); 80 portraits turned by +-15 degrees move by 1.39 y on average (was 1.40; 90th percentile 3.22,
-# was 3.14).
+# photos with the bundled model: 1.7x the photos/s on the 240 portraits (bench_photos.py, before photos
+# were searched in threads), `evaluate --detect` portraits MAE 4.58 (was 4.60), FairFace 37.4% inside /
+# 5.35 y (was 38.3% / 5.33); 80 portraits turned by +-15 degrees move by 1.39 y on average (was 1.40;
+# 90th percentile 3.22, was 3.14).
 REFINE_FACE_SIDE = 160
 REGION_FACE_SIDE = 224
 REGION_CONTEXT = 3.0
