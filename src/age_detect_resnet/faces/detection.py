@@ -58,8 +58,8 @@ DETECTION_MAX_SIDE = 640
 # Against a first look at 1280 px and regions at full resolution (the previous settings), on the shared
 # photos with the bundled model: 1.7x the photos/s on the 240 portraits (bench_photos.py, before photos
 # were searched in threads), `evaluate --detect` portraits MAE 4.58 (was 4.60), FairFace 37.4% inside /
-# 5.35 y (was 38.3% / 5.33); 80 portraits turned by +-15 degrees move by 1.39 y on average (was 1.40;
-# 90th percentile 3.22, was 3.14).
+# 5.33). The cost: the 240 portraits turned by +-15 degrees move by 1.36 y on average (was 1.17; 90th
+# percentile 3.17, was 2.70; experiments/rotation.py), the five test photos turned by +-20 by 0.6-2.7 y.
 REFINE_FACE_SIDE = 160
 REGION_FACE_SIDE = 224
 REGION_CONTEXT = 3.0

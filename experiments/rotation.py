@@ -1,0 +1,87 @@
+"""How much a model's age moves when the photo is turned: the README's robustness figures.
+
+    python experiments/rotation.py                          # the five shared test photos, +-20 degrees
+    python experiments/rotation.py --photos ../shared/data/real_photos/portraits --every 3 --angles 15
+    python experiments/rotation.py --detector previous      # YuNet's previous, slower settings
+
+Each photo is predicted upright and turned by +-ANGLES degrees (bilinear, the canvas grown to hold it,
+grey corners), through `AgePredictor` with YuNet: the face with the highest detector score of each turned
+photo against the upright photo's. Prints, per photo (up to 12) and over all, the spread (highest minus
+lowest age) and the mean, 90th percentile and largest |age(turned) - age(upright)|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from age_detect_resnet.cli.predict import expand_inputs
+from age_detect_resnet.faces.detection import YuNetDetector
+from age_detect_resnet.images import load_rgb
+from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The detector's settings before this version (a 1280 px first look, second looks at full resolution).
+DETECTORS = {"default": {}, "previous": {"max_side": 1280, "refine_side": 224, "region_face_side": 427}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="default", help="run folder, .safetensors or default (bundled)")
+    parser.add_argument("--photos", type=Path, default=SHARED / "test_images")
+    parser.add_argument("--every", type=int, default=1, help="use every N-th photo (sorted by path)")
+    parser.add_argument(
+        "--angles", type=float, nargs="+", default=[20.0], help="degrees, each turned both ways"
+    )
+    parser.add_argument("--detector", choices=sorted(DETECTORS), default="default")
+    parser.add_argument(
+        "--detector-model", type=Path, default=SHARED / "models" / "face_detection_yunet.onnx"
+    )
+    args = parser.parse_args(argv)
+    if not args.detector_model.is_file():
+        parser.error(f"{args.detector_model} does not exist: pass --detector-model FILE (YuNet's ONNX file)")
+    photos, problems = expand_inputs([str(args.photos)])
+    if problems or not photos:
+        parser.error("; ".join(problems) or f"no photos in {args.photos}")
+    photos = photos[:: max(1, args.every)]
+    detector = YuNetDetector(args.detector_model, **DETECTORS[args.detector])
+    predictor = AgePredictor(load_trained_model(args.model, "cpu"), detector=detector)
+    turns = [sign * angle for angle in args.angles for sign in (1, -1)]
+    moves, rows = [], []
+    for path in photos:
+        upright = load_rgb(path)
+        ages = [face_age(predictor, upright)]
+        for angle in turns:
+            turned = upright.rotate(
+                angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128,) * 3
+            )
+            ages.append(face_age(predictor, turned))
+        known = [a for a in ages if a is not None]
+        if ages[0] is None or len(known) < 2:
+            rows.append(f"{path.name}: no face upright or turned")
+            continue
+        moves += [abs(a - ages[0]) for a in ages[1:] if a is not None]
+        rows.append(
+            f"{path.name}: ages {', '.join(f'{a:.1f}' for a in known)}; spread {max(known) - min(known):.2f}"
+        )
+    print("\n".join(rows[:12] + ([f"... {len(rows) - 12} more"] if len(rows) > 12 else [])))
+    if moves:
+        print(
+            f"{len(photos)} photos turned by +-{', '.join(f'{a:g}' for a in args.angles)} degrees "
+            f"({args.detector} detector): |age change| mean {np.mean(moves):.2f}, "
+            f"90th percentile {np.percentile(moves, 90):.2f}, largest {max(moves):.2f} years"
+        )
+    return 0
+
+
+def face_age(predictor: AgePredictor, image: Image.Image) -> float | None:
+    faces = predictor.predict_image(image)
+    return max(faces, key=lambda f: f.detector_score or 0.0).age if faces else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
