@@ -64,6 +64,10 @@ REFINE_FACE_SIDE = 160
 REGION_FACE_SIDE = 224
 REGION_CONTEXT = 3.0
 UPRIGHT_PASSES = 2
+# On the 640 px copy YuNet's landmarks make most upright studio portraits look 3 degrees or more off (24
+# of the first 40, against 3 at full size), so they get upright passes too. Turned by +-15 degrees, the
+# 240 portraits move by 1.27 y at a 1.5-degree threshold, 1.36 at 3, 1.42 at 4 and 1.58 at 5
+# (experiments/rotation.py): lower is steadier but costs more passes; 3 is kept for speed.
 UPRIGHT_MIN_DEGREES = 3.0
 # How the default YuNet detector places landmarks: part of the prepared-image cache's key, so that training
 # images are re-detected when this changes, as photos are.
@@ -190,7 +194,7 @@ class YuNetDetector:
     * a face smaller than `refine_side` pixels on the copy (but larger in the full image) is detected
       again there: landmarks on small faces are imprecise;
     * a tilted face (its landmarks' similarity fit to the aligner's upright template turns it by
-      `UPRIGHT_MIN_DEGREES` or more) is detected again on its region turned upright, up to
+      `upright_min_degrees` or more) is detected again on its region turned upright, up to
       `upright_passes` times: YuNet was trained on upright faces and its landmarks on a tilted one lean
       towards upright, so the aligner would not undo the whole tilt.
     On the five shared test photos turned by +-20 degrees, the bundled model's age moved by up to 12.7
@@ -208,6 +212,7 @@ class YuNetDetector:
         refine_side: int = REFINE_FACE_SIDE,
         upright_passes: int = UPRIGHT_PASSES,
         region_face_side: int = REGION_FACE_SIDE,
+        upright_min_degrees: float = UPRIGHT_MIN_DEGREES,
     ) -> None:
         self.model_path = Path(model_path)
         self.score_threshold = score_threshold
@@ -216,6 +221,7 @@ class YuNetDetector:
         self.refine_side = refine_side
         self.upright_passes = upright_passes
         self.region_face_side = region_face_side
+        self.upright_min_degrees = upright_min_degrees
         self._detector = cv2.FaceDetectorYN.create(
             str(model_path), "", (320, 320), score_threshold, nms_threshold, 100
         )
@@ -230,6 +236,7 @@ class YuNetDetector:
             refine_side=self.refine_side,
             upright_passes=self.upright_passes,
             region_face_side=self.region_face_side,
+            upright_min_degrees=self.upright_min_degrees,
         )
 
     def detect(self, image: Image.Image) -> list[Face]:
@@ -256,7 +263,7 @@ class YuNetDetector:
             face = self._redetect(image, face, 0.0)
         for _ in range(self.upright_passes):
             angle = tilt_degrees(face)
-            if angle is None or abs(angle) < UPRIGHT_MIN_DEGREES:
+            if angle is None or abs(angle) < self.upright_min_degrees:
                 break
             face = self._redetect(image, face, angle)
         return face
