@@ -3,6 +3,7 @@
     python experiments/rotation.py                          # the five shared test photos, +-20 degrees
     python experiments/rotation.py --photos ../shared/data/real_photos/portraits --every 3 --angles 15
     python experiments/rotation.py --detector previous      # YuNet's previous, slower settings
+    python experiments/rotation.py --upright-min-degrees 1.5
 
 Each photo is predicted upright and turned by +-ANGLES degrees (bilinear, the canvas grown to hold it,
 grey corners), through `AgePredictor` with YuNet: the face with the highest detector score of each turned
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--detector", choices=sorted(DETECTORS), default="default")
     parser.add_argument(
+        "--upright-min-degrees",
+        type=float,
+        help="YuNet's threshold for an upright pass (default: the detector's)",
+    )
+    parser.add_argument(
         "--detector-model", type=Path, default=SHARED / "models" / "face_detection_yunet.onnx"
     )
     args = parser.parse_args(argv)
@@ -48,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     if problems or not photos:
         parser.error("; ".join(problems) or f"no photos in {args.photos}")
     photos = photos[:: max(1, args.every)]
-    detector = YuNetDetector(args.detector_model, **DETECTORS[args.detector])
+    settings = dict(DETECTORS[args.detector])
+    if args.upright_min_degrees is not None:
+        settings["upright_min_degrees"] = args.upright_min_degrees
+    detector = YuNetDetector(args.detector_model, **settings)
     predictor = AgePredictor(load_trained_model(args.model, "cpu"), detector=detector)
     turns = [sign * angle for angle in args.angles for sign in (1, -1)]
     moves, rows = [], []
