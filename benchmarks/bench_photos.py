@@ -28,7 +28,7 @@ import torch
 from common import SHARED, YUNET, machine, median, print_table
 
 from age_detect_resnet.cli.predict import expand_inputs, predict_photos
-from age_detect_resnet.faces.detection import YuNetDetector, create_detector
+from age_detect_resnet.faces.detection import PREVIOUS_YUNET_SETTINGS, YuNetDetector, create_detector
 from age_detect_resnet.inference.backends import TorchRunner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 
@@ -64,7 +64,7 @@ def main() -> None:
         "project (default): predict_photos (shared batches, bf16)": AgePredictor(model, detector=detector),
     }
     if yunet is not None:
-        previous = YuNetDetector(yunet, max_side=1280, refine_side=224, region_face_side=427)
+        previous = YuNetDetector(yunet, **PREVIOUS_YUNET_SETTINGS)
         variants["project, previous detector (1280 px, full-resolution regions)"] = AgePredictor(
             model, detector=previous
         )

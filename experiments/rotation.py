@@ -21,13 +21,12 @@ import numpy as np
 from PIL import Image
 
 from age_detect_resnet.cli.predict import expand_inputs
-from age_detect_resnet.faces.detection import YuNetDetector
+from age_detect_resnet.faces.detection import PREVIOUS_YUNET_SETTINGS, YuNetDetector
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-# The detector's settings before this version (a 1280 px first look, second looks at full resolution).
-DETECTORS = {"default": {}, "previous": {"max_side": 1280, "refine_side": 224, "region_face_side": 427}}
+DETECTORS = {"default": {}, "previous": PREVIOUS_YUNET_SETTINGS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,11 +58,15 @@ DETECTION_MAX_SIDE = 640
 # Against a first look at 1280 px and regions at full resolution (the previous settings), on the shared
 # photos with the bundled model: 1.7x the photos/s on the 240 portraits (bench_photos.py, before photos
 # were searched in threads), `evaluate --detect` portraits MAE 4.58 (was 4.60), FairFace 37.4% inside /
-# 5.33). The cost: the 240 portraits turned by +-15 degrees move by 1.36 y on average (was 1.17; 90th
-# percentile 3.17, was 2.70; experiments/rotation.py), the five test photos turned by +-20 by 0.6-2.7 y.
+# 5.35 y (was 38.3% / 5.33). The cost: the 240 portraits turned by +-15 degrees move by 1.36 y on
+# average (was 1.17; 90th percentile 3.17, was 2.70; experiments/rotation.py), the five test photos
+# turned by +-20 by 0.6-2.7 y.
 REFINE_FACE_SIDE = 160
 REGION_FACE_SIDE = 224
 REGION_CONTEXT = 3.0
+# Those previous settings, as YuNetDetector arguments: the baseline that benchmarks/bench_photos.py and
+# experiments/rotation.py compare with.
+PREVIOUS_YUNET_SETTINGS = {"max_side": 1280, "refine_side": 224, "region_face_side": 427}
 UPRIGHT_PASSES = 2
 # On the 640 px copy YuNet's landmarks make most upright studio portraits look 3 degrees or more off (24
 # of the first 40, against 3 at full size), so they get upright passes too. Turned by +-15 degrees, the
@@ -223,22 +227,18 @@ class YuNetDetector:
         self.upright_passes = upright_passes
         self.region_face_side = region_face_side
         self.upright_min_degrees = upright_min_degrees
-        self._detector = cv2.FaceDetectorYN.create(
-            str(model_path), "", (320, 320), score_threshold, nms_threshold, 100
+        self._detector = self._opencv_detector()
+
+    def _opencv_detector(self) -> Any:
+        return cv2.FaceDetectorYN.create(
+            str(self.model_path), "", (320, 320), self.score_threshold, self.nms_threshold, 100
         )
 
     def clone(self) -> YuNetDetector:
         """A detector with these settings and its own OpenCV state (see `independent_copies`)."""
-        return YuNetDetector(
-            self.model_path,
-            score_threshold=self.score_threshold,
-            nms_threshold=self.nms_threshold,
-            max_side=self.max_side,
-            refine_side=self.refine_side,
-            upright_passes=self.upright_passes,
-            region_face_side=self.region_face_side,
-            upright_min_degrees=self.upright_min_degrees,
-        )
+        twin = copy.copy(self)
+        twin._detector = self._opencv_detector()
+        return twin
 
     def detect(self, image: Image.Image) -> list[Face]:
         small, scale = detection_copy(image, self.max_side)
