@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One-change ablations of the bundled model's first stage, measured where the issue asks: on the
+# real-photo validation sets (never trained on), beside UTKFace's test split. Each run repeats the first
+# stage's saved settings exactly (results/utkface-aligned-dldl/config.json: --config cpu, ResNet-50 v1,
+# aligned faces, photo augmentation, distribution head + L1, 4 epochs, split seed 0) with ONE change,
+# then evaluates it with experiments/real_photos.sh. ~45 min a run on 2 CPU cores.
+#   ./experiments/real_photo_ablations.sh NAME ...      (names below; default: all, in this order)
+# The table: python experiments/real_photos_table.py "first stage=results/stage1-bundle" \
+#   "NAME=results/ablation-NAME" ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+declare -A CHANGE=(
+    [light-augment]="--augment light"     # flip, reframing and colour only: no rotation/blur/JPEG/greyscale/low-res
+    [box-framing]="--no-align"            # the detector's box + margin instead of the landmark aligner
+    [regression]="--head regression"      # the seed's head (MSE on the age) instead of distribution + L1
+)
+ORDER=(light-augment box-framing regression)
+for name in "${@:-${ORDER[@]}}"; do
+    [ -n "${CHANGE[$name]+x}" ] || { echo "unknown ablation $name; known: ${ORDER[*]}" >&2; exit 2; }
+    resume=(); [ -f "runs/ablation-$name/last.pt" ] && resume=(--resume)   # an interrupted run goes on
+    # shellcheck disable=SC2086  # the change is several words on purpose
+    .venv/bin/age-detect train --config results/utkface-aligned-dldl/config.json ${CHANGE[$name]} \
+        --out "runs/ablation-$name" "${resume[@]}" --no-progress
+    ./experiments/real_photos.sh "runs/ablation-$name" "results/ablation-$name"
+done
