@@ -22,4 +22,6 @@ for name in "${@:-${ORDER[@]}}"; do
     .venv/bin/age-detect train --config results/utkface-aligned-dldl/config.json ${CHANGE[$name]} \
         --out "runs/ablation-$name" "${resume[@]}" --no-progress
     ./experiments/real_photos.sh "runs/ablation-$name" "results/ablation-$name"
+    # the run's own record travels with its results: runs/ is not kept when the machine changes
+    cp "runs/ablation-$name"/{config.json,metrics.csv,report.md} "results/ablation-$name/"
 done
