@@ -13,8 +13,9 @@ declare -A CHANGE=(
     [light-augment]="--augment light"     # flip, reframing and colour only: no rotation/blur/JPEG/greyscale/low-res
     [box-framing]="--no-align"            # the detector's box + margin instead of the landmark aligner
     [regression]="--head regression"      # the seed's head (MSE on the age) instead of distribution + L1
+    [age-weighting]="--age-weighting"     # the loss weighted by inverse age frequency (children, the old)
 )
-ORDER=(light-augment box-framing regression)
+ORDER=(light-augment box-framing regression age-weighting)
 for name in "${@:-${ORDER[@]}}"; do
     [ -n "${CHANGE[$name]+x}" ] || { echo "unknown ablation $name; known: ${ORDER[*]}" >&2; exit 2; }
     resume=(); [ -f "runs/ablation-$name/last.pt" ] && resume=(--resume)   # an interrupted run goes on
