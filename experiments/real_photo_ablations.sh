@@ -13,7 +13,7 @@ declare -A CHANGE=(
     [light-augment]="--augment light"     # flip, reframing and colour only: no rotation/blur/JPEG/greyscale/low-res
     [box-framing]="--no-align"            # the detector's box + margin instead of the landmark aligner
     [regression]="--head regression"      # the seed's head (MSE on the age) instead of distribution + L1
-    [age-weighting]="--age-weighting"     # the loss weighted by inverse age frequency (children, the old)
+    [age-weighting]="--age-weighting"     # the loss weighted by inverse age frequency (meant for rare ages)
 )
 ORDER=(light-augment box-framing regression age-weighting)
 for name in "${@:-${ORDER[@]}}"; do
