@@ -3,7 +3,8 @@
 # real-photo validation sets (never trained on), beside UTKFace's test split. Each run repeats the first
 # stage's saved settings exactly (results/utkface-aligned-dldl/config.json: --config cpu, ResNet-50 v1,
 # aligned faces, photo augmentation, distribution head + L1, 4 epochs, split seed 0) with ONE change,
-# then evaluates it with experiments/real_photos.sh. ~45 min a run on 2 CPU cores.
+# then evaluates it with experiments/real_photos.sh. ~30 min a run on 2 CPU cores (training took 29 and 28 min for
+# light-augment and age-weighting; the evaluations 1-2 min).
 #   ./experiments/real_photo_ablations.sh NAME ...      (names below; default: all, in this order)
 # The table: python experiments/real_photos_table.py "first stage=results/stage1-bundle" \
 #   "NAME=results/ablation-NAME" ...
