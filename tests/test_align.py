@@ -20,7 +20,15 @@ from age_detect_resnet.faces.align import (
     framing_of,
     similarity_matrix,
 )
-from age_detect_resnet.faces.detection import Face, create_detector, tilt_degrees, uniform_margins
+from age_detect_resnet.faces.detection import (
+    Face,
+    create_detector,
+    largest_face,
+    subject_face,
+    subject_faces,
+    tilt_degrees,
+    uniform_margins,
+)
 from conftest import TEST_IMAGES, UTKFACE, YUNET, require
 
 
@@ -104,6 +112,31 @@ def test_a_tilted_face_is_detected_again_upright_so_its_landmarks_show_the_whole
     # degrees sees almost none of the turn (measured 0.5); detected again upright, 11.9 of it.
     seen_once, seen_again = abs(tilt_once - tilt_upright), abs(tilt_again - tilt_upright)
     assert seen_again > seen_once + 8 and seen_again < 26, (tilt_once, tilt_again, tilt_upright)
+
+
+def test_the_subject_of_a_photo_is_its_large_central_face_not_a_larger_one_at_the_edge():
+    size = (800, 600)
+    edge = Face((0, 0, 200, 200), 0.9)  # a parent's face in the corner: 40,000 px
+    centre = Face((330, 230, 470, 370), 0.9)  # the child the photo is of: 19,600 px
+    assert largest_face([edge, centre]) is edge
+    assert subject_face([edge, centre], size) is centre
+    # Of faces equally far from the centre, the larger one, as before.
+    left, right = Face((100, 250, 200, 350), 0.9), Face((560, 230, 740, 370), 0.9)
+    assert subject_face([left, right], size) is right
+    assert subject_face([], size) is None
+
+
+def test_evaluation_frames_the_central_face_of_a_photo_with_two(tmp_path):
+    require(YUNET)
+    large = Image.open(require(TEST_IMAGES / "astronaut.png")).convert("RGB")
+    small = Image.open(require(TEST_IMAGES / "obama.jpg")).convert("RGB").resize((228, 284))
+    photo = Image.new("RGB", (1200, 800), (128, 128, 128))
+    photo.paste(large, (-140, -40))  # its face ends up in the top-left corner, twice the other's area
+    photo.paste(small, (446, 218))  # this face near the centre
+    photo.save(tmp_path / "two.png")
+    (face,) = subject_faces([tmp_path / "two.png"], kind="yunet", model_path=YUNET, workers=1)
+    x1, y1, x2, y2 = face.box
+    assert 450 < (x1 + x2) / 2 < 700 and 200 < (y1 + y2) / 2 < 400, face.box
 
 
 def test_the_crop_box_is_the_photo_region_the_model_sees():

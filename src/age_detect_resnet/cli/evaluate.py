@@ -41,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--detect",
         action="store_true",
-        help="photos are uncropped: detect the largest face and frame it as the model was trained (aligned)",
+        help="photos are uncropped: detect the face each is of (large and central faces first) and "
+        "frame it as the model was trained (aligned)",
     )
     parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
     parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")

@@ -25,7 +25,7 @@ from age_detect_resnet.data.splits import PreparedData, load_split
 from age_detect_resnet.evaluation.groups import group_errors
 from age_detect_resnet.evaluation.report import evaluation_metrics, prediction_frame, write_evaluation
 from age_detect_resnet.faces.align import Aligner, framing_of
-from age_detect_resnet.faces.detection import largest_faces
+from age_detect_resnet.faces.detection import subject_faces
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.run_folder import RunFolder
@@ -125,8 +125,9 @@ def evaluate_model(
     the metrics and the report folder. `dataset`, `data_root` and `meta` default to the run's; `split`
     is "test" (the run's saved test split) or "all" (every image of the dataset, within
     `min_age`-`max_age`, at most `limit` of them); `by` names the label columns to break the error down
-    by; `detect` frames the largest face of uncropped photos (always done for a model trained on
-    aligned faces). Raises ConfigError and the errors of loading the model, the data or the detector."""
+    by; `detect` frames the face each uncropped photo is of (`subject_face`; always done for a model
+    trained on aligned faces). Raises ConfigError and the errors of loading the model, the data or the
+    detector."""
     model_path = Path(model)
     torch_device = select_device(device)
     age_model = checkpoint.load_model(model_path, torch_device)
@@ -150,7 +151,7 @@ def evaluate_model(
         log.info("the model was trained on aligned faces: detecting the landmarks of every image")
     detect = detect or aligned
     if detect:
-        faces = largest_faces(
+        faces = subject_faces(
             [root / p for p in table["path"]],
             kind=detector,
             model_path=detector_model,

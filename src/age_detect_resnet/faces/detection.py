@@ -107,6 +107,25 @@ def largest_face(faces: list[Face]) -> Face | None:
     return max(faces, key=lambda f: f.area) if faces else None
 
 
+def subject_face(faces: list[Face], image_size: tuple[int, int]) -> Face | None:
+    """The face a labelled photo is of, or None: the most prominent one, its box area weighted by
+    1 - d^2, where d is the distance from the box centre to the photo's centre as a share of half the
+    photo's diagonal (1 at the centre, 0 in a corner). A photo is framed on its subject: a parent's
+    larger face at the edge of a photo of their child loses to the child's in the middle; of faces
+    equally central the largest wins, as with `largest_face`."""
+    if not faces:
+        return None
+    width, height = image_size
+    half_diagonal_sq = (width * width + height * height) / 4.0
+
+    def prominence(face: Face) -> float:
+        x1, y1, x2, y2 = face.box
+        dx, dy = (x1 + x2 - width) / 2.0, (y1 + y2 - height) / 2.0
+        return face.area * max(0.0, 1.0 - (dx * dx + dy * dy) / half_diagonal_sq)
+
+    return max(faces, key=prominence)
+
+
 class FaceDetector(Protocol):
     name: str
     max_side: int | None  # detection runs on a copy at most this long on its longer side; None: full size
@@ -479,18 +498,18 @@ def _init_worker(kind: str, model_path: str | None) -> None:
     _worker_detector = create_detector(kind, model_path)
 
 
-def _largest_face_of(path: str) -> Face | None:
+def _subject_face_of(path: str) -> Face | None:
     try:
         image = load_rgb(path)
     except ImageReadError:
         return None  # the dataset reports the unreadable file by name when it loads it
-    return largest_face(_worker_detector.detect(image))
+    return subject_face(_worker_detector.detect(image), image.size)
 
 
-def largest_faces(
+def subject_faces(
     paths: list[Path], *, kind: str = "auto", model_path: Path | None = None, workers: int = 2
 ) -> list[Face | None]:
-    """Per photo, its largest detected face (None: no face, or the file is unreadable)."""
+    """Per photo, the face it is of (`subject_face`; None: no face, or the file is unreadable)."""
     create_detector(kind, model_path)  # fail here, with the detector's message, not inside a worker
     with ProcessPoolExecutor(
         max_workers=max(1, workers),
@@ -499,7 +518,7 @@ def largest_faces(
     ) as pool:
         return list(
             tqdm(
-                pool.map(_largest_face_of, [str(p) for p in paths], chunksize=16),
+                pool.map(_subject_face_of, [str(p) for p in paths], chunksize=16),
                 total=len(paths),
                 desc="detecting faces",
                 unit="img",

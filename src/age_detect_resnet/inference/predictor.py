@@ -33,8 +33,8 @@ from age_detect_resnet.faces.detection import (
     FaceDetector,
     create_detector,
     independent_copies,
-    largest_face,
     opencv_threads,
+    subject_face,
 )
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.inference.backends import AgeRunner, TorchRunner, load_runner
@@ -54,8 +54,9 @@ def predict_age_for_image(
 ) -> tuple[float, Image.Image]:
     """The seed's function: the age for an image that is already a face crop, and the image.
 
-    A model trained on aligned faces needs the face's landmarks: the face is detected and aligned
-    (the largest one), and the whole image is used where no detector or no face is available."""
+    A model trained on aligned faces needs the face's landmarks: the face the photo is of
+    (`subject_face`) is detected and aligned, and the whole image is used where no detector or no face
+    is available."""
     image = load_rgb(path)
     batch = face_crop_input(image, model.metadata).unsqueeze(0)
     age = TorchRunner(model, device)(batch)["age"][0]
@@ -64,13 +65,13 @@ def predict_age_for_image(
 
 def face_crop_input(image: Image.Image, metadata: dict[str, Any]) -> torch.Tensor:
     """A face crop file as the model's uint8 (3, S, S) input. For a model trained on aligned faces the
-    largest face is detected and aligned (its landmarks are needed); otherwise, and where no detector
-    or no face is available, the whole image is resized."""
+    face the photo is of (`subject_face`) is detected and aligned (its landmarks are needed); otherwise,
+    and where no detector or no face is available, the whole image is resized."""
     size = image_size_of(metadata)
     framing = framing_of(metadata)
     if isinstance(framing, LandmarkFraming):
         try:
-            face = largest_face(_default_detector().detect(image))
+            face = subject_face(_default_detector().detect(image), image.size)
         except DetectorUnavailableError:
             face = None
         if face is not None:
