@@ -15,8 +15,9 @@ declare -A CHANGE=(
     [box-framing]="--no-align"            # the detector's box + margin instead of the landmark aligner
     [regression]="--head regression"      # the seed's head (MSE on the age) instead of distribution + L1
     [age-weighting]="--age-weighting"     # the loss weighted by inverse age frequency (meant for rare ages)
+    [label-spread]="--label-spread proportional"  # label std 2 y at 30, growing as 1 + age (babies: sharp)
 )
-ORDER=(light-augment box-framing regression age-weighting)
+ORDER=(light-augment box-framing regression age-weighting label-spread)
 for name in "${@:-${ORDER[@]}}"; do
     [ -n "${CHANGE[$name]+x}" ] || { echo "unknown ablation $name; known: ${ORDER[*]}" >&2; exit 2; }
     resume=(); [ -f "runs/ablation-$name/last.pt" ] && resume=(--resume)   # an interrupted run goes on

@@ -99,6 +99,30 @@ def test_the_expectation_term_adds_the_l1_error_of_the_expected_age():
     assert rebuilt.expectation_weight == 0.5
 
 
+def test_a_proportional_label_keeps_a_babys_label_on_its_age_and_widens_with_age():
+    ages = torch.tensor([1.0, 30.0, 70.0])
+    fixed = DistributionHead(8, 4, label_sigma=2.0)
+    spread = DistributionHead(8, 4, label_sigma=2.0, label_spread="proportional")
+    mean = lambda head: (head.target_distribution(ages) * head.centres).sum(-1)  # noqa: E731
+    # Cut off at age 0, a fixed 2-year Gaussian around age 1 has its mean at 1.8; the proportional one
+    # (0.13 y wide at 1) stays on 1, is the fixed one at 30 and is 2.3 times as wide at 70.
+    assert mean(fixed)[0].item() == pytest.approx(1.77, abs=0.02)
+    assert mean(spread)[0].item() == pytest.approx(1.0, abs=0.01)
+    assert spread.label_sigmas(ages).tolist() == pytest.approx([4 / 31, 2.0, 142 / 31])
+    assert torch.allclose(spread.target_distribution(ages[1:2]), fixed.target_distribution(ages[1:2]))
+    options = spread.describe()
+    assert create_head(options.pop("kind"), 8, **options).label_spread == "proportional"
+    with pytest.raises(ValueError, match="label_spread"):
+        DistributionHead(8, 4, label_spread="log")
+
+
+def test_the_config_offers_the_heads_label_spreads():
+    from age_detect_resnet.modeling.heads import LABEL_SPREADS as HEAD_SPREADS
+    from age_detect_resnet.training.config import LABEL_SPREADS
+
+    assert LABEL_SPREADS == HEAD_SPREADS
+
+
 def test_interval_calibration_reaches_the_nominal_coverage():
     torch.manual_seed(0)
     head = DistributionHead(8, 4, label_sigma=1.0, interval=0.8)

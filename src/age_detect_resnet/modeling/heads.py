@@ -7,7 +7,8 @@ what the K outputs mean:
 * `bins` (the seed's classification experiment): K five-year groups from the youngest trained age,
   cross-entropy; the age is the expected group centre.
 * `distribution`: K = 101 classes for ages 0-100, cross-entropy against a Gaussian around the true age
-  (label-distribution learning; sigma 0 = one-hot), optionally plus an L1 loss on the expected age
+  (label-distribution learning; sigma 0 = one-hot; `label_spread` "proportional" widens it with age),
+  optionally plus an L1 loss on the expected age
   (`expectation_weight`, as in DLDL-v2), which trains the number that is reported; the age is the
   expectation, and the predictive distribution also gives an interval.
 """
@@ -22,6 +23,9 @@ from torch.nn import functional as F
 
 MAX_AGE_CLASS = 100
 BIN_WIDTH = 5
+# With label_spread "proportional", label_sigma is the label's std at this age and grows as (1 + age).
+SIGMA_REFERENCE_AGE = 30.0
+LABEL_SPREADS = ("fixed", "proportional")
 
 
 def _trunk(in_features: int, hidden_dim: int, outputs: int) -> nn.Sequential:
@@ -151,12 +155,16 @@ class DistributionHead(ProbabilisticHead):
         hidden_dim: int = 256,
         *,
         label_sigma: float = 2.0,
+        label_spread: str = "fixed",
         expectation_weight: float = 0.0,
         interval: float = 0.8,
         interval_quantile_level: float | None = None,
     ) -> None:
         super().__init__(in_features, hidden_dim, torch.arange(MAX_AGE_CLASS + 1).float())
+        if label_spread not in LABEL_SPREADS:
+            raise ValueError(f"unknown label_spread {label_spread!r}; use {' or '.join(LABEL_SPREADS)}")
         self.label_sigma = label_sigma
+        self.label_spread = label_spread
         self.expectation_weight = expectation_weight
         self.interval = interval
         # The central probability mass whose quantiles give an interval with `interval` coverage; set on
@@ -182,11 +190,22 @@ class DistributionHead(ProbabilisticHead):
         bounds = self.interval_bounds(outputs)
         return {"age": self.decode(outputs), "lower": bounds[:, 0], "upper": bounds[:, 1]}
 
+    def label_sigmas(self, ages: torch.Tensor) -> torch.Tensor:
+        """(B,) ages -> (B,) std in years of each one's Gaussian label. "fixed": `label_sigma` for every
+        age; "proportional": `label_sigma` at 30, scaled by (1 + age) / 31 (0.13 y at 1, 4.6 at 70): a
+        fixed 2 y cut off at age 0 moves a baby's label up (its mean is 1.8 for age 1), and how far an
+        age can be told grows with the age."""
+        sigma = torch.full_like(ages, self.label_sigma)
+        if self.label_spread == "proportional":
+            sigma = sigma * (1 + ages) / (1 + SIGMA_REFERENCE_AGE)
+        return sigma
+
     def target_distribution(self, ages: torch.Tensor) -> torch.Tensor:
         """(B,) ages -> (B, 101) soft labels: a Gaussian around each age, or one-hot when sigma is 0."""
         if self.label_sigma <= 0:
             return F.one_hot(ages.round().long().clamp(0, MAX_AGE_CLASS), MAX_AGE_CLASS + 1).float()
-        logits = -0.5 * ((self.centres[None, :] - ages[:, None]) / self.label_sigma) ** 2
+        ages = ages.float()
+        logits = -0.5 * ((self.centres[None, :] - ages[:, None]) / self.label_sigmas(ages)[:, None]) ** 2
         return logits.softmax(dim=-1)
 
     def loss(self, outputs, ages, weights=None):
@@ -233,6 +252,7 @@ class DistributionHead(ProbabilisticHead):
         return {
             **super().describe(),
             "label_sigma": self.label_sigma,
+            "label_spread": self.label_spread,
             "expectation_weight": self.expectation_weight,
             "interval": self.interval,
             "interval_quantile_level": self.interval_quantile_level,
@@ -253,6 +273,7 @@ def create_head(kind: str, in_features: int, **options: Any) -> AgeHead:
             in_features,
             hidden,
             label_sigma=options.get("label_sigma", 2.0),
+            label_spread=options.get("label_spread", "fixed"),
             expectation_weight=options.get("expectation_weight", 0.0),
             interval=options.get("interval", 0.8),
             interval_quantile_level=options.get("interval_quantile_level"),

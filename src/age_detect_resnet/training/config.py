@@ -28,6 +28,7 @@ BACKBONES = (
     "convnext_tiny",
 )
 HEADS = ("regression", "bins", "distribution")
+LABEL_SPREADS = ("fixed", "proportional")  # heads.LABEL_SPREADS (this module does not import torch)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -88,6 +89,12 @@ class ModelConfig:
         "a .safetensors file; its backbone and head replace --backbone/--head",
     )
     label_sigma: float = _setting(2.0, "distribution head: std (years) of the Gaussian label; 0 = one-hot CE")
+    label_spread: str = _setting(
+        "fixed",
+        "distribution head: fixed = label_sigma at every age; proportional = label_sigma at 30, "
+        "growing as 1 + age (0.13 y at 1, 4.6 y at 70)",
+        choices=LABEL_SPREADS,
+    )
     expectation_weight: float = _setting(
         0.0, "distribution head: weight of an L1 loss on the expected age (DLDL-v2: 1); 0 = off"
     )

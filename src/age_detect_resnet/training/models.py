@@ -36,6 +36,7 @@ def build_model(config: Config, train_ages: np.ndarray, device: torch.device) ->
             min_age=config.data.min_age,
             max_age=config.data.max_age,
             label_sigma=m.label_sigma,
+            label_spread=m.label_spread,
             expectation_weight=m.expectation_weight,
             interval=m.interval,
         )
@@ -73,7 +74,7 @@ def adopt_init_architecture(config: Config) -> Config:
         "pretrained": False,
         "weights": None,
     }
-    for name in ("hidden_dim", "label_sigma", "expectation_weight", "interval"):
+    for name in ("hidden_dim", "label_sigma", "label_spread", "expectation_weight", "interval"):
         if name in head:
             adopted[name] = head[name]
     changed = {k: v for k, v in adopted.items() if getattr(config.model, k) != v}
