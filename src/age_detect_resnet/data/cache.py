@@ -174,6 +174,8 @@ def _align(job: tuple[str, int, list | None]) -> tuple[np.ndarray | str | None, 
     if fallback is not None:
         points = np.asarray(fallback) * (width, height)
         return framing.aligner.warp(image, points, size, context=framing.context), None
+    # A training image is a face crop, which its own face fills: the largest is that face. (Photos are
+    # judged by `subject_face`; the cache keeps this rule so that prepared caches stay valid.)
     face = largest_face([f for f in detector.detect(image) if f.landmarks is not None])
     if face is None:
         return None, None
