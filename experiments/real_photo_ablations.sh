@@ -16,8 +16,9 @@ declare -A CHANGE=(
     [regression]="--head regression"      # the seed's head (MSE on the age) instead of distribution + L1
     [age-weighting]="--age-weighting"     # the loss weighted by inverse age frequency (meant for rare ages)
     [label-spread]="--label-spread proportional"  # label std 2 y at 30, growing as 1 + age (babies: sharp)
+    [sqrt-age-weighting]="--age-weighting --age-weighting-power 0.5"  # a milder tilt to rare ages
 )
-ORDER=(light-augment box-framing regression age-weighting label-spread)
+ORDER=(light-augment box-framing regression age-weighting label-spread sqrt-age-weighting)
 for name in "${@:-${ORDER[@]}}"; do
     [ -n "${CHANGE[$name]+x}" ] || { echo "unknown ablation $name; known: ${ORDER[*]}" >&2; exit 2; }
     resume=(); [ -f "runs/ablation-$name/last.pt" ] && resume=(--resume)   # an interrupted run goes on

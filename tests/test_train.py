@@ -138,6 +138,9 @@ def test_inverse_frequency_weights_favour_rare_ages():
     weights = inverse_frequency_weights(ages)
     assert weights[70] > 5 * weights[25]
     assert abs(weights[ages.astype(int)].mean().item() - 1) < 0.05 or weights.max().item() == 10.0
+    # The square root tilts less: the rare age 70 counts 3 times as much as 25, not 9 times.
+    milder = inverse_frequency_weights(ages, power=0.5)
+    assert (milder[70] / milder[25]).item() == pytest.approx(3.0, rel=0.01)
 
 
 def test_seed_module_path_and_console_script_share_options():

@@ -108,6 +108,9 @@ class OptimConfig:
     schedule: str = _setting("constant", "learning-rate schedule", choices=("constant", "cosine"))
     warmup_epochs: float = _setting(0.0, "linear warm-up length in epochs")
     age_weighting: bool = _setting(False, "weight the loss by inverse age frequency (helps the rare ages)")
+    age_weighting_power: float = _setting(
+        1.0, "--age-weighting: exponent of the inverse frequency (1 = fully inverse, 0.5 = its square root)"
+    )
     clip_grad_norm: float = _setting(
         0.0, "clip the gradients' total L2 norm to this before each step (0 = off)"
     )

@@ -159,7 +159,9 @@ def fit(
     model = state.model
     runnable = runnable_model(config, model, dist)
     age_weights = (
-        inverse_frequency_weights(train_ages).to(dist.device) if config.optim.age_weighting else None
+        inverse_frequency_weights(train_ages, power=config.optim.age_weighting_power).to(dist.device)
+        if config.optim.age_weighting
+        else None
     )
     writer = open_tensorboard(config, run) if dist.is_main else None
     main_progress = progress and dist.is_main
