@@ -17,8 +17,9 @@ declare -A CHANGE=(
     [age-weighting]="--age-weighting"     # the loss weighted by inverse age frequency (meant for rare ages)
     [label-spread]="--label-spread proportional"  # label std 2 y at 30, growing as 1 + age (babies: sharp)
     [sqrt-age-weighting]="--age-weighting --age-weighting-power 0.5"  # a milder tilt to rare ages
+    [label-spread-capped]="--label-spread capped"  # proportional up to 30, fixed 2 y above
 )
-ORDER=(light-augment box-framing regression age-weighting label-spread sqrt-age-weighting)
+ORDER=(light-augment box-framing regression age-weighting label-spread sqrt-age-weighting label-spread-capped)
 for name in "${@:-${ORDER[@]}}"; do
     [ -n "${CHANGE[$name]+x}" ] || { echo "unknown ablation $name; known: ${ORDER[*]}" >&2; exit 2; }
     resume=(); [ -f "runs/ablation-$name/last.pt" ] && resume=(--resume)   # an interrupted run goes on

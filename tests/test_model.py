@@ -112,6 +112,8 @@ def test_a_proportional_label_keeps_a_babys_label_on_its_age_and_widens_with_age
     assert torch.allclose(spread.target_distribution(ages[1:2]), fixed.target_distribution(ages[1:2]))
     options = spread.describe()
     assert create_head(options.pop("kind"), 8, **options).label_spread == "proportional"
+    capped = DistributionHead(8, 4, label_sigma=2.0, label_spread="capped")
+    assert capped.label_sigmas(ages).tolist() == pytest.approx([4 / 31, 2.0, 2.0])
     with pytest.raises(ValueError, match="label_spread"):
         DistributionHead(8, 4, label_spread="log")
 

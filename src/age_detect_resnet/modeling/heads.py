@@ -23,9 +23,10 @@ from torch.nn import functional as F
 
 MAX_AGE_CLASS = 100
 BIN_WIDTH = 5
-# With label_spread "proportional", label_sigma is the label's std at this age and grows as (1 + age).
+# With label_spread "proportional", label_sigma is the label's std at this age and grows as (1 + age);
+# "capped" grows the same way up to this age and stays at label_sigma above it.
 SIGMA_REFERENCE_AGE = 30.0
-LABEL_SPREADS = ("fixed", "proportional")
+LABEL_SPREADS = ("fixed", "proportional", "capped")
 
 
 def _trunk(in_features: int, hidden_dim: int, outputs: int) -> nn.Sequential:
@@ -194,11 +195,13 @@ class DistributionHead(ProbabilisticHead):
         """(B,) ages -> (B,) std in years of each one's Gaussian label. "fixed": `label_sigma` for every
         age; "proportional": `label_sigma` at 30, scaled by (1 + age) / 31 (0.13 y at 1, 4.6 at 70): a
         fixed 2 y cut off at age 0 moves a baby's label up (its mean is 1.8 for age 1), and how far an
-        age can be told grows with the age."""
+        age can be told grows with the age; "capped": proportional up to 30, `label_sigma` above (sharp
+        labels for the young without wider ones for the old)."""
         sigma = torch.full_like(ages, self.label_sigma)
-        if self.label_spread == "proportional":
-            sigma = sigma * (1 + ages) / (1 + SIGMA_REFERENCE_AGE)
-        return sigma
+        if self.label_spread == "fixed":
+            return sigma
+        scaled = sigma * (1 + ages) / (1 + SIGMA_REFERENCE_AGE)
+        return torch.minimum(scaled, sigma) if self.label_spread == "capped" else scaled
 
     def target_distribution(self, ages: torch.Tensor) -> torch.Tensor:
         """(B,) ages -> (B, 101) soft labels: a Gaussian around each age, or one-hot when sigma is 0."""

@@ -28,7 +28,7 @@ BACKBONES = (
     "convnext_tiny",
 )
 HEADS = ("regression", "bins", "distribution")
-LABEL_SPREADS = ("fixed", "proportional")  # heads.LABEL_SPREADS (this module does not import torch)
+LABEL_SPREADS = ("fixed", "proportional", "capped")  # heads.LABEL_SPREADS (this module does not import torch)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -92,7 +92,7 @@ class ModelConfig:
     label_spread: str = _setting(
         "fixed",
         "distribution head: fixed = label_sigma at every age; proportional = label_sigma at 30, "
-        "growing as 1 + age (0.13 y at 1, 4.6 y at 70)",
+        "growing as 1 + age (0.13 y at 1, 4.6 y at 70); capped = proportional up to 30, fixed above",
         choices=LABEL_SPREADS,
     )
     expectation_weight: float = _setting(
