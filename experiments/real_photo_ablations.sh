@@ -18,8 +18,9 @@ declare -A CHANGE=(
     [label-spread]="--label-spread proportional"  # label std 2 y at 30, growing as 1 + age (babies: sharp)
     [sqrt-age-weighting]="--age-weighting --age-weighting-power 0.5"  # a milder tilt to rare ages
     [label-spread-capped]="--label-spread capped"  # proportional up to 30, fixed 2 y above
+    [seed-1]="--seed 1"  # no change but the seed (split, initialisation, batches): how far a rerun moves
 )
-ORDER=(light-augment box-framing regression age-weighting label-spread sqrt-age-weighting label-spread-capped)
+ORDER=(light-augment box-framing regression age-weighting label-spread sqrt-age-weighting label-spread-capped seed-1)
 for name in "${@:-${ORDER[@]}}"; do
     [ -n "${CHANGE[$name]+x}" ] || { echo "unknown ablation $name; known: ${ORDER[*]}" >&2; exit 2; }
     resume=(); [ -f "runs/ablation-$name/last.pt" ] && resume=(--resume)   # an interrupted run goes on
