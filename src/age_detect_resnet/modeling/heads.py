@@ -7,7 +7,8 @@ what the K outputs mean:
 * `bins` (the seed's classification experiment): K five-year groups from the youngest trained age,
   cross-entropy; the age is the expected group centre.
 * `distribution`: K = 101 classes for ages 0-100, cross-entropy against a Gaussian around the true age
-  (label-distribution learning; sigma 0 = one-hot; `label_spread` "proportional" widens it with age),
+  (label-distribution learning; sigma 0 = one-hot; `label_spread` "proportional" or "capped" widens
+  it with age),
   optionally plus an L1 loss on the expected age
   (`expectation_weight`, as in DLDL-v2), which trains the number that is reported; the age is the
   expectation, and the predictive distribution also gives an interval.

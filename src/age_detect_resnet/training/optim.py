@@ -48,8 +48,9 @@ def inverse_frequency_weights(ages: np.ndarray, max_weight: float = 10.0, power:
     """(101,) loss weight per age: inverse of the age's frequency (smoothed over +-2 years) raised to
     `power` (1: fully inverse; 0.5: its square root, a milder tilt), normalised to mean 1 over the
     training samples and capped, so rare ages count more."""
-    counts = np.bincount(np.clip(np.round(ages).astype(int), 0, 100), minlength=101).astype(float)
+    classes = np.clip(np.round(ages).astype(int), 0, 100)
+    counts = np.bincount(classes, minlength=101).astype(float)
     smoothed = np.convolve(counts, np.ones(5) / 5, mode="same")
     weights = np.maximum(smoothed, 1.0) ** -power
-    weights /= (weights[np.clip(np.round(ages).astype(int), 0, 100)]).mean()
+    weights /= weights[classes].mean()
     return torch.tensor(np.minimum(weights, max_weight), dtype=torch.float32)
