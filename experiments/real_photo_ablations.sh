@@ -19,8 +19,9 @@ declare -A CHANGE=(
     [sqrt-age-weighting]="--age-weighting --age-weighting-power 0.5"  # a milder tilt to rare ages
     [label-spread-capped]="--label-spread capped"  # proportional up to 30, fixed 2 y above
     [seed-1]="--seed 1"  # no change but the seed (split, initialisation, batches): how far a rerun moves
+    [alignment-v2]="--alignment 2"  # eyes-and-mouth aligner: a turned head keeps its whole face in the crop
 )
-ORDER=(light-augment box-framing regression age-weighting label-spread sqrt-age-weighting label-spread-capped seed-1)
+ORDER=(light-augment box-framing regression age-weighting label-spread sqrt-age-weighting label-spread-capped seed-1 alignment-v2)
 for name in "${@:-${ORDER[@]}}"; do
     [ -n "${CHANGE[$name]+x}" ] || { echo "unknown ablation $name; known: ${ORDER[*]}" >&2; exit 2; }
     resume=(); [ -f "runs/ablation-$name/last.pt" ] && resume=(--resume)   # an interrupted run goes on

@@ -17,6 +17,7 @@ from age_detect_resnet.faces.align import (
     Aligner,
     LandmarkFraming,
     MarginFraming,
+    eyes_mouth_matrix,
     framing_of,
     similarity_matrix,
 )
@@ -45,8 +46,9 @@ def test_similarity_fit_recovers_a_known_transform():
         similarity_matrix(np.ones((5, 2)), moved)
 
 
-def test_aligned_landmarks_land_on_the_template():
-    aligner = Aligner()
+@pytest.mark.parametrize("version", [1, 2])
+def test_aligned_landmarks_land_on_the_template(version):
+    aligner = Aligner(version=version)
     # A face rotated and scaled: its landmarks are the template moved by a similarity transform.
     template = np.asarray(aligner.template) * 100
     angle = np.deg2rad(-25)
@@ -63,10 +65,47 @@ def test_aligned_landmarks_land_on_the_template():
     np.testing.assert_allclose(placed, np.asarray(aligner.template) * 64 + 8, atol=1e-6)
 
 
+def _turned_head(yaw_degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """Five landmarks of a frontal face (the template, 300 px across) and of the same face turned
+    sideways by `yaw_degrees`: widths about the midline shrink by cos(yaw), heights stay, and the nose
+    tip, which stands out of the face, moves towards the turned side."""
+    frontal = np.asarray(Aligner().template) * 300 + [50, 20]
+    midline = frontal[:, 0].mean()
+    yaw = np.deg2rad(yaw_degrees)
+    turned = frontal.copy()
+    turned[:, 0] = midline + (frontal[:, 0] - midline) * np.cos(yaw)
+    turned[2, 0] += 0.35 * 106 * np.sin(yaw)  # the nose tip stands ~a third of the eye distance out
+    return frontal, turned
+
+
+def test_eyes_and_mouth_alignment_keeps_a_turned_head_whole():
+    frontal, turned = _turned_head(55)
+
+    def crop_side(matrix: np.ndarray) -> float:  # the photo's pixels the 128 px crop spans
+        return 128 / float(np.hypot(*matrix[:, 0]))
+
+    least_squares, eyes_mouth = Aligner(version=1), Aligner(version=2)
+    side = crop_side(least_squares.matrix(frontal, 128))
+    assert crop_side(eyes_mouth.matrix(frontal, 128)) == pytest.approx(side)
+    # Turned, the least-squares fit zooms in (the eyes came closer) and follows the nose; eyes and mouth
+    # keep the frontal face's size (its height did not change) and its centre on the face's midline.
+    assert crop_side(least_squares.matrix(turned, 128)) < 0.93 * side  # measured 0.90
+    matrix = eyes_mouth.matrix(turned, 128)
+    assert crop_side(matrix) == pytest.approx(side)
+    centre = (turned[:2].mean(axis=0) + turned[3:].mean(axis=0)) / 2
+    template = np.asarray(eyes_mouth.template) * 128
+    expected = (template[:2].mean(axis=0) + template[3:].mean(axis=0)) / 2
+    np.testing.assert_allclose(matrix[:, :2] @ centre + matrix[:, 2], expected, atol=1e-6)
+    np.testing.assert_allclose(matrix[:, :2], np.eye(2) * matrix[0, 0], atol=1e-9)  # still upright
+    with pytest.raises(ValueError, match="collapse"):
+        eyes_mouth_matrix(np.ones((5, 2)), template)
+
+
 def test_metadata_round_trip_and_old_models_keep_margins():
+    for aligner in (Aligner(), Aligner(version=2)):
+        framing = framing_of({"alignment": aligner.to_metadata()})
+        assert isinstance(framing, LandmarkFraming) and framing.aligner == aligner
     aligner = Aligner()
-    framing = framing_of({"alignment": aligner.to_metadata()})
-    assert isinstance(framing, LandmarkFraming) and framing.aligner == aligner
     old = framing_of({"crop": {"margins": uniform_margins(0.1)}})
     assert isinstance(old, MarginFraming) and old.margins["left"] == 0.1
     with pytest.raises(ValueError, match="upgrade"):
@@ -79,12 +118,13 @@ def _largest(detector, image: Image.Image) -> Face:
     return max(faces, key=lambda f: f.area)
 
 
-def test_a_photo_rotated_by_20_degrees_gives_nearly_the_same_aligned_face():
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_photo_rotated_by_20_degrees_gives_nearly_the_same_aligned_face(version):
     require(YUNET)
     detector = create_detector("yunet", YUNET)
     upright = Image.open(require(TEST_IMAGES / "obama.jpg")).convert("RGB")
     rotated = upright.rotate(20, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128, 128, 128))
-    aligned = LandmarkFraming(Aligner())
+    aligned = LandmarkFraming(Aligner(version=version))
     margins = MarginFraming(uniform_margins(0.1))
     crops = {}
     for name, framing in (("aligned", aligned), ("margins", margins)):
@@ -191,6 +231,17 @@ def test_training_with_align_needs_the_cache():
     with pytest.raises(ConfigError, match="--cache"):
         resolve_config(None, {"align": True, "cache": False})
     assert resolve_config("cpu").data.align
+
+
+def test_the_aligner_version_is_a_setting_and_part_of_the_cache_key():
+    from age_detect_resnet.training.config import ConfigError, resolve_config
+    from age_detect_resnet.training.loaders import cache_alignment
+
+    framings = [cache_alignment(resolve_config("cpu", {"alignment": v})) for v in (1, 2)]
+    assert [f.aligner.version for f in framings] == [1, 2]
+    assert framings[0].key() != framings[1].key()  # each version prepares its own cache
+    with pytest.raises(ConfigError, match="alignment"):
+        resolve_config("cpu", {"alignment": 3})
 
 
 def test_an_aligned_run_frames_photos_as_it_was_trained(utkface_sample, tmp_path):

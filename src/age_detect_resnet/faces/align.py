@@ -7,8 +7,21 @@ images (when the cache is prepared) and every inference path go through the same
 model sees faces framed identically whatever the photo: tilted heads are turned upright, large and
 small faces come out the same size.
 
-The template and the framing are stored in the model's metadata (`alignment`) with a version; a model
-without it keeps the older box + margin framing (faces.crop_face).
+How the transform is chosen is the aligner's version:
+
+1  the least-squares similarity that puts all five landmarks nearest their template points. On a head
+   turned away from the camera the eyes, and the mouth corners, come closer together while the
+   eye-to-mouth height stays, and the nose tip sticks out towards the turned side: the fit zooms in and
+   shifts towards the nose, so a profile's crop shows a cheek and cuts off the rest of the head.
+2  eyes and mouth: the scale is the larger of the eye distance and the eye-to-mouth height (each against
+   the template's), so that neither a turned head (eyes closer) nor a tilted-back one (mouth closer)
+   zooms in; the rotation averages the eye line and the perpendicular of the eye-to-mouth line; the
+   centre is the point halfway between the eyes' and the mouth's midpoints, which stays on the face's
+   midline when the head turns (the nose tip does not). On a frontal face both give nearly the same crop.
+
+The template, the version and the framing are stored in the model's metadata (`alignment`): a model is
+aligned at inference exactly as it was in training. A model without it keeps the older box + margin
+framing (faces.crop_face).
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ from PIL import Image
 
 from age_detect_resnet.faces.detection import Face, crop_face, margins_of
 
-ALIGNMENT_VERSION = 1
+ALIGNMENT_VERSIONS = (1, 2)  # see the module docstring; models record the one they were trained with
 # Template points in the unit square of the output crop (x right, y down), in YuNet's order: the
 # median YuNet landmarks of 400 UTKFace crops, made left-right symmetric and zoomed out by 10% about
 # the centre. The crop then holds the whole face from the hairline to below the chin, with a little
@@ -44,6 +57,38 @@ BOX_LANDMARKS: tuple[tuple[float, float], ...] = (
     (0.277, 0.698),
     (0.670, 0.701),
 )
+
+
+def eyes_mouth_matrix(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(2, 3) similarity transform (rotation, uniform scale, shift) mapping five landmarks `source` (in
+    YuNet's order) onto the template points `target` by eyes and mouth alone (version 2, see the module
+    docstring): robust to heads turned sideways or up and down, where a least-squares fit zooms in."""
+    source = np.asarray(source, dtype=np.float64).reshape(5, 2)
+    target = np.asarray(target, dtype=np.float64).reshape(5, 2)
+
+    def geometry(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        eyes, mouth = points[:2].mean(axis=0), points[3:].mean(axis=0)
+        return (eyes + mouth) / 2, points[1] - points[0], mouth - eyes  # centre, eye line, eyes -> mouth
+
+    def across(eye_line: np.ndarray, down: np.ndarray, eye_unit: float, down_unit: float) -> np.ndarray:
+        # The face's left-to-right direction from both cues; (dy, -dx) turns "down" into "across".
+        return eye_line / eye_unit + np.array([down[1], -down[0]]) / down_unit
+
+    centre_t, eye_t, down_t = geometry(target)
+    eye_unit, down_unit = float(np.linalg.norm(eye_t)), float(np.linalg.norm(down_t))
+    if eye_unit <= 1e-12 or down_unit <= 1e-12:
+        raise ValueError("template eyes or mouth collapse to one point; cannot align")
+    centre, eye_line, down = geometry(source)
+    size = max(float(np.linalg.norm(eye_line)) / eye_unit, float(np.linalg.norm(down)) / down_unit)
+    if size <= 1e-12:
+        raise ValueError("landmarks collapse to one point; cannot align")
+    direction = across(eye_line, down, eye_unit, down_unit)
+    direction_t = across(eye_t, down_t, eye_unit, down_unit)
+    angle = np.arctan2(direction_t[1], direction_t[0]) - np.arctan2(direction[1], direction[0])
+    cos, sin = np.cos(angle), np.sin(angle)
+    linear = np.array([[cos, -sin], [sin, cos]]) / size
+    shift = centre_t - linear @ centre
+    return np.hstack([linear, shift[:, None]])
 
 
 def similarity_matrix(source: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -77,7 +122,14 @@ class Aligner:
 
     template: tuple[tuple[float, float], ...] = TEMPLATE
     box_landmarks: tuple[tuple[float, float], ...] = BOX_LANDMARKS
-    version: int = ALIGNMENT_VERSION
+    version: int = 1  # new training runs choose theirs (`--alignment`); see the module docstring
+
+    def __post_init__(self) -> None:
+        if self.version not in ALIGNMENT_VERSIONS:
+            raise ValueError(
+                f"alignment version {self.version} is not one this package knows "
+                f"({', '.join(map(str, ALIGNMENT_VERSIONS))}): upgrade age-detect-resnet"
+            )
 
     def output_size(self, size: int, context: float = 1.0) -> int:
         """Side of the crop with `context`: `size` plus an even border, so the centre crop is exact."""
@@ -87,7 +139,8 @@ class Aligner:
     def matrix(self, landmarks: np.ndarray, size: int, context: float = 1.0) -> np.ndarray:
         out = self.output_size(size, context)
         target = np.asarray(self.template) * size + (out - size) / 2
-        return similarity_matrix(np.asarray(landmarks, dtype=np.float64).reshape(5, 2), target)
+        fit = eyes_mouth_matrix if self.version == 2 else similarity_matrix
+        return fit(np.asarray(landmarks, dtype=np.float64).reshape(5, 2), target)
 
     def warp(
         self, image: Image.Image | np.ndarray, landmarks: np.ndarray, size: int, *, context: float = 1.0
@@ -137,10 +190,10 @@ class Aligner:
         if not alignment:
             return None
         version = int(alignment.get("version", 0))
-        if version != ALIGNMENT_VERSION:
+        if version not in ALIGNMENT_VERSIONS:
             raise ValueError(
                 f"the model was aligned with template version {version}; this version of the package "
-                f"knows version {ALIGNMENT_VERSION}: upgrade age-detect-resnet"
+                f"knows versions {', '.join(map(str, ALIGNMENT_VERSIONS))}: upgrade age-detect-resnet"
             )
         return cls(
             template=tuple(tuple(float(v) for v in p) for p in alignment["template"]),

@@ -334,9 +334,9 @@ def tilt_degrees(face: Face) -> float | None:
     YuNet's eye line stays nearly horizontal). None without landmarks."""
     if face.landmarks is None:
         return None
-    from age_detect_resnet.faces.align import Aligner  # align builds on this module's Face
+    from age_detect_resnet.faces.align import TEMPLATE, similarity_matrix  # align builds on Face
 
-    matrix = Aligner().matrix(np.asarray(face.landmarks, dtype=np.float64), 256)
+    matrix = similarity_matrix(np.asarray(face.landmarks, dtype=np.float64), np.asarray(TEMPLATE) * 256)
     return -float(np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0])))
 
 

@@ -30,6 +30,7 @@ BACKBONES = (
 HEADS = ("regression", "bins", "distribution")
 LABEL_SPREADS = ("fixed", "proportional", "capped")  # heads.LABEL_SPREADS (this module does not import torch)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ALIGNMENT_VERSIONS = (1, 2)  # faces.align.ALIGNMENT_VERSIONS (this module does not import OpenCV)
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,12 @@ class DataConfig:
     cache: bool = _setting(False, "decode and resize every image once into a memory-mapped cache")
     align: bool = _setting(
         False, "detect and align every training face by its landmarks, as at inference (needs --cache)"
+    )
+    alignment: int = _setting(
+        1,
+        "aligner of --align: 1 = least-squares fit of the five landmarks; 2 = eyes and mouth (a turned "
+        "head's crop keeps the whole face: faces/align.py)",
+        choices=ALIGNMENT_VERSIONS,
     )
     cache_dir: str = _setting("data/cache", "where prepared-image caches live")
     skip_bad_images: bool = _setting(
@@ -249,7 +256,7 @@ def _validate(config: Config) -> None:
             choices = f.metadata.get("choices")
             value = getattr(section, f.name)
             if choices and value not in choices:
-                raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(choices)}")
+                raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(map(str, choices))}")
     data, train = config.data, config.train
     if not 0 <= data.min_age <= data.max_age <= 100:
         raise ConfigError(f"need 0 <= min_age <= max_age <= 100, got {data.min_age}..{data.max_age}")

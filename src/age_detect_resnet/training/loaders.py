@@ -53,7 +53,7 @@ def cache_alignment(config: Config) -> CacheAlignment | None:
     """How the cache frames training faces: detector + aligner (--align), or a plain resize."""
     if not config.data.align:
         return None
-    return CacheAlignment(Aligner(), detector_model=config.data.detector_model)
+    return CacheAlignment(Aligner(version=config.data.alignment), detector_model=config.data.detector_model)
 
 
 def build_loaders(
