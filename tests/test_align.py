@@ -14,11 +14,14 @@ from PIL import Image
 from age_detect_resnet.data.cache import CacheAlignment, prepare_cache
 from age_detect_resnet.data.dataset import train_transform
 from age_detect_resnet.faces.align import (
+    TURNED_HEAD,
     Aligner,
     LandmarkFraming,
     MarginFraming,
     eyes_mouth_matrix,
     framing_of,
+    head_pose,
+    head_turn,
     similarity_matrix,
 )
 from age_detect_resnet.faces.detection import (
@@ -99,6 +102,20 @@ def test_eyes_and_mouth_alignment_keeps_a_turned_head_whole():
     np.testing.assert_allclose(matrix[:, :2], np.eye(2) * matrix[0, 0], atol=1e-9)  # still upright
     with pytest.raises(ValueError, match="collapse"):
         eyes_mouth_matrix(np.ones((5, 2)), template)
+
+
+def test_head_pose_tells_a_turned_head_from_a_frontal_one():
+    frontal, turned = _turned_head(55)
+    slightly = _turned_head(10)[1]
+    assert head_turn(frontal) == pytest.approx(0.0, abs=1e-9)
+    assert 0 < head_turn(slightly) < TURNED_HEAD < head_turn(turned)
+    assert head_turn(turned * [-1, 1]) == pytest.approx(-head_turn(turned))  # mirrored: the other way
+    pose = {
+        name: head_pose(Face((0, 0, 1, 1), 0.9, tuple(map(tuple, points))))
+        for name, points in (("frontal", frontal), ("slightly", slightly), ("turned", turned))
+    }
+    assert pose == {"frontal": "frontal", "slightly": "frontal", "turned": "turned"}
+    assert head_pose(None) is None and head_pose(Face((0, 0, 1, 1), 0.9)) is None  # no face, no landmarks
 
 
 def test_metadata_round_trip_and_old_models_keep_margins():

@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 
 from age_detect_resnet.cli.evaluate import main as evaluate_main
+from age_detect_resnet.evaluation.evaluate import evaluate_model
 from age_detect_resnet.evaluation.metrics import age_group_label, age_metrics, classification_metrics
+from age_detect_resnet.training.config import ConfigError
 from conftest import TEST_IMAGES, require
 
 
@@ -115,6 +117,8 @@ def test_evaluate_with_detection_on_uncropped_photos(tiny_run, tmp_path):
                 "--split",
                 "all",
                 "--detect",
+                "--by",
+                "head_pose",
                 "--out",
                 str(out),
                 "--num-workers",
@@ -123,8 +127,20 @@ def test_evaluate_with_detection_on_uncropped_photos(tiny_run, tmp_path):
         )
         == 0
     )
-    detection = json.loads((out / "evaluation.json").read_text())["metrics"]["detection"]
-    assert detection == {"faces_found": 2, "whole_image_used": 1}
+    metrics = json.loads((out / "evaluation.json").read_text())["metrics"]
+    assert metrics["detection"] == {"faces_found": 2, "whole_image_used": 1}
+    # Both portraits face the camera; the blank image has no landmarks, so no pose.
+    pose = metrics["by"]["attributes"]["head_pose"]
+    assert (
+        pose["missing"] == 1
+        and list(pose["values"]) == ["frontal"]
+        and pose["values"]["frontal"]["count"] == 2
+    )
+    # Without --detect (a model not trained on aligned faces), the pose is unknown: refused with advice.
+    with pytest.raises(ConfigError, match="add --detect"):
+        evaluate_model(
+            tiny_run, dataset="csv", data_root=folder / "photos.csv", split="all", by=["head_pose"]
+        )
 
 
 def test_interval_labels_report_the_share_inside_and_the_distance_to_the_group():

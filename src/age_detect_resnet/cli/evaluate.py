@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=by_columns,
         default="",
         metavar="COLUMNS",
-        help="comma list of label columns to break the error down by, e.g. gender,ethnicity",
+        help="comma list of label columns to break the error down by, e.g. gender,ethnicity; with "
+        "--detect also head_pose (frontal or turned sideways, from the landmarks)",
     )
     parser.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -24,7 +24,7 @@ from age_detect_resnet.data.sources import image_root, load_table
 from age_detect_resnet.data.splits import PreparedData, load_split
 from age_detect_resnet.evaluation.groups import group_errors
 from age_detect_resnet.evaluation.report import evaluation_metrics, prediction_frame, write_evaluation
-from age_detect_resnet.faces.align import Aligner, framing_of
+from age_detect_resnet.faces.align import Aligner, framing_of, head_pose
 from age_detect_resnet.faces.detection import subject_faces
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
@@ -74,6 +74,9 @@ def evaluation_table(
 
 # Columns of every table that are no attribute of the person in the image.
 NOT_ATTRIBUTES = frozenset({"path", "age", "split", "source", "sha1", "face_found"})
+# Attributes of each photo that detection finds rather than the labels give (`--by head_pose`):
+# "frontal" or "turned" sideways (faces/align.py: head_pose), empty where no landmarks were found.
+DETECTED_ATTRIBUTES = ("head_pose",)
 
 
 def with_attributes(
@@ -132,13 +135,17 @@ def evaluate_model(
     torch_device = select_device(device)
     age_model = checkpoint.load_model(model_path, torch_device)
     run = RunFolder.of(model_path)
+    aligned = Aligner.from_metadata(age_model.metadata) is not None
+    detected = [name for name in by if name in DETECTED_ATTRIBUTES]
+    if detected and not (detect or aligned):
+        raise ConfigError(f"--by {', '.join(detected)} is found by the face detector: add --detect")
     table, root, dataset = evaluation_table(
         run,
         dataset=dataset,
         data_root=data_root,
         meta=meta,
         split=split,
-        by=by,
+        by=[name for name in by if name not in DETECTED_ATTRIBUTES],
         min_age=min_age,
         max_age=max_age,
         limit=limit,
@@ -146,7 +153,6 @@ def evaluate_model(
     if table.empty:
         raise ConfigError("no images to evaluate (check --data-root and the age range)")
     faces = None
-    aligned = Aligner.from_metadata(age_model.metadata) is not None
     if aligned and not detect:
         log.info("the model was trained on aligned faces: detecting the landmarks of every image")
     detect = detect or aligned
@@ -157,7 +163,9 @@ def evaluate_model(
             model_path=detector_model,
             workers=num_workers,
         )
-        table = table.assign(face_found=[f is not None for f in faces])
+        table = table.assign(
+            face_found=[f is not None for f in faces], head_pose=[head_pose(f) for f in faces]
+        )
     images = FileImages(
         root, table["path"].tolist(), image_size_of(age_model), faces, framing_of(age_model.metadata)
     )

@@ -59,6 +59,34 @@ BOX_LANDMARKS: tuple[tuple[float, float], ...] = (
 )
 
 
+# A face is "turned" (`head_pose`) when its nose tip is off the eyes-mouth midline by more than this share
+# of the eye-to-mouth height: 7% of 600 UTKFace crops, 39% of the shared FairFace photos.
+TURNED_HEAD = 0.2
+
+
+def head_turn(landmarks: Sequence[Sequence[float]]) -> float:
+    """How far a face is turned sideways, from its five landmarks: the nose tip's distance from the line
+    through the eyes' and the mouth's midpoints, as a share of the eye-to-mouth height (0 frontal,
+    signed: > 0 when the nose tip is right of the midline in the image, for an upright face)."""
+    points = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    eyes, mouth = points[:2].mean(axis=0), points[3:].mean(axis=0)
+    down, nose = mouth - eyes, points[2] - eyes
+    height = float(np.hypot(*down))
+    if height <= 1e-12:
+        raise ValueError("landmarks collapse to one point; cannot tell the head's turn")
+    return float(nose[0] * down[1] - nose[1] * down[0]) / height**2
+
+
+def head_pose(face: Face | None) -> str | None:
+    """ "frontal" or "turned" (see TURNED_HEAD); None without a face or its landmarks."""
+    if face is None or face.landmarks is None:
+        return None
+    try:
+        return "turned" if abs(head_turn(face.landmarks)) > TURNED_HEAD else "frontal"
+    except ValueError:
+        return None
+
+
 def eyes_mouth_matrix(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """(2, 3) similarity transform (rotation, uniform scale, shift) mapping five landmarks `source` (in
     YuNet's order) onto the template points `target` by eyes and mouth alone (version 2, see the module
