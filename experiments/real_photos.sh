@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Real-photo validation of a model (never training data): the shared studio portraits (exact ages) and
 # the in-the-wild FairFace sample (age groups), both uncropped, through the same detect -> align -> age
-# path as `predict`; plus the model's own UTKFace test split where it has a run folder.
+# path as `predict`; plus the model's own UTKFace test split where it has a run folder. The photo sets'
+# errors are also broken down by head pose (frontal or turned sideways, from the detected landmarks).
 #   ./experiments/real_photos.sh MODEL OUT [extra evaluate options, e.g. --tta]
 # MODEL: a run folder, a .safetensors file or `default` (the bundled model). Reports land in OUT/.
 set -euo pipefail
@@ -15,6 +16,6 @@ if [ -f "$model/split.csv" ]; then
     .venv/bin/age-detect evaluate --model "$model" --split test "${detector[@]}" --out "$out/utkface-test" "$@"
 fi
 .venv/bin/age-detect evaluate --model "$model" --dataset csv --data-root "$photos/portraits/labels.csv" \
-    --split all --detect "${detector[@]}" --out "$out/portraits" "$@"
+    --split all --detect --by head_pose "${detector[@]}" --out "$out/portraits" "$@"
 .venv/bin/age-detect evaluate --model "$model" --dataset csv --data-root "$photos/fairface/labels.csv" \
-    --split all --detect "${detector[@]}" --out "$out/fairface" "$@"
+    --split all --detect --by head_pose "${detector[@]}" --out "$out/fairface" "$@"

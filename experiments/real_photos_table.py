@@ -5,7 +5,8 @@
 DIR holds `portraits/` and `fairface/` (and, where the model has a run folder, `utkface-test/`), each with
 the `evaluation.json` that `age-detect evaluate` wrote; UTKFACE_EVALUATION_JSON names another UTKFace test
 evaluation where DIR has none. Prints two Markdown tables: the headline figures per model, then FairFace's
-mean distance to each labelled age group.
+mean distance to each labelled age group; where the reports were made with `--by head_pose`, a third:
+FairFace's distance for frontal and for sideways-turned faces.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(arguments: list[str]) -> int:
     if not arguments or arguments[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if arguments else 2
-    rows, groups = [], {}
+    rows, groups, poses = [], {}, {}
     for label, folder, utkface in map(parse, arguments):
         portraits = metrics(folder / "portraits" / "evaluation.json")
         fairface = metrics(folder / "fairface" / "evaluation.json")["labelled_groups"]
@@ -46,6 +47,9 @@ def main(arguments: list[str]) -> int:
             f"{fairface['mean_distance']:.2f} |"
         )
         groups[label] = fairface["groups"]
+        by = metrics(folder / "fairface" / "evaluation.json").get("by", {}).get("attributes", {})
+        if "head_pose" in by:
+            poses[label] = by["head_pose"]["values"]
     print(
         "| model | UTKFace test MAE (its own split) | portraits MAE (`--detect`) | FairFace inside the group "
         "| FairFace mean distance |"
@@ -64,6 +68,16 @@ def main(arguments: list[str]) -> int:
             for n in names
         ]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    if poses:
+        print()
+        print("| FairFace mean distance (inside), by head pose | frontal | turned sideways |")
+        print("|---|---:|---:|")
+        for label, values in poses.items():
+            cells = [
+                f"{v['mean_distance']:.2f} ({100 * v['inside']:.0f}%, {v['count']} faces)" if v else "–"
+                for v in (values.get("frontal"), values.get("turned"))
+            ]
+            print(f"| {label} | " + " | ".join(cells) + " |")
     return 0
 
 
