@@ -256,9 +256,15 @@ def test_the_aligner_version_is_a_setting_and_part_of_the_cache_key():
 
     framings = [cache_alignment(resolve_config("cpu", {"alignment": v})) for v in (1, 2)]
     assert [f.aligner.version for f in framings] == [1, 2]
+    from age_detect_resnet.faces.align import ALIGNMENT_VERSIONS
+    from age_detect_resnet.training.config import ALIGNMENT_VERSIONS as SETTING_CHOICES
+
+    assert SETTING_CHOICES == ALIGNMENT_VERSIONS  # the setting offers every version the aligner knows
     assert framings[0].key() != framings[1].key()  # each version prepares its own cache
     with pytest.raises(ConfigError, match="alignment"):
         resolve_config("cpu", {"alignment": 3})
+    with pytest.raises(ConfigError, match="add --align"):
+        resolve_config(None, {"alignment": 2})
 
 
 def test_an_aligned_run_frames_photos_as_it_was_trained(utkface_sample, tmp_path):

@@ -78,7 +78,7 @@ def head_turn(landmarks: Sequence[Sequence[float]]) -> float:
 
 
 def head_pose(face: Face | None) -> str | None:
-    """ "frontal" or "turned" (see TURNED_HEAD); None without a face or its landmarks."""
+    """The face's pose, "frontal" or "turned" (see TURNED_HEAD); None without a face or its landmarks."""
     if face is None or face.landmarks is None:
         return None
     try:

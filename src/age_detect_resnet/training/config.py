@@ -270,6 +270,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("--weights and --no-pretrained contradict each other; pass one of them")
     if data.align and not data.cache:
         raise ConfigError("--align prepares the aligned faces once, in the image cache: add --cache")
+    if data.alignment != 1 and not data.align:
+        raise ConfigError(f"--alignment {data.alignment} chooses the aligner of --align: add --align")
     if not 0 < config.model.interval < 1:
         raise ConfigError(f"interval must be between 0 and 1, got {config.model.interval}")
     optim = config.optim
