@@ -39,7 +39,8 @@ def main(arguments: list[str]) -> int:
     rows, groups, poses = [], {}, {}
     for label, folder, utkface in map(parse, arguments):
         portraits = metrics(folder / "portraits" / "evaluation.json")
-        fairface = metrics(folder / "fairface" / "evaluation.json")["labelled_groups"]
+        fairface_report = metrics(folder / "fairface" / "evaluation.json")
+        fairface = fairface_report["labelled_groups"]
         utk = metrics(utkface) if utkface else None
         utk_cell = f"{utk['mae']:.2f} ({utk['count']:,} faces)" if utk else "–"
         rows.append(
@@ -47,7 +48,7 @@ def main(arguments: list[str]) -> int:
             f"{fairface['mean_distance']:.2f} |"
         )
         groups[label] = fairface["groups"]
-        by = metrics(folder / "fairface" / "evaluation.json").get("by", {}).get("attributes", {})
+        by = fairface_report.get("by", {}).get("attributes", {})
         if "head_pose" in by:
             poses[label] = by["head_pose"]["values"]
     print(

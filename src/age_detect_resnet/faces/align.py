@@ -36,7 +36,6 @@ from PIL import Image
 
 from age_detect_resnet.faces.detection import Face, crop_face, margins_of
 
-ALIGNMENT_VERSIONS = (1, 2)  # see the module docstring; models record the one they were trained with
 # Template points in the unit square of the output crop (x right, y down), in YuNet's order: the
 # median YuNet landmarks of 400 UTKFace crops, made left-right symmetric and zoomed out by 10% about
 # the centre. The crop then holds the whole face from the hairline to below the chin, with a little
@@ -64,12 +63,17 @@ BOX_LANDMARKS: tuple[tuple[float, float], ...] = (
 TURNED_HEAD = 0.2
 
 
+def _eyes_and_mouth(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The midpoints of the eyes and of the mouth corners of five landmarks in YuNet's order."""
+    return points[:2].mean(axis=0), points[3:].mean(axis=0)
+
+
 def head_turn(landmarks: Sequence[Sequence[float]]) -> float:
     """How far a face is turned sideways, from its five landmarks: the nose tip's distance from the line
     through the eyes' and the mouth's midpoints, as a share of the eye-to-mouth height (0 frontal,
     signed: > 0 when the nose tip is right of the midline in the image, for an upright face)."""
     points = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
-    eyes, mouth = points[:2].mean(axis=0), points[3:].mean(axis=0)
+    eyes, mouth = _eyes_and_mouth(points)
     down, nose = mouth - eyes, points[2] - eyes
     height = float(np.hypot(*down))
     if height <= 1e-12:
@@ -95,7 +99,7 @@ def eyes_mouth_matrix(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     target = np.asarray(target, dtype=np.float64).reshape(5, 2)
 
     def geometry(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        eyes, mouth = points[:2].mean(axis=0), points[3:].mean(axis=0)
+        eyes, mouth = _eyes_and_mouth(points)
         return (eyes + mouth) / 2, points[1] - points[0], mouth - eyes  # centre, eye line, eyes -> mouth
 
     def across(eye_line: np.ndarray, down: np.ndarray, eye_unit: float, down_unit: float) -> np.ndarray:
@@ -139,6 +143,12 @@ def similarity_matrix(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rotation, shift[:, None]])
 
 
+# How each aligner version fits the transform (see the module docstring); models record the version
+# they were trained with.
+FITS = {1: similarity_matrix, 2: eyes_mouth_matrix}
+ALIGNMENT_VERSIONS = tuple(FITS)
+
+
 @dataclass(frozen=True)
 class Aligner:
     """Warps a face, given its five landmarks, into a (size, size) crop framed like the template.
@@ -156,7 +166,8 @@ class Aligner:
         if self.version not in ALIGNMENT_VERSIONS:
             raise ValueError(
                 f"alignment version {self.version} is not one this package knows "
-                f"({', '.join(map(str, ALIGNMENT_VERSIONS))}): upgrade age-detect-resnet"
+                f"({', '.join(map(str, ALIGNMENT_VERSIONS))}); a model aligned with it was made by a newer "
+                "release: upgrade age-detect-resnet"
             )
 
     def output_size(self, size: int, context: float = 1.0) -> int:
@@ -167,8 +178,7 @@ class Aligner:
     def matrix(self, landmarks: np.ndarray, size: int, context: float = 1.0) -> np.ndarray:
         out = self.output_size(size, context)
         target = np.asarray(self.template) * size + (out - size) / 2
-        fit = eyes_mouth_matrix if self.version == 2 else similarity_matrix
-        return fit(np.asarray(landmarks, dtype=np.float64).reshape(5, 2), target)
+        return FITS[self.version](np.asarray(landmarks, dtype=np.float64).reshape(5, 2), target)
 
     def warp(
         self, image: Image.Image | np.ndarray, landmarks: np.ndarray, size: int, *, context: float = 1.0
@@ -217,12 +227,7 @@ class Aligner:
         alignment = metadata.get("alignment")
         if not alignment:
             return None
-        version = int(alignment.get("version", 0))
-        if version not in ALIGNMENT_VERSIONS:
-            raise ValueError(
-                f"the model was aligned with template version {version}; this version of the package "
-                f"knows versions {', '.join(map(str, ALIGNMENT_VERSIONS))}: upgrade age-detect-resnet"
-            )
+        version = int(alignment.get("version", 0))  # an unknown one is refused by __post_init__
         return cls(
             template=tuple(tuple(float(v) for v in p) for p in alignment["template"]),
             box_landmarks=tuple(tuple(float(v) for v in p) for p in alignment["box_landmarks"]),
