@@ -20,8 +20,10 @@ declare -A CHANGE=(
     [label-spread-capped]="--label-spread capped"  # proportional up to 30, fixed 2 y above
     [seed-1]="--seed 1"  # no change but the seed (split, initialisation, batches): how far a rerun moves
     [alignment-v2]="--alignment 2"  # eyes-and-mouth aligner: a turned head keeps its whole face in the crop
+    [occlusion]="--occlusion 0.5"   # half the training faces with a random patch hidden (hands, cups, glasses)
+    [mobilenet]="--backbone mobilenet_v2 --weights ../shared/weights/mobilenet_v2_imagenet_fp16.safetensors"  # the small backbone (its own ImageNet weights)
 )
-ORDER=(light-augment box-framing regression age-weighting label-spread sqrt-age-weighting label-spread-capped seed-1 alignment-v2)
+ORDER=(light-augment box-framing regression age-weighting label-spread sqrt-age-weighting label-spread-capped seed-1 alignment-v2 occlusion mobilenet)
 for name in "${@:-${ORDER[@]}}"; do
     [ -n "${CHANGE[$name]+x}" ] || { echo "unknown ablation $name; known: ${ORDER[*]}" >&2; exit 2; }
     resume=(); [ -f "runs/ablation-$name/last.pt" ] && resume=(--resume)   # an interrupted run goes on

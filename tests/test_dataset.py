@@ -11,6 +11,7 @@ from age_detect_resnet.data.cache import prepare_cache
 from age_detect_resnet.data.dataset import (
     AgeDataset,
     FileImages,
+    RandomOcclusion,
     collate_batch,
     create_dataloaders,
     make_loader,
@@ -56,6 +57,42 @@ def test_dataloaders_shuffle_and_augment_only_training(tmp_path):
     assert val.ages.tolist() == [20, 21, 22, 23]  # evaluation keeps the table's order
     assert loaders["train"].dataset.transform is not None and loaders["val"].dataset.transform is None
     assert train_transform("none", 24) is None
+
+
+def test_occlusion_hides_one_patch_of_the_face_in_the_share_asked_for():
+    torch.manual_seed(0)
+    image = torch.full((3, 40, 40), 7, dtype=torch.uint8)
+    always = RandomOcclusion(p=1.0, area=(0.05, 0.2))
+    for _ in range(50):
+        hidden = (always(image) != 7).any(0)
+        rows, cols = hidden.any(1).nonzero(), hidden.any(0).nonzero()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert 0.03 * 1600 <= box <= 0.22 * 1600  # one rectangle of the asked-for size (rounded)
+        assert hidden.sum() >= 0.95 * box  # filled (a pixel may draw the old value by chance)
+    assert torch.equal(image, torch.full((3, 40, 40), 7, dtype=torch.uint8))  # the input is not changed
+    assert torch.equal(RandomOcclusion(p=0.0)(image), image)
+    half = RandomOcclusion(p=0.5)
+    share = sum(bool((half(image) != 7).any()) for _ in range(400)) / 400
+    assert 0.4 < share < 0.6
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        RandomOcclusion(p=1.5)
+
+
+def test_occlusion_is_a_setting_of_the_photo_augmentation_only():
+    from age_detect_resnet.training.config import ConfigError, resolve_config
+
+    torch.manual_seed(0)
+    photo = train_transform("photo", 32, occlusion=1.0)
+    assert isinstance(photo.transforms[-1], RandomOcclusion) and photo.transforms[-1].p == 1.0
+    assert not any(isinstance(t, RandomOcclusion) for t in train_transform("photo", 32).transforms)
+    assert photo(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="photo augmentation"):
+        train_transform("light", 32, occlusion=0.5)
+    assert resolve_config("cpu", {"occlusion": 0.5}).data.occlusion == 0.5
+    with pytest.raises(ConfigError, match="add --augment photo"):
+        resolve_config(None, {"occlusion": 0.5})
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        resolve_config("cpu", {"occlusion": 2.0})
 
 
 def test_the_cache_serves_the_same_pixels_as_decoding(tmp_path):

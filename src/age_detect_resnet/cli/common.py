@@ -5,6 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+
+def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
+    """The face detector's options (predict, serve and evaluate)."""
+    parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
+    parser.add_argument(
+        "--detector-model",
+        type=Path,
+        help="YuNet ONNX file (default: $AGE_DETECT_YUNET_MODEL, else the package's copy where the build "
+        "includes it, else downloaded once and checksum verified)",
+    )
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

@@ -6,9 +6,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from age_detect_resnet.cli.common import command_main, user_errors
+from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors
 from age_detect_resnet.evaluation import evaluate
 from age_detect_resnet.training.config import DATASETS
 
@@ -44,8 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="photos are uncropped: detect the face each is of (large and central faces first) and "
         "frame it as the model was trained (aligned)",
     )
-    parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
-    parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
+    add_detector_arguments(parser)
     parser.add_argument(
         "--by",
         type=by_columns,

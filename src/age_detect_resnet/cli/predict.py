@@ -44,7 +44,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
-from age_detect_resnet.cli.common import command_main, user_errors
+from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageReadError, load_rgb
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
@@ -277,8 +277,7 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
         help="run folder, its best.safetensors, an .onnx export, or default: the bundled model (default)",
     )
     parser.add_argument("--no-detect", action="store_true", help="treat each whole image as the face")
-    parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
-    parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
+    add_detector_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=32, help="faces per model batch")
     parser.add_argument("--tta", action="store_true", help="average each face with its mirror image")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

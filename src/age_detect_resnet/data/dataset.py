@@ -79,14 +79,52 @@ class RandomJpeg:
         return torch.from_numpy(decoded).permute(2, 0, 1)
 
 
-def train_transform(augment: str, image_size: int) -> v2.Transform | None:
+class RandomOcclusion:
+    """With probability `p`, hide a random rectangle of the face (`area`: its share of the image,
+    `aspect`: height / width) under a flat random colour with some grain: the hands, cups, microphones,
+    sunglasses and hair that cover part of a face in real photos."""
+
+    def __init__(
+        self,
+        *,
+        p: float = 0.5,
+        area: tuple[float, float] = (0.02, 0.25),
+        aspect: tuple[float, float] = (0.3, 3.3),
+    ) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"occlusion probability must be between 0 and 1, got {p}")
+        self.p, self.area, self.aspect = p, area, aspect
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, H, W) uint8
+        if torch.rand(()) >= self.p:
+            return image
+        height, width = image.shape[-2:]
+        share = float(torch.empty(()).uniform_(*self.area))
+        log_aspect = torch.empty(()).uniform_(float(np.log(self.aspect[0])), float(np.log(self.aspect[1])))
+        aspect = float(torch.exp(log_aspect))
+        h = min(height, max(1, round((share * height * width * aspect) ** 0.5)))
+        w = min(width, max(1, round((share * height * width / aspect) ** 0.5)))
+        top = int(torch.randint(0, height - h + 1, ()))
+        left = int(torch.randint(0, width - w + 1, ()))
+        colour = torch.randint(0, 256, (3, 1, 1)).float()
+        grain = torch.randn(3, h, w) * float(torch.empty(()).uniform_(0.0, 20.0))
+        out = image.clone()
+        out[:, top : top + h, left : left + w] = (colour + grain).clamp(0, 255).to(torch.uint8)
+        return out
+
+
+def train_transform(augment: str, image_size: int, occlusion: float = 0.0) -> v2.Transform | None:
     """Augmentation on uint8 (3, S', S') tensors; None for the seed's plain resize.
 
     `photo` takes the aligned crop with its context border (S' > S, see cache.py) and ends with the
-    centre (S, S): shifts, scaling and rotation then show real surroundings, not black corners."""
+    centre (S, S): shifts, scaling and rotation then show real surroundings, not black corners.
+    `occlusion` > 0 (photo only) also hides a random patch of that many faces (RandomOcclusion)."""
+    if occlusion and augment != "photo":
+        raise ValueError(f"occlusion is part of the photo augmentation, not of {augment!r}")
     if augment == "none":
         return None
     if augment == "photo":
+        occluder = [RandomOcclusion(p=occlusion)] if occlusion else []
         return v2.Compose(
             [
                 v2.RandomHorizontalFlip(),
@@ -100,6 +138,7 @@ def train_transform(augment: str, image_size: int) -> v2.Transform | None:
                 RandomLowResolution(p=0.25, min_side=max(16, image_size // 4)),
                 v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.15),
                 RandomJpeg(p=0.3, quality=(30, 95)),
+                *occluder,
             ]
         )
     if augment == "light":
@@ -111,7 +150,7 @@ def train_transform(augment: str, image_size: int) -> v2.Transform | None:
                 v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
             ]
         )
-    raise ValueError(f"unknown augmentation {augment!r}; use none or light")
+    raise ValueError(f"unknown augmentation {augment!r}; use none, light or photo")
 
 
 class ImageSource(Protocol):
@@ -277,6 +316,7 @@ def build_datasets(
     *,
     image_size: int,
     augment: str = "none",
+    occlusion: float = 0.0,
     skip_bad_images: bool = False,
 ) -> dict[str, AgeDataset]:
     """One dataset per split; only `train` is augmented."""
@@ -284,7 +324,7 @@ def build_datasets(
         split: AgeDataset(
             images_for[split],
             frame["age"].to_numpy(),
-            transform=train_transform(augment, image_size) if split == "train" else None,
+            transform=train_transform(augment, image_size, occlusion) if split == "train" else None,
             skip_bad_images=skip_bad_images,
         )
         for split, frame in frames.items()

@@ -62,6 +62,11 @@ class DataConfig:
         "blur, JPEG, greyscale, low resolution)",
         choices=("none", "light", "photo"),
     )
+    occlusion: float = _setting(
+        0.0,
+        "--augment photo: share of training faces with a random patch hidden (as hands, cups, microphones "
+        "or sunglasses hide part of a face in real photos); 0 = off",
+    )
     cache: bool = _setting(False, "decode and resize every image once into a memory-mapped cache")
     align: bool = _setting(
         False, "detect and align every training face by its landmarks, as at inference (needs --cache)"
@@ -78,7 +83,8 @@ class DataConfig:
     )
     detector_model: str | None = _setting(
         None,
-        "YuNet ONNX file to measure the crop framing (default: $AGE_DETECT_YUNET_MODEL or downloaded once)",
+        "YuNet ONNX file to detect and frame the training faces (default: $AGE_DETECT_YUNET_MODEL, else the "
+        "package's copy where the build includes it, else downloaded once)",
     )
     num_workers: int = _setting(4, "DataLoader worker processes")
 
@@ -272,6 +278,14 @@ def _validate(config: Config) -> None:
         raise ConfigError("--align prepares the aligned faces once, in the image cache: add --cache")
     if data.alignment != 1 and not data.align:
         raise ConfigError(f"--alignment {data.alignment} chooses the aligner of --align: add --align")
+    if not 0 <= data.occlusion <= 1:
+        raise ConfigError(
+            f"occlusion is a share of the training faces, between 0 and 1; got {data.occlusion}"
+        )
+    if data.occlusion and data.augment != "photo":
+        raise ConfigError(
+            f"--occlusion is part of the photo augmentation: add --augment photo (not {data.augment})"
+        )
     if not 0 < config.model.interval < 1:
         raise ConfigError(f"interval must be between 0 and 1, got {config.model.interval}")
     optim = config.optim

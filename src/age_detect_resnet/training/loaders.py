@@ -67,6 +67,7 @@ def build_loaders(
         image_sources(prepared, config, dist),
         image_size=data.image_size,
         augment=data.augment,
+        occlusion=data.occlusion,
         skip_bad_images=data.skip_bad_images,
     )
     per_process = max(1, train.batch_size // dist.world)
