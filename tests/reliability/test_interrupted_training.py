@@ -54,7 +54,16 @@ def _start(command: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "AGE_DETECT_YUNET_MODEL": str(log.parent / "no-detector.onnx")}
     env["OMP_NUM_THREADS"] = "1"
     with log.open("ab") as handle:
-        return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=env, preexec_fn=_default_ctrl_c
+        )
+
+
+def _default_ctrl_c() -> None:
+    """In the child, before it starts: SIGINT raises KeyboardInterrupt again. A test run started in the
+    background (`cmd &` in a script, nohup) inherits SIGINT ignored, and Python then keeps it ignored,
+    so the Ctrl-C below would do nothing and the run would finish."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _finished_epochs(run: Path) -> int:
