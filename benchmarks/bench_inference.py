@@ -86,6 +86,11 @@ def main() -> None:
             np.concatenate([torch_runner(x)["age"] for x in raw])
         ),
     }
+    if resolve_precision("auto", device) != "bf16":  # what auto avoids: bf16 without bf16 instructions
+        bf16_runner = TorchRunner(model, device, precision="bf16")
+        paths["project, bf16 forced (no native bf16 here)"] = lambda: np.concatenate(
+            [bf16_runner(x)["age"] for x in raw]
+        )
     with tempfile.TemporaryDirectory() as scratch:
         onnx_file = Path(scratch) / "model.onnx"
         export_onnx(model.float(), onnx_file)

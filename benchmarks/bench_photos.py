@@ -31,6 +31,7 @@ from age_detect_resnet.cli.predict import expand_inputs, predict_photos
 from age_detect_resnet.faces.detection import PREVIOUS_YUNET_SETTINGS, YuNetDetector, create_detector
 from age_detect_resnet.inference.backends import TorchRunner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
+from age_detect_resnet.runtime import resolve_precision
 
 PORTRAITS = SHARED / "data" / "real_photos" / "portraits"
 
@@ -56,12 +57,15 @@ def main() -> None:
     model = load_trained_model(args.model, "cpu")
     kind, yunet = ("yunet", YUNET) if YUNET.is_file() else ("auto", None)
     detector = create_detector(kind, yunet)
+    project_precision = resolve_precision("auto", torch.device("cpu"))  # bf16 only where native
     naive = AgePredictor(
         runner=TorchRunner(model, precision="fp32"), metadata=model.metadata, detector=detector
     )
     variants = {
         "naive: one photo at a time, fp32": naive,
-        "project (default): predict_photos (shared batches, bf16)": AgePredictor(model, detector=detector),
+        f"project (default): predict_photos (shared batches, {project_precision})": AgePredictor(
+            model, detector=detector
+        ),
     }
     if yunet is not None:
         previous = YuNetDetector(yunet, **PREVIOUS_YUNET_SETTINGS)

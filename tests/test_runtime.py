@@ -1,0 +1,35 @@
+"""Where models run: `--precision auto` takes bf16 on a CPU only where it has bf16 instructions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from age_detect_resnet import runtime
+
+AVX512_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl\n"
+AVX512_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 amx_tile\n"
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "onednn", "expected"),
+    [
+        (AVX512_ONLY, True, "fp32"),  # oneDNN emulates bf16 there: a third of fp32's speed
+        (AVX512_BF16, True, "bf16"),
+        (ARM_BF16, True, "bf16"),
+        (AVX512_BF16, False, "fp32"),  # oneDNN has no bf16 kernels for it
+        (None, True, "bf16"),  # no flags to read (not Linux): oneDNN's word
+    ],
+)
+def test_auto_precision_on_a_cpu_is_bf16_only_with_native_bf16(
+    tmp_path, monkeypatch, cpuinfo, onednn, expected
+):
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    read_flags = runtime.cpu_flags
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: read_flags(path))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == expected
+    assert runtime.resolve_precision("fp32", torch.device("cpu")) == "fp32"  # asked for: kept
