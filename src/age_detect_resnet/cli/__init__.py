@@ -19,6 +19,10 @@ COMMANDS = {
     ),
     "predict": ("age_detect_resnet.cli.predict", "ages of the faces in photos (files, folders, globs)"),
     "serve": ("age_detect_resnet.cli.serve", "a web page and JSON API for age estimation"),
+    "average": (
+        "age_detect_resnet.cli.average",
+        "one model from the averaged weights of models fine-tuned from one another",
+    ),
     "export": ("age_detect_resnet.cli.export", "export a trained model to ONNX or TorchScript"),
     "compare": ("age_detect_resnet.cli.compare", "a Markdown table comparing finished runs"),
 }

@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta", help="imdb-wiki: a metadata CSV built by build-meta")
     parser.add_argument(
         "--split",
-        choices=("test", "all"),
+        choices=(*evaluate.SAVED_SPLITS, "all"),
         default="test",
-        help="test: the run's saved test split; all: every image of the dataset",
+        help="test or val: the run's saved test or validation split; all: every image of the dataset",
     )
     parser.add_argument("--out", help="report folder (default: <run>/eval-<dataset>-<split>)")
     parser.add_argument("--min-age", type=float, default=0, help="--split all: youngest age evaluated")

@@ -1,6 +1,7 @@
 """Evaluate a trained model on its own test split or on any dataset, with an honest per-age report.
 
     age-detect evaluate --model runs/NAME                                  # the run's saved test split
+    age-detect evaluate --model runs/NAME --split val                      # ... or validation split
     age-detect evaluate --model runs/NAME --dataset csv --data-root other.csv --split all
     age-detect evaluate --model runs/NAME --dataset csv --data-root photos.csv --split all --detect
     age-detect evaluate --model runs/NAME --by gender,ethnicity            # error per group of people
@@ -28,12 +29,17 @@ from age_detect_resnet.faces.align import Aligner, framing_of, head_pose
 from age_detect_resnet.faces.detection import subject_faces
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
+from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
 from age_detect_resnet.training.config import ConfigError
-from age_detect_resnet.training.engine import evaluate
+from age_detect_resnet.training.engine import Predictions, evaluate
 
 log = logging.getLogger(__name__)
+
+
+# The splits a run saves in split.csv that can be evaluated by name (`--split test|val`).
+SAVED_SPLITS = ("test", "val")
 
 
 def evaluation_table(
@@ -54,16 +60,16 @@ def evaluation_table(
     data_root = Path(data_root or saved.get("data_root", "data/raw"))
     if dataset is None:
         raise ConfigError("--dataset is needed: the model has no run folder to take it from")
-    if split == "test":
+    if split in SAVED_SPLITS:
         same_dataset = run is not None and dataset == saved.get("dataset")
         if not same_dataset or not run.split.is_file():
             raise ConfigError(
-                "--split test needs the model's run folder and its own dataset (the test split is "
+                f"--split {split} needs the model's run folder and its own dataset (the run's splits are "
                 "saved there as split.csv); for another dataset use --split all"
             )
         prepared: PreparedData = load_split(run.split, image_root(dataset, data_root))
-        test = with_attributes(prepared.split("test"), by, dataset, data_root, meta)
-        return test, prepared.root, dataset
+        images = with_attributes(prepared.split(split), by, dataset, data_root, meta)
+        return images, prepared.root, dataset
     table, root = load_table(dataset, data_root, meta=Path(meta) if meta else None)
     check_by(by, set(table.columns), data_root)
     table = table[table["age"].between(min_age, max_age)]
@@ -103,6 +109,56 @@ def check_by(by: Sequence[str], available: set[str], data_root: Path) -> None:
     raise ConfigError(f"--by {', '.join(unknown)}: no such column in the dataset at {data_root}; {hint}")
 
 
+def is_aligned(age_model: AgeModel) -> bool:
+    """Whether the model was trained on faces aligned by their landmarks (which evaluation then finds)."""
+    return Aligner.from_metadata(age_model.metadata) is not None
+
+
+def predict_images(
+    age_model: AgeModel,
+    table: pd.DataFrame,
+    root: Path,
+    *,
+    detect: bool = False,
+    detector: str = "auto",
+    detector_model: Path | None = None,
+    tta: bool = False,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    skip_bad_images: bool = False,
+    device: torch.device | None = None,
+) -> tuple[pd.DataFrame, Predictions]:
+    """The model's outputs on the images of `table` (paths under `root`), framed as it was trained: with
+    `detect`, or always for a model trained on aligned faces, each image's subject face is found first
+    and the table gains `face_found` and `head_pose`. Returns that table and the predictions."""
+    device = device or torch.device("cpu")
+    faces = None
+    if is_aligned(age_model) and not detect:
+        log.info("the model was trained on aligned faces: detecting the landmarks of every image")
+        detect = True
+    if detect:
+        faces = subject_faces(
+            [root / p for p in table["path"]],
+            kind=detector,
+            model_path=detector_model,
+            workers=num_workers,
+        )
+        table = table.assign(
+            face_found=[f is not None for f in faces], head_pose=[head_pose(f) for f in faces]
+        )
+    images = FileImages(
+        root, table["path"].tolist(), image_size_of(age_model), faces, framing_of(age_model.metadata)
+    )
+    dataset = AgeDataset(images, table["age"].to_numpy(), skip_bad_images=skip_bad_images)
+    loader = make_loader(dataset, batch_size=batch_size, train=False, num_workers=num_workers, device=device)
+    autocast = autocast_factory(device, resolve_precision("auto", device))
+    age_model = age_model.to(memory_format=torch.channels_last)
+    _, predictions = evaluate(
+        age_model, loader, device=device, autocast=autocast, tta_flip=tta, desc="evaluate"
+    )
+    return table, predictions
+
+
 def evaluate_model(
     model: str | Path = "default",
     *,
@@ -126,7 +182,7 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate `model` (a run folder, its weights file, or "default") and write the report; returns
     the metrics and the report folder. `dataset`, `data_root` and `meta` default to the run's; `split`
-    is "test" (the run's saved test split) or "all" (every image of the dataset, within
+    is "test" or "val" (the run's saved test or validation split) or "all" (every image of the dataset, within
     `min_age`-`max_age`, at most `limit` of them); `by` names the label columns to break the error down
     by; `detect` frames the face each uncropped photo is of (`subject_face`; always done for a model
     trained on aligned faces). Raises ConfigError and the errors of loading the model, the data or the
@@ -135,9 +191,8 @@ def evaluate_model(
     torch_device = select_device(device)
     age_model = checkpoint.load_model(model_path, torch_device)
     run = RunFolder.of(model_path)
-    aligned = Aligner.from_metadata(age_model.metadata) is not None
     detected = [name for name in by if name in DETECTED_ATTRIBUTES]
-    if detected and not (detect or aligned):
+    if detected and not (detect or is_aligned(age_model)):
         raise ConfigError(f"--by {', '.join(detected)} is found by the face detector: add --detect")
     table, root, dataset = evaluation_table(
         run,
@@ -152,31 +207,18 @@ def evaluate_model(
     )
     if table.empty:
         raise ConfigError("no images to evaluate (check --data-root and the age range)")
-    faces = None
-    if aligned and not detect:
-        log.info("the model was trained on aligned faces: detecting the landmarks of every image")
-    detect = detect or aligned
-    if detect:
-        faces = subject_faces(
-            [root / p for p in table["path"]],
-            kind=detector,
-            model_path=detector_model,
-            workers=num_workers,
-        )
-        table = table.assign(
-            face_found=[f is not None for f in faces], head_pose=[head_pose(f) for f in faces]
-        )
-    images = FileImages(
-        root, table["path"].tolist(), image_size_of(age_model), faces, framing_of(age_model.metadata)
-    )
-    dataset_ = AgeDataset(images, table["age"].to_numpy(), skip_bad_images=skip_bad_images)
-    loader = make_loader(
-        dataset_, batch_size=batch_size, train=False, num_workers=num_workers, device=torch_device
-    )
-    autocast = autocast_factory(torch_device, resolve_precision("auto", torch_device))
-    age_model = age_model.to(memory_format=torch.channels_last)
-    _, predictions = evaluate(
-        age_model, loader, device=torch_device, autocast=autocast, tta_flip=tta, desc="evaluate"
+    table, predictions = predict_images(
+        age_model,
+        table,
+        root,
+        detect=detect,
+        detector=detector,
+        detector_model=detector_model,
+        tta=tta,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skip_bad_images=skip_bad_images,
+        device=torch_device,
     )
     # person_id too: the error of two photos of one person is one draw for the groups' intervals
     by = list(by)
@@ -192,7 +234,7 @@ def evaluate_model(
         "test-time flip": tta,
         "unreadable images skipped": len(table) - len(frame),
     }
-    if detect:
+    if detect or is_aligned(age_model):
         found = table["face_found"].iloc[predictions.indices]
         frame["face_found"] = found.to_numpy()
         metrics["detection"] = {"faces_found": int(found.sum()), "whole_image_used": int((~found).sum())}

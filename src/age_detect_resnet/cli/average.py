@@ -1,0 +1,94 @@
+"""`age-detect average`: one model from the weighted mean of the weights of trained models of one lineage
+(modeling/averaging.py; the run folder: training/averaged_run.py), e.g. a first stage and the second
+stage fine-tuned from it:
+
+    age-detect average runs/stage1 runs/stage2 --out runs/averaged              # equal weights
+    age-detect average runs/stage1 runs/stage2 --weights 1,3 --out runs/averaged
+
+The result is a run folder like training's: best.safetensors + .json, and the data's config.json and
+split.csv, copied from the calibration run (--calibrate-on, default: the last model given as a run
+folder), so that `evaluate --split test`, `export` and `predict` use it as any run. The average's age
+interval is calibrated on that run's validation split, through the same detect -> align path as
+`predict`; its validation MAE is recorded and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors
+
+log = logging.getLogger(__name__)
+
+
+def weight_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers, e.g. 1,1") from err
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="run folders, .safetensors files or default, in lineage order",
+    )
+    parser.add_argument(
+        "--out", required=True, type=Path, help="the new run folder (must not hold a model yet)"
+    )
+    parser.add_argument(
+        "--weights", type=weight_list, help="one weight per model, e.g. 1,3 (scaled to sum 1; default: equal)"
+    )
+    parser.add_argument(
+        "--calibrate-on",
+        type=Path,
+        metavar="RUN",
+        help="run folder whose validation split calibrates the interval and whose data settings and split "
+        "the result keeps (default: the last MODEL that is a run folder)",
+    )
+    add_detector_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from age_detect_resnet.modeling.averaging import AveragingError
+    from age_detect_resnet.runtime import select_device
+    from age_detect_resnet.training.averaged_run import write_averaged_run
+
+    try:
+        metadata = write_averaged_run(
+            args.models,
+            args.out,
+            weights=args.weights,
+            calibrate_on=args.calibrate_on,
+            detector=args.detector,
+            detector_model=args.detector_model,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=select_device(args.device),
+        )
+    except (*user_errors(), AveragingError) as err:
+        log.error("%s", err)
+        return 2
+    weights = ", ".join(f"{source['weight']:.2f}" for source in metadata["averaged_from"])
+    print(
+        f"averaged {len(args.models)} models ({weights}) into {args.out / 'best.safetensors'}: validation "
+        f"MAE {metadata['val_mae']:.2f} on {metadata['val_images']:,} images of {metadata['calibrated_on']}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return command_main("age-detect average", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Weight averaging (`age-detect average`): the weighted mean of every weight, refused where the weights
+do not correspond, and a run folder whose interval is calibrated on the run's validation split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from age_detect_resnet.cli.average import main as average_main
+from age_detect_resnet.cli.evaluate import main as evaluate_main
+from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.averaging import AveragingError, average_models, mixture_weights
+from age_detect_resnet.modeling.model import create_model
+from conftest import train_tiny
+
+
+def _model(seed: int, head: str = "distribution", image_size: int = 40):
+    torch.manual_seed(seed)
+    model = create_model("mobilenet_v2", head, pretrained=False).eval()
+    model.metadata = {"image_size": image_size, "seed": seed}
+    return model
+
+
+def test_the_average_is_the_weighted_mean_of_every_weight_and_statistic():
+    first, second = _model(0), _model(1)
+    with torch.no_grad():  # batch-norm statistics that differ, so that they are checked too
+        for module in second.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.add_(1.0)
+                module.num_batches_tracked.fill_(7)
+    averaged = average_models([first, second], [1, 3])
+    a, b, mean = first.state_dict(), second.state_dict(), averaged.state_dict()
+    for key, value in mean.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, 0.25 * a[key] + 0.75 * b[key])
+        else:
+            assert torch.equal(value, b[key]), key  # counters: the last model's
+    assert averaged.metadata == second.metadata and averaged is not second
+    key = next(k for k, v in a.items() if v.is_floating_point())
+    assert not torch.equal(mean[key], a[key]) and not torch.equal(mean[key], b[key])
+
+
+def test_a_model_averaged_with_itself_gives_its_own_ages():
+    model = _model(0)
+    images = torch.rand(3, 3, 40, 40)
+    with torch.no_grad():
+        expected = model.head.decode(model(images))
+        got = average_models([model, model]).head.decode(average_models([model, model])(images))
+    torch.testing.assert_close(got, expected)
+
+
+def test_models_whose_weights_do_not_correspond_are_refused():
+    with pytest.raises(AveragingError, match="same architecture"):
+        average_models([_model(0), _model(1, head="regression")], names=["a", "b"])
+    with pytest.raises(AveragingError, match="size or framing"):
+        average_models([_model(0), _model(1, image_size=64)])
+
+
+@pytest.mark.parametrize(
+    ("weights", "count", "message"),
+    [(None, 1, "at least two"), ([1.0], 2, "one weight per model"), ([1.0, -1.0], 2, "zero or more")],
+)
+def test_weights_must_be_a_mixture(weights, count, message):
+    with pytest.raises(AveragingError, match=message):
+        mixture_weights(weights, count)
+    assert mixture_weights([1, 3], 2) == [0.25, 0.75]
+
+
+def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkface_sample, tmp_path, caplog):
+    first = train_tiny(utkface_sample, tmp_path / "first", "--head", "distribution")
+    second = train_tiny(utkface_sample, tmp_path / "second", "--init", str(first), "--epochs", "1")
+    out = tmp_path / "averaged"
+    assert (
+        average_main([str(first), str(second / "best.safetensors"), "--out", str(out), "--num-workers", "0"])
+        == 0
+    )
+
+    model = checkpoint.load_model(out)
+    sources = model.metadata["averaged_from"]
+    assert [s["weight"] for s in sources] == [0.5, 0.5]
+    assert [s["sha256"] for s in sources] == [
+        json.loads((run / "best.json").read_text())["sha256"] for run in (first, second)
+    ]
+    # The data settings and split of the calibration run (the last one given), so evaluate knows them.
+    assert (out / "split.csv").read_bytes() == (second / "split.csv").read_bytes()
+    assert (
+        evaluate_main(
+            ["--model", str(out), "--split", "val", "--out", str(tmp_path / "val"), "--num-workers", "0"]
+        )
+        == 0
+    )
+    frame = pd.read_csv(tmp_path / "val" / "predictions.csv")
+    assert model.metadata["val_mae"] == pytest.approx(frame["error"].abs().mean(), abs=0.01)
+    # The interval is calibrated on those validation faces: it covers at least the share it promises.
+    covered = ((frame["age"] >= frame["lower"]) & (frame["age"] <= frame["upper"])).mean()
+    assert covered >= model.head.interval - 1e-9
+    assert evaluate_main(["--model", str(out), "--out", str(tmp_path / "test"), "--num-workers", "0"]) == 0
+
+    # An existing model is never overwritten; loose files need --calibrate-on.
+    before = (out / "best.safetensors").read_bytes()
+    assert average_main([str(first), str(second), "--out", str(out)]) == 2
+    assert "already exists" in caplog.text and (out / "best.safetensors").read_bytes() == before
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for run in (first, second):
+        for suffix in (".safetensors", ".json"):
+            shutil.copyfile(run / f"best{suffix}", loose / f"{run.name}{suffix}")
+    files = [str(loose / "first.safetensors"), str(loose / "second.safetensors")]
+    assert average_main([*files, "--out", str(tmp_path / "other")]) == 2
+    assert "--calibrate-on" in caplog.text and not (tmp_path / "other").exists()
+    assert (
+        average_main(
+            [*files, "--out", str(tmp_path / "other"), "--calibrate-on", str(second), "--num-workers", "0"]
+        )
+        == 0
+    )
