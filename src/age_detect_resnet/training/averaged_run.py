@@ -81,6 +81,8 @@ def write_averaged_run(
         max_age=100,
         limit=None,
     )
+    if table.empty:
+        raise ConfigError(f"{calibration.split} has no validation images to calibrate the average on")
     log.info("calibrating the average on the %d validation images of %s", len(table), calibration.path)
     _, predictions = predict_images(
         averaged.to(device),
