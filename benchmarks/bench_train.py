@@ -117,15 +117,19 @@ def main() -> None:
     seed_seconds = seed_steps(
         copy.deepcopy(model), normalised, ages, batch_size=args.batch_size, steps=args.steps, device=device
     )
-    project_seconds = project_steps(
-        copy.deepcopy(model),
-        raw,
-        ages,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        device=device,
-        precision=precision,
-    )
+
+    def project_seconds_at(chosen: str) -> float:
+        return project_steps(
+            copy.deepcopy(model),
+            raw,
+            ages,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            device=device,
+            precision=chosen,
+        )
+
+    project_seconds = project_seconds_at(precision)
     images = args.batch_size * args.steps
     seed_speed, project_speed = images / seed_seconds, images / project_seconds
     headers = [
@@ -135,15 +139,7 @@ def main() -> None:
     ]
     row = [seed_speed, project_speed, f"{project_speed / seed_speed:.2f}x"]
     if device.type == "cpu" and precision != "bf16":  # what auto avoids: bf16 without bf16 instructions
-        forced_seconds = project_steps(
-            copy.deepcopy(model),
-            raw,
-            ages,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            device=device,
-            precision="bf16",
-        )
+        forced_seconds = project_seconds_at("bf16")
         headers.append("project, bf16 forced (img/s)")
         row.append(images / forced_seconds)
     settings = f"{model.backbone_name}, {size} px, batch {args.batch_size}, {args.steps} steps, {device.type}"
