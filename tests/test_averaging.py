@@ -110,6 +110,12 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
         for suffix in (".safetensors", ".json"):
             shutil.copyfile(run / f"best{suffix}", loose / f"{run.name}{suffix}")
     files = [str(loose / "first.safetensors"), str(loose / "second.safetensors")]
+    no_val = tmp_path / "no-val"
+    shutil.copytree(second, no_val)
+    split = pd.read_csv(no_val / "split.csv")
+    split[split["split"] != "val"].to_csv(no_val / "split.csv", index=False)
+    assert average_main([*files, "--out", str(tmp_path / "other"), "--calibrate-on", str(no_val)]) == 2
+    assert "no validation images" in caplog.text
     assert average_main([*files, "--out", str(tmp_path / "other")]) == 2
     assert "--calibrate-on" in caplog.text and not (tmp_path / "other").exists()
     assert (
