@@ -5,8 +5,8 @@ size and speed; it is often better than each of them on data unlike the training
 and WiSE-FT's interpolation between a model and its fine-tuned self). Models that were not trained from
 one another (two ImageNet starts) have no such average; compare them before trusting one.
 
-`average_models` does the averaging; cli/average.py is `age-detect average`, which also calibrates the
-average's age interval on a run's validation split.
+`average_models` does the averaging; training/averaged_run.py makes a run folder of it (the interval
+calibrated on a run's validation split) and cli/average.py is the command, `age-detect average`.
 """
 
 from __future__ import annotations
