@@ -4,7 +4,7 @@
 #   ./experiments/weight_averaging.sh [FIRST_STAGE_RUN] [SECOND_STAGE_RUN]
 # defaults: runs/utkface-aligned-dldl (quick-start command 1) and runs/aligned-dldl-long (the second
 # stage, from the model card). WEIGHTS (default "1,3 1,1 3,1") are the parts of first and second stage.
-# Each average lands in runs/averaged-A-B; its reports in results/averaged-A-B. ~6 min each on 2 CPU cores.
+# Each average lands in runs/averaged-A-B; its reports in results/averaged-A-B. ~7 min each on 2 CPU cores (2.3 to average and calibrate, the rest real_photos.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 first=${1:-runs/utkface-aligned-dldl}
