@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import random
@@ -30,17 +31,31 @@ def select_device(name: str = "auto") -> torch.device:
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
-    """The CPU's feature flags as Linux lists them; None where there is no such list to read."""
+@functools.cache
+def cpuinfo_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's `key: value` lines of Linux's CPU description (read once); {} where there
+    is none to read."""
     try:
         text = cpuinfo.read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return None
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return None
+        if not sep:
+            if fields:  # the blank line after the first processor's block
+                break
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The CPU's feature flags as Linux lists them (x86 "flags", Arm "Features"); None where there is
+    no such list to read."""
+    fields = cpuinfo_fields(cpuinfo)
+    listed = fields.get("flags", fields.get("Features"))
+    return frozenset(listed.split()) if listed is not None else None
 
 
 def cpu_has_bf16() -> bool:
@@ -92,12 +107,5 @@ def seed_everything(seed: int, *, deterministic: bool = False) -> None:
 def hardware_summary(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with Path("/proc/cpuinfo").open(encoding="utf-8") as handle:
-            cpu = next(
-                (line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu
-            )
-    except OSError:
-        pass
+    cpu = cpuinfo_fields().get("model name") or platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
