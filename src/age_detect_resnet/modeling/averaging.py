@@ -59,17 +59,20 @@ def check_averageable(models: Sequence[AgeModel], names: Sequence[str]) -> None:
     """Refuse models whose weights do not correspond one to one (another backbone or head) or that see
     faces differently (another input size, framing or aligner): their average would mean nothing."""
     first, first_name = models[0], names[0]
+    expected, expected_size, expected_framing = (
+        _architecture(first),
+        image_size_of(first),
+        framing_of(first.metadata),
+    )
     for model, name in zip(models[1:], names[1:], strict=True):
-        if _architecture(model) != _architecture(first):
+        if _architecture(model) != expected:
             raise AveragingError(
                 f"{name} ({model.describe()['backbone']}, {model.describe()['head']['kind']} head) and "
                 f"{first_name} ({first.describe()['backbone']}, {first.describe()['head']['kind']} head) "
                 "do not have the same architecture; only models of one backbone and head, fine-tuned "
                 "from one another, can be averaged"
             )
-        if image_size_of(model) != image_size_of(first) or framing_of(model.metadata) != framing_of(
-            first.metadata
-        ):
+        if image_size_of(model) != expected_size or framing_of(model.metadata) != expected_framing:
             raise AveragingError(
                 f"{name} and {first_name} take faces of a different size or framing; averaging needs "
                 "models trained on the same crops"
