@@ -11,11 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from age_detect_resnet.data.splits import prepare_splits
 from age_detect_resnet.inference import load_trained_model, predict_age_for_image
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.training.config import ConfigError, resolve_config
 from age_detect_resnet.training.optim import inverse_frequency_weights
-from age_detect_resnet.training.run import should_stop
+from age_detect_resnet.training.run import should_stop, split_seed
 from conftest import train_tiny
 
 ARTEFACTS = [
@@ -97,6 +98,17 @@ def test_config_file_then_command_line(tmp_path):
     with pytest.raises(ConfigError, match="head"):
         resolve_config(None, {"head": "svm"})
     assert resolve_config("cpu").data.image_size == 128  # a packaged recipe by name
+
+
+def test_split_seed_keeps_one_split_across_training_seeds(utkface_sample):
+    def split_of(**settings):
+        config = resolve_config(None, {"dataset": "utkface", "data_root": str(utkface_sample), **settings})
+        table = prepare_splits(config.data, seed=split_seed(config)).table
+        return table.sort_values("path")[["path", "split"]].reset_index(drop=True)
+
+    reference = split_of(seed=0)
+    assert not split_of(seed=1).equals(reference)  # the seed alone moves faces between the splits
+    pd.testing.assert_frame_equal(split_of(seed=1, split_seed=0), reference)
 
 
 def test_the_seed_defaults():

@@ -55,6 +55,11 @@ class DataConfig:
     val_fraction: float = _setting(0.1, "share of images (whole persons) in the validation split")
     test_fraction: float = _setting(0.1, "share of images (whole persons) in the test split")
     limit: int | None = _setting(None, "use at most N images (quick runs), sampled before splitting")
+    split_seed: int | None = _setting(
+        None,
+        "seed of the balancing, --limit sample and person-disjoint split (default: --seed); fix it to "
+        "train other seeds on one split",
+    )
     image_size: int = _setting(224, "square input size in pixels")
     augment: str = _setting(
         "none",

@@ -109,10 +109,15 @@ def split_for_run(config: Config, run: RunFolder, dist: Distributed, *, resume: 
     """The cleaned, balanced table with its splits: the saved one on --resume, else made and saved."""
     if resume and run.split.is_file():
         return load_split(run.split, image_root(config.data.dataset, config.data.data_root))
-    prepared = prepare_splits(config.data, seed=config.train.seed)
+    prepared = prepare_splits(config.data, seed=split_seed(config))
     if dist.is_main:
         save_split(prepared, run.split)
     return prepared
+
+
+def split_seed(config: Config) -> int:
+    """The seed of the run's split: --split-seed where set, else the run's --seed."""
+    return config.train.seed if config.data.split_seed is None else config.data.split_seed
 
 
 def framing_metadata(config: Config, prepared: PreparedData, dist: Distributed) -> dict[str, Any]:
