@@ -80,6 +80,14 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
     )
 
     model = checkpoint.load_model(out)
+    # Its batch-norm statistics come from the calibration run's training faces (all of them here: the
+    # tiny run has fewer than the default 40 batches), not from the two models' averaged statistics.
+    train_faces = (pd.read_csv(second / "split.csv")["split"] == "train").sum()
+    recomputed = model.metadata["norm_statistics"]["recomputed_on_training_images"]
+    assert 0 < recomputed <= train_faces and train_faces - recomputed < 8  # whole batches of 8
+    plain = average_models([checkpoint.load_model(first), checkpoint.load_model(second)])
+    norm = next(name for name in plain.state_dict() if name.endswith("running_mean"))
+    assert not torch.equal(model.state_dict()[norm], plain.state_dict()[norm])
     sources = model.metadata["averaged_from"]
     assert [s["weight"] for s in sources] == [0.5, 0.5]
     assert [s["sha256"] for s in sources] == [
@@ -118,9 +126,23 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
     assert "no validation images" in caplog.text
     assert average_main([*files, "--out", str(tmp_path / "other")]) == 2
     assert "--calibrate-on" in caplog.text and not (tmp_path / "other").exists()
+    other = tmp_path / "other"
     assert (
         average_main(
-            [*files, "--out", str(tmp_path / "other"), "--calibrate-on", str(second), "--num-workers", "0"]
+            [
+                *files,
+                "--out",
+                str(other),
+                "--calibrate-on",
+                str(second),
+                "--num-workers",
+                "0",
+                "--norm-batches",
+                "0",
+            ]
         )
         == 0
     )
+    kept = checkpoint.load_model(other)  # --norm-batches 0: the averaged statistics
+    assert kept.metadata["norm_statistics"]["recomputed_on_training_images"] == 0
+    torch.testing.assert_close(kept.state_dict()[norm], plain.state_dict()[norm])

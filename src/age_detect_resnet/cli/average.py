@@ -8,8 +8,9 @@ stage fine-tuned from it:
 The result is a run folder like training's: best.safetensors + .json, and the data's config.json and
 split.csv, copied from the calibration run (--calibrate-on, default: the last model given as a run
 folder), so that `evaluate --split test`, `export` and `predict` use it as any run. The average's age
-interval is calibrated on that run's validation split, through the same detect -> align path as
-`predict`; its validation MAE is recorded and printed.
+batch-norm statistics are recomputed on that run's training faces, as its training fed them
+(--norm-batches), and its age interval is calibrated on the run's validation split, through the same
+detect -> align path as `predict`; its validation MAE is recorded and printed.
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run folder whose validation split calibrates the interval and whose data settings and split "
         "the result keeps (default: the last MODEL that is a run folder)",
     )
+    parser.add_argument(
+        "--norm-batches",
+        type=int,
+        default=40,
+        metavar="N",
+        help="recompute the batch-norm statistics on N training batches of the calibration run, augmented "
+        "as in its training (default 40; 0 = keep the averaged statistics)",
+    )
     add_detector_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
@@ -69,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             weights=args.weights,
             calibrate_on=args.calibrate_on,
+            norm_batches=args.norm_batches,
             detector=args.detector,
             detector_model=args.detector_model,
             batch_size=args.batch_size,
@@ -79,9 +89,14 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", err)
         return 2
     weights = ", ".join(f"{source['weight']:.2f}" for source in metadata["averaged_from"])
+    recomputed = metadata["norm_statistics"]["recomputed_on_training_images"]
+    statistics = (
+        f"batch-norm statistics of {recomputed:,} training images" if recomputed else "averaged statistics"
+    )
     print(
-        f"averaged {len(args.models)} models ({weights}) into {args.out / 'best.safetensors'}: validation "
-        f"MAE {metadata['val_mae']:.2f} on {metadata['val_images']:,} images of {metadata['calibrated_on']}"
+        f"averaged {len(args.models)} models ({weights}) into {args.out / 'best.safetensors'} "
+        f"({statistics}): validation MAE {metadata['val_mae']:.2f} on {metadata['val_images']:,} images "
+        f"of {metadata['calibrated_on']}"
     )
     return 0
 
