@@ -62,7 +62,7 @@ def test_models_whose_weights_do_not_correspond_are_refused():
 
 @pytest.mark.parametrize(
     ("weights", "count", "message"),
-    [(None, 1, "at least two"), ([1.0], 2, "one weight per model"), ([1.0, -1.0], 2, "zero or more")],
+    [(None, 0, "at least one"), ([1.0], 2, "one weight per model"), ([1.0, -1.0], 2, "zero or more")],
 )
 def test_weights_must_be_a_mixture(weights, count, message):
     with pytest.raises(AveragingError, match=message):
@@ -146,3 +146,14 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
     kept = checkpoint.load_model(other)  # --norm-batches 0: the averaged statistics
     assert kept.metadata["norm_statistics"]["recomputed_on_training_images"] == 0
     torch.testing.assert_close(kept.state_dict()[norm], plain.state_dict()[norm])
+
+    # One model is its own average: only its batch-norm statistics are recomputed.
+    single = tmp_path / "single"
+    assert average_main([str(first), "--out", str(single), "--num-workers", "0"]) == 0
+    alone = checkpoint.load_model(single)
+    assert [s["weight"] for s in alone.metadata["averaged_from"]] == [1.0]
+    assert alone.metadata["norm_statistics"]["recomputed_on_training_images"] > 0
+    original = checkpoint.load_model(first).state_dict()
+    weight = next(name for name in original if name.endswith("conv.weight") or name.endswith(".0.weight"))
+    assert torch.equal(alone.state_dict()[weight], original[weight])
+    assert not torch.equal(alone.state_dict()[norm], original[norm])

@@ -4,6 +4,7 @@ stage fine-tuned from it:
 
     age-detect average runs/stage1 runs/stage2 --out runs/averaged              # equal weights
     age-detect average runs/stage1 runs/stage2 --weights 1,3 --out runs/averaged
+    age-detect average runs/mine --out runs/mine-bn          # one model: its batch-norm statistics only
 
 The result is a run folder like training's: best.safetensors + .json, and the data's config.json and
 split.csv, copied from the calibration run (--calibrate-on, default: the last model given as a run

@@ -27,9 +27,10 @@ class AveragingError(ValueError):
 
 
 def mixture_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    """`weights` (one per model, any positive scale) as fractions summing to 1; None: equal."""
-    if count < 2:
-        raise AveragingError(f"averaging needs at least two models, got {count}")
+    """`weights` (one per model, any positive scale) as fractions summing to 1; None: equal. One model
+    is its own average (`age-detect average RUN` only recomputes its batch-norm statistics)."""
+    if count < 1:
+        raise AveragingError("averaging needs at least one model")
     if weights is None:
         return [1.0 / count] * count
     weights = [float(w) for w in weights]
