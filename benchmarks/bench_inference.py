@@ -1,8 +1,7 @@
 """Batch inference speed of one model's weights on every path the project offers, against the seed's:
 
 * seed: normalised float32 NCHW input, eager fp32 under `torch.no_grad()`;
-* project: `TorchRunner` (uint8 input, batch norms folded into the convolutions, channels_last, bf16
-  autocast where the CPU has it, inference_mode); the same without folding, to show what it saves;
+* project: `TorchRunner` (uint8 input, channels_last, bf16 autocast where the CPU has it, inference_mode);
 * onnx: the model exported on the fly (`export_onnx`, float32) run by `OnnxRunner` (ONNX Runtime);
 * int8 (with --int8): that ONNX model statically quantised (`quantize_int8`), calibrated on other
   crops (a run's validation faces).
@@ -80,16 +79,11 @@ def main() -> None:
         with torch.no_grad():
             return torch.cat([seed_forward(model, x) for x in normalised]).numpy()
 
-    torch_runner = TorchRunner(model, device)  # folded + channels_last + autocast + inference_mode
-    unfolded_runner = TorchRunner(model, device, fold_norms=False)
-    precision = resolve_precision("auto", device)
+    torch_runner = TorchRunner(model, device)  # channels_last + autocast + inference_mode
     paths = {
         "seed: fp32 NCHW eager": run_seed,
-        f"project: {precision} + folded batch norms + channels_last + inference_mode": lambda: np.concatenate(
-            [torch_runner(x)["age"] for x in raw]
-        ),
-        f"project, batch norms not folded ({precision})": lambda: np.concatenate(
-            [unfolded_runner(x)["age"] for x in raw]
+        f"project: {resolve_precision('auto', device)} + channels_last + inference_mode": lambda: (
+            np.concatenate([torch_runner(x)["age"] for x in raw])
         ),
     }
     if resolve_precision("auto", device) != "bf16":  # what auto avoids: bf16 without bf16 instructions

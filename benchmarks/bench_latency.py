@@ -6,8 +6,8 @@ model's margins, resize, run the model. Median and 90th percentile over repeats 
 
 Paths (same detector, same crop, same weights):
 * seed: the crop through Resize, ToTensor, Normalize, then eager fp32 under `torch.no_grad()`;
-* project: `AgePredictor` with its `TorchRunner` (uint8, batch norms folded, channels_last, bf16 where
-  the CPU has it, inference_mode);
+* project: `AgePredictor` with its `TorchRunner` (uint8, channels_last, bf16 where the CPU has it,
+  inference_mode);
 * onnx: `AgePredictor` from `load_predictor(backend="onnx")` (ONNX Runtime, float32), exported on the fly;
 * detection alone, to show how much of each figure is the model.
 """

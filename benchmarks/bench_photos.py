@@ -4,10 +4,9 @@
     python benchmarks/bench_photos.py --model runs/NAME --photos FOLDER
 
 Paths (same model, same YuNet detector, same photos):
-* naive: one photo at a time through `AgePredictor.predict` with fp32 (a batch of one face per call),
-  batch norms not folded;
+* naive: one photo at a time through `AgePredictor.predict` with fp32 (a batch of one face per call);
 * project (default): `age-detect predict`'s `predict_photos` (faces of 16 photos share a model batch,
-  batch norms folded, bf16 where the CPU has it);
+  bf16 where the CPU has it);
 * project, previous detector: the same with YuNet's settings before this version (faces searched for on
   a copy at most 1280 px long, regions for the second look at full resolution): what the smaller
   default copy and regions save.
@@ -60,12 +59,10 @@ def main() -> None:
     detector = create_detector(kind, yunet)
     project_precision = resolve_precision("auto", torch.device("cpu"))  # bf16 only where native
     naive = AgePredictor(
-        runner=TorchRunner(model, precision="fp32", fold_norms=False),
-        metadata=model.metadata,
-        detector=detector,
+        runner=TorchRunner(model, precision="fp32"), metadata=model.metadata, detector=detector
     )
     variants = {
-        "naive: one photo at a time, fp32, batch norms not folded": naive,
+        "naive: one photo at a time, fp32": naive,
         f"project (default): predict_photos (shared batches, {project_precision})": AgePredictor(
             model, detector=detector
         ),

@@ -11,12 +11,10 @@ from torch import nn
 
 from age_detect_resnet.modeling.heads import BinsHead, DistributionHead, RegressionHead, create_head
 from age_detect_resnet.modeling.model import (
-    AgeModel,
     WeightsError,
     create_backbone,
     create_model,
     create_resnet50_regressor,
-    fold_batch_norms,
     load_state_dict_file,
 )
 from conftest import TEST_IMAGES, WEIGHTS, require
@@ -171,67 +169,3 @@ def test_resnet50_v1_layout_fits_the_v1_weights():
 def test_resnet50_v1_has_no_download():
     with pytest.raises(WeightsError, match="--weights FILE"):
         create_backbone("resnet50_v1", pretrained=True)
-
-
-def _with_trained_statistics(model: nn.Module) -> nn.Module:
-    """Batch norms whose statistics and affine weights are not the identity, as after training."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, nn.BatchNorm2d):
-                for tensor, (low, high) in (
-                    (layer.running_mean, (-1, 1)),
-                    (layer.running_var, (0.5, 2)),
-                    (layer.weight, (0.5, 1.5)),
-                    (layer.bias, (-0.5, 0.5)),
-                ):
-                    tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
-    return model.eval()
-
-
-def _batch_norms(model: nn.Module) -> int:
-    return sum(isinstance(layer, nn.BatchNorm2d) for layer in model.modules())
-
-
-@pytest.mark.parametrize("backbone", ["resnet50_v1", "mobilenet_v2"])
-def test_folding_batch_norms_keeps_the_outputs_and_leaves_the_model_alone(backbone):
-    model = _with_trained_statistics(create_model(backbone, "distribution", pretrained=False))
-    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    layers = _batch_norms(model)
-    folded = fold_batch_norms(model)
-    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
-    with torch.inference_mode():
-        expected, outputs = model(images), folded(images)
-    assert _batch_norms(folded) == 0 and _batch_norms(model) == layers > 0
-    assert torch.allclose(outputs, expected, atol=1e-4, rtol=1e-4)
-    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
-    assert folded.head is model.head and folded.metadata is model.metadata
-
-
-def test_a_batch_norm_whose_convolution_output_is_also_used_elsewhere_is_not_folded():
-    class Branches(nn.Module):  # the convolution's output feeds the norm and a second path
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
-            self.second = nn.Conv2d(3, 4, 3)
-            self.conv2, self.norm2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            y = self.conv(x)
-            z = self.norm(y) + y * 0.5 + self.second(x)
-            return self.norm2(self.conv2(z)).mean(dim=(2, 3))
-
-    model = _with_trained_statistics(
-        AgeModel(Branches(), create_head("regression", 4), backbone_name="branches")
-    )
-    folded = fold_batch_norms(model)
-    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
-    with torch.inference_mode():
-        assert torch.allclose(folded(images), model(images), atol=1e-5)
-    assert _batch_norms(folded) == 1  # norm2 folded into conv2; norm kept
-    nothing = AgeModel(
-        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), create_head("regression", 4), backbone_name="plain"
-    ).eval()
-    assert fold_batch_norms(nothing) is nothing  # nothing to fold: no copy
-    with pytest.raises(ValueError, match="eval mode"):
-        fold_batch_norms(model.train())

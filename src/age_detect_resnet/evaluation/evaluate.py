@@ -29,7 +29,7 @@ from age_detect_resnet.faces.align import Aligner, framing_of, head_pose
 from age_detect_resnet.faces.detection import subject_faces
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
-from age_detect_resnet.modeling.model import AgeModel, fold_batch_norms
+from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
 from age_detect_resnet.training.config import ConfigError
@@ -152,7 +152,7 @@ def predict_images(
     dataset = AgeDataset(images, table["age"].to_numpy(), skip_bad_images=skip_bad_images)
     loader = make_loader(dataset, batch_size=batch_size, train=False, num_workers=num_workers, device=device)
     autocast = autocast_factory(device, resolve_precision("auto", device))
-    age_model = fold_batch_norms(age_model.eval()).to(memory_format=torch.channels_last)
+    age_model = age_model.to(memory_format=torch.channels_last)
     _, predictions = evaluate(
         age_model, loader, device=device, autocast=autocast, tta_flip=tta, desc="evaluate"
     )

@@ -22,7 +22,7 @@ import torch
 
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.modeling import checkpoint
-from age_detect_resnet.modeling.model import AgeModel, fold_batch_norms, raw_outputs
+from age_detect_resnet.modeling.model import AgeModel, raw_outputs
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.runtime import autocast_factory, resolve_precision
 
@@ -39,9 +39,7 @@ class AgeRunner(Protocol):
 
 class TorchRunner:
     """An `AgeModel` on batches: inference mode, bf16 autocast where the hardware has it,
-    channels_last, batch norms folded into the convolutions (`fold_batch_norms`: a copy, made once;
-    `fold_norms=False` runs `model` itself, for a runner used once), optional flip test-time
-    augmentation. `model` is put in eval mode and moved to `device`."""
+    channels_last, optional flip test-time augmentation."""
 
     def __init__(
         self,
@@ -50,12 +48,9 @@ class TorchRunner:
         *,
         precision: str = "auto",
         tta_flip: bool = False,
-        fold_norms: bool = True,
     ) -> None:
         self.device = torch.device(device)
-        model = model.to(self.device).eval()
-        model = fold_batch_norms(model) if fold_norms else model
-        self.model = model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
         self.tta_flip = tta_flip
 

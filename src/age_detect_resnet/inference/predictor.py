@@ -59,7 +59,7 @@ def predict_age_for_image(
     is available."""
     image = load_rgb(path)
     batch = face_crop_input(image, model.metadata).unsqueeze(0)
-    age = TorchRunner(model, device, fold_norms=False)(batch)["age"][0]  # one image: folding costs more
+    age = TorchRunner(model, device)(batch)["age"][0]
     return float(age), image
 
 

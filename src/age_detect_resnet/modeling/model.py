@@ -8,10 +8,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.fx
 import torchvision
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from age_detect_resnet.modeling.heads import AgeHead, create_head
 
@@ -203,70 +201,6 @@ def create_model(
     """An age model; `head_options` go to `heads.create_head` (hidden_dim, init_age, min_age, ...)."""
     features, width = create_backbone(backbone, pretrained=pretrained, weights=weights)
     return AgeModel(features, create_head(head, width, **head_options), backbone_name=backbone)
-
-
-def fold_batch_norms(model: AgeModel) -> AgeModel:
-    """An inference copy of `model` (in eval mode) in which every BatchNorm that takes the output of a
-    convolution, and only it, is folded into that convolution's weights: the same outputs up to float
-    rounding with one pass over each activation fewer (a ResNet-50 in float32 on a CPU: see
-    benchmarks/bench_inference.py). torch.fx finds the pairs in the backbone's graph; the copy shares
-    the head and every unfolded layer with `model`, which is left as it is. A backbone that torch.fx
-    cannot trace, or one without such pairs, is not copied: `model` itself is returned."""
-    if model.training:
-        raise ValueError("fold_batch_norms folds the running statistics: put the model in eval mode first")
-    try:
-        graph = torch.fx.symbolic_trace(model.backbone)  # new parent modules, the original layers
-    except Exception as err:
-        log.debug("not folding batch norms of %s: %s", model.backbone_name, err)
-        return model
-    layers = dict(graph.named_modules())
-    folded = 0
-    for node in list(graph.graph.nodes):
-        source = node.args[0] if node.op == "call_module" and node.args else None
-        if not (
-            isinstance(layers.get(node.target), nn.BatchNorm2d)
-            and isinstance(source, torch.fx.Node)
-            and source.op == "call_module"
-            and type(layers[source.target]) is nn.Conv2d
-            and len(source.users) == 1
-        ):
-            continue
-        conv, norm = layers[source.target], layers[node.target]
-        fused = nn.utils.skip_init(
-            nn.Conv2d,
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=True,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-        )
-        fused.weight, fused.bias = fuse_conv_bn_weights(
-            conv.weight, conv.bias, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias
-        )
-        parent, _, name = str(source.target).rpartition(".")
-        setattr(graph.get_submodule(parent), name, fused)
-        node.replace_all_uses_with(source)
-        graph.graph.erase_node(node)
-        folded += 1
-    if not folded:
-        return model
-    graph.delete_all_unused_submodules()
-    graph.recompile()
-    copy = AgeModel(
-        graph,
-        model.head,
-        backbone_name=model.backbone_name,
-        mean=tuple(model.mean.flatten().tolist()),
-        std=tuple(model.std.flatten().tolist()),
-    ).to(model.mean.device)
-    copy.metadata = model.metadata
-    return copy.eval()
 
 
 def create_resnet50_regressor(
