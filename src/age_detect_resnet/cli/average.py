@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         f"batch-norm statistics of {recomputed:,} training images" if recomputed else "averaged statistics"
     )
     print(
-        f"averaged {len(args.models)} models ({weights}) into {args.out / 'best.safetensors'} "
+        f"averaged {len(args.models)} model{'s' if len(args.models) > 1 else ''} ({weights}) into "
+        f"{args.out / 'best.safetensors'} "
         f"({statistics}): validation MAE {metadata['val_mae']:.2f} on {metadata['val_images']:,} images "
         f"of {metadata['calibrated_on']}"
     )

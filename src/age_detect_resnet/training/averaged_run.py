@@ -88,9 +88,8 @@ def write_averaged_run(
     (default: equal) into the run folder `out`, which must not hold a model yet; recompute the batch-norm
     statistics on `norm_batches` training batches of the calibration run (0: keep the averaged ones).
     Returns the saved metadata (`val_mae`, `averaged_from`, `norm_statistics`) with `val_images` and
-    `calibrated_on`. Raises ConfigError,
-    AveragingError and the errors of loading the models or the validation images; nothing is written
-    unless all of it succeeds."""
+    `calibrated_on`. Raises ConfigError, AveragingError and the errors of loading the models or the
+    training and validation images; nothing is written unless all of it succeeds."""
     run = RunFolder(out)
     if run.best.exists():
         raise ConfigError(f"{run.best} already exists; choose another --out (nothing was changed)")
@@ -106,13 +105,9 @@ def write_averaged_run(
             norm_batches,
             calibration.path,
         )
+        batches = training_images(calibration, num_workers=num_workers)
         try:
-            norm_images = recompute_norm_statistics(
-                averaged,
-                training_images(calibration, num_workers=num_workers),
-                limit=norm_batches,
-                device=device,
-            )
+            norm_images = recompute_norm_statistics(averaged, batches, limit=norm_batches, device=device)
         except ValueError as err:
             raise ConfigError(
                 f"{calibration.split}: {err}; pass --norm-batches 0 to keep the averaged statistics"
