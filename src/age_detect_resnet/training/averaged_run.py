@@ -98,6 +98,19 @@ def write_averaged_run(
     device = device or torch.device("cpu")
     loaded = [checkpoint.load_model(model, "cpu") for model in models]
     averaged = average_models(loaded, fractions, names=[str(m) for m in models]).to(device)
+    table, root, _ = evaluation_table(
+        calibration,
+        dataset=None,
+        data_root=None,
+        meta=None,
+        split="val",
+        by=(),
+        min_age=0,
+        max_age=100,
+        limit=None,
+    )
+    if table.empty:
+        raise ConfigError(f"{calibration.split} has no validation images to calibrate the average on")
     norm_images = 0
     if norm_batches > 0:
         log.info(
@@ -112,19 +125,6 @@ def write_averaged_run(
             raise ConfigError(
                 f"{calibration.split}: {err}; pass --norm-batches 0 to keep the averaged statistics"
             ) from err
-    table, root, _ = evaluation_table(
-        calibration,
-        dataset=None,
-        data_root=None,
-        meta=None,
-        split="val",
-        by=(),
-        min_age=0,
-        max_age=100,
-        limit=None,
-    )
-    if table.empty:
-        raise ConfigError(f"{calibration.split} has no validation images to calibrate the average on")
     log.info("calibrating the average on the %d validation images of %s", len(table), calibration.path)
     _, predictions = predict_images(
         averaged,
