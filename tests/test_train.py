@@ -87,6 +87,62 @@ def test_resume_continues_from_the_saved_epoch(utkface_sample, tmp_path):
     )  # optimizer state continued
 
 
+def test_the_best_model_gets_its_batch_norm_statistics_recomputed(tiny_run):
+    record = json.loads((tiny_run / "best.json").read_text())["norm_statistics"]
+    metrics = pd.read_csv(tiny_run / "metrics.csv")
+    assert record["val_mae_before"] == pytest.approx(metrics["val_mae"].min(), abs=1e-4)
+    assert record["recomputed_on_training_images"] > 0
+    saved_mae = json.loads((tiny_run / "best.json").read_text())["val_mae"]
+    assert saved_mae == (record["val_mae_after"] if record["kept"] else record["val_mae_before"])
+    assert "batch-norm statistics recomputed on" in (tiny_run / "report.md").read_text()
+
+
+def _norm_buffers(run):
+    state = load_file(run / "best.safetensors")
+    return {k: v for k, v in state.items() if k.endswith(("running_mean", "running_var"))}, {
+        k: v for k, v in state.items() if k.endswith(".weight")
+    }
+
+
+def test_recomputed_statistics_change_only_the_statistics_and_off_keeps_the_epochs(utkface_sample, tmp_path):
+    same = ("--deterministic", "--epochs", "1")
+    recomputed = train_tiny(utkface_sample, tmp_path / "on", *same)
+    off = train_tiny(utkface_sample, tmp_path / "off", *same, "--norm-batches", "0")
+    record = json.loads((recomputed / "best.json").read_text())["norm_statistics"]
+    assert "norm_statistics" not in json.loads((off / "best.json").read_text())
+    assert record["val_mae_before"] == pytest.approx(json.loads((off / "best.json").read_text())["val_mae"])
+    (norms_on, weights_on), (norms_off, weights_off) = _norm_buffers(recomputed), _norm_buffers(off)
+    assert all(torch.equal(weights_on[k], weights_off[k]) for k in weights_off)
+    changed = not all(torch.equal(norms_on[k], norms_off[k]) for k in norms_off)
+    assert changed == record["kept"]
+
+
+def test_worse_recomputed_statistics_are_not_kept_and_resume_does_not_redo_them(
+    utkface_sample, tmp_path, monkeypatch
+):
+    from age_detect_resnet.training import best_statistics
+
+    def ruinous(model, batches, *, limit, device=None):  # statistics that wreck every prediction
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                layer.running_mean.fill_(50.0)
+        return 8
+
+    monkeypatch.setattr(best_statistics, "recompute_norm_statistics", ruinous)
+    run = train_tiny(utkface_sample, tmp_path / "run", "--epochs", "1")
+    meta = json.loads((run / "best.json").read_text())
+    assert meta["norm_statistics"]["kept"] is False
+    assert meta["norm_statistics"]["val_mae_after"] > meta["val_mae"]
+    norms, _ = _norm_buffers(run)
+    assert not any(bool((v == 50.0).all()) for k, v in norms.items() if k.endswith("running_mean"))
+    assert "not kept" in (run / "report.md").read_text()
+
+    monkeypatch.undo()
+    sha = meta["sha256"]
+    train_tiny(utkface_sample, run, "--resume", "--epochs", "1")
+    assert json.loads((run / "best.json").read_text())["sha256"] == sha  # not recomputed again
+
+
 def test_config_file_then_command_line(tmp_path):
     config = tmp_path / "exp.toml"
     config.write_text("[train]\nepochs = 3\nbatch_size = 16\n[data]\nimage_size = 96\n")
@@ -132,6 +188,7 @@ def test_the_seed_defaults():
     )
     bundled = resolve_config("cpu")
     assert (bundled.data.min_age, bundled.data.max_age, bundled.data.align) == (0, 100, True)
+    assert (config.train.norm_batches, bundled.train.norm_batches, seed.train.norm_batches) == (40, 40, 0)
 
 
 def test_early_stopping_rules():

@@ -157,6 +157,11 @@ class TrainConfig:
     deterministic: bool = _setting(False, "deterministic kernels and data order (reproducible, slower)")
     tensorboard: bool = _setting(True, "write TensorBoard logs when tensorboard is installed")
     grid_size: int = _setting(16, "test photos in the prediction grid at the end (0 = none)")
+    norm_batches: int = _setting(
+        40,
+        "after the last epoch, recompute the best model's batch-norm statistics on this many training "
+        "batches and keep them where its validation MAE is no worse (0 = off)",
+    )
 
 
 @dataclass(frozen=True)
@@ -277,6 +282,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"image_size must be at least 32, got {data.image_size}")
     if train.epochs < 1 or train.batch_size < 1:
         raise ConfigError("epochs and batch_size must be at least 1")
+    if train.norm_batches < 0:
+        raise ConfigError(f"norm_batches is a number of batches, 0 or more; got {train.norm_batches}")
     if config.model.weights and not config.model.pretrained:
         raise ConfigError("--weights and --no-pretrained contradict each other; pass one of them")
     if data.align and not data.cache:

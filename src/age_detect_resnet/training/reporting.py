@@ -138,6 +138,7 @@ def write_run_report(
         f"AdamW lr {optim.lr:g} ({optim.schedule}), batch {config.train.batch_size}"
         + "".join(f"; {item}" for item in loop if item),
         f"- best epoch {int(best_row['epoch'])}: validation MAE {best_row['val_mae']:.2f}",
+        *(norm_statistics_lines(info["norm_statistics"]) if info.get("norm_statistics") else []),
         "",
         "## Test split (best model)",
         "",
@@ -157,3 +158,12 @@ def write_run_report(
         "splits": {k: int(v) for k, v in counts.items()},
     }
     write_text_atomic(run.summary, json.dumps(summary, indent=2) + "\n")
+
+
+def norm_statistics_lines(record: dict[str, Any]) -> list[str]:
+    """The report's line on the best model's recomputed batch-norm statistics (best_statistics.py)."""
+    outcome = "kept" if record["kept"] else "not kept, the epoch's statistics were better"
+    return [
+        f"- batch-norm statistics recomputed on {record['recomputed_on_training_images']:,} training "
+        f"faces: validation MAE {record['val_mae_before']:.2f} -> {record['val_mae_after']:.2f} ({outcome})"
+    ]

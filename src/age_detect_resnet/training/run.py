@@ -8,9 +8,10 @@
 
 `train` is wiring, in the order a run happens (as torchvision's reference `main`): the run folder and
 settings, the split, the loaders, the model, the optimiser and schedule, the training state (restored
-on --resume), the epochs (`fit`), the final test and the report. What each step builds has its own
-module: loaders.py, models.py, optim.py, state.py, engine.py (the loops), reporting.py. What the run
-folder holds is run_folder.py's.
+on --resume), the epochs (`fit`), the best model's batch-norm statistics, the final test and the
+report. What each step builds has its own module: loaders.py, models.py, optim.py, state.py,
+engine.py (the loops), best_statistics.py, reporting.py. What the run folder holds is
+run_folder.py's.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.runtime import autocast_factory, hardware_summary, resolve_precision, seed_everything
+from age_detect_resnet.training.best_statistics import recompute_best_statistics
 from age_detect_resnet.training.config import Config, save_config
 from age_detect_resnet.training.distributed import Distributed, setup_distributed
 from age_detect_resnet.training.ema import ModelEma
@@ -88,6 +90,9 @@ def train(
     stop_reason, skipped = fit(
         config, state, loaders, train_sampler, run, dist, autocast, metadata, train_ages, progress=progress
     )
+    norm_statistics = recompute_best_statistics(
+        config, run, loaders, train_sampler, dist, autocast, progress=progress
+    )
     if not dist.is_main:
         return {}
     test_metrics = final_test(config, prepared, loaders["test"], run, dist, autocast, progress=progress)
@@ -99,6 +104,7 @@ def train(
         "stop_reason": stop_reason,
         "skipped": skipped,
         "alignment": aligned_counts,
+        "norm_statistics": norm_statistics,
     }
     write_run_report(run, config, prepared, state.history, test_metrics, info)
     log.info("test MAE %.2f; report in %s", test_metrics["mae"], run.report)
