@@ -8,9 +8,6 @@ The statistics compared (the weights are the same in every row):
   saved           what training left: an exponential average (momentum 0.1) of the last batches'
                   statistics, each under that step's weights (with --ema-decay, the trained model's
                   statistics, not those of the EMA weights that are saved)
-  exponential 40  the same exponential average over 40 augmented training batches (the first batch's
-                  statistics as its start), all under the final weights: what training would leave if
-                  its weights had stopped moving
   cumulative N    reset, then the plain mean over N augmented training batches (what `train` and
                   `age-detect average` do, N = 40)
   clean 40        the plain mean over 40 batches of the same training faces, not augmented
@@ -24,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from age_detect_resnet.data.sources import image_root
 from age_detect_resnet.data.splits import load_split
@@ -52,23 +48,6 @@ def training_batches(loader, seed: int = 0):
     return (batch.images for batch in loader)
 
 
-@torch.no_grad()
-def exponential_statistics(model: nn.Module, batches, limit: int) -> None:
-    """Training's own running statistics (momentum as set, 0.1), under fixed weights. The first batch
-    replaces the statistics outright (momentum 1): starting from reset ones (mean 0, variance 1) would
-    leave 0.9^40 = 1.5% of a variance of 1 in every layer, far more than some layers' own variance."""
-    norms = [layer for layer in model.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
-    momenta = [layer.momentum for layer in norms]
-    model.train()
-    for index, images in enumerate(batches):
-        if index >= limit:
-            break
-        for layer, momentum in zip(norms, momenta, strict=True):
-            layer.momentum = 1.0 if index == 0 else momentum
-        model(images.to(memory_format=torch.channels_last))
-    model.eval()
-
-
 def validation_mae(model, loader) -> float:
     metrics, _ = evaluate(model, loader, device=CPU, autocast=autocast_factory(CPU, "fp32"), progress=False)
     return metrics["mae"]
@@ -80,7 +59,6 @@ def variants(run: RunFolder):
     clean = loaders_of(run, augment="none", occlusion=0.0)
     found = [
         ("saved", None),
-        ("exponential 40", lambda m: exponential_statistics(m, training_batches(augmented["train"]), 40)),
         *(
             (
                 f"cumulative {n}",
