@@ -4,9 +4,9 @@
 # warm). Every call extracts the parts not extracted yet; then
 #   device.sh extract          nothing more (a call that only brings a part)
 #   device.sh smoke            one short epoch at 224 px on the images so far: the whole path, and its speed
-#   device.sh train OUT ARGS   `age-detect train` with ARGS into runs/OUT, then the run's bundle-ready
+#   device.sh train NAME ARGS  `age-detect train` with ARGS into runs/NAME, then the run's bundle-ready
 #                              fp16 weights in 15 MB pieces and its report folder (no weights) under $OUT
-#   device.sh fetch OUT        the pieces and report of an earlier `train` run with PACKAGE=later (when
+#   device.sh fetch NAME       the pieces and report of an earlier `train` run with PACKAGE=later (when
 #                              $OUT already holds another run's pieces: at most 64 MiB come back a call)
 # The machine's own python3 has PyTorch and the project's other needs; the project runs from src/.
 # This repository's tracked files alone are over the tool's 64 MiB (the bundled weights, results/), so
@@ -14,7 +14,7 @@
 # src/age_detect_resnet/assets/age_model.safetensors (training from ImageNet needs none of them), and
 # switch back to main afterwards.
 set -euo pipefail
-mode=${1:?usage: device.sh smoke|train OUT ARGS|fetch OUT}
+mode=${1:?usage: device.sh extract|smoke|train NAME ARGS|fetch NAME}
 shift
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 data=/tmp/gpu-data
@@ -37,8 +37,7 @@ package() {  # the run's best model as the bundle's fp16 file, in pieces, and it
 import sys
 from pathlib import Path
 from age_detect_resnet.modeling.bundled import write_bundled_model
-meta = write_bundled_model(Path(sys.argv[1]), Path(sys.argv[1]) / "bundle" / "age_model.safetensors")
-print("bundle sha256", meta.get("sha256"))
+write_bundled_model(Path(sys.argv[1]), Path(sys.argv[1]) / "bundle" / "age_model.safetensors")
 PY
     (cd "$run/bundle" && sha256sum age_model.safetensors && split -b 15000000 -d age_model.safetensors \
         "$OUT/$1.safetensors.part-")
@@ -52,10 +51,10 @@ case $mode in
         python3 -c "import torch, torchvision, cv2; print(torch.__version__, torchvision.__version__, cv2.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
         python3 -m age_detect_resnet.train "${common[@]}" --no-pretrained --limit "${SMOKE_LIMIT:-4000}" --epochs 1 \
             --grid-size 0 --norm-batches 2 --out runs/smoke
-        grep -h "epoch\|img/s\|MAE" runs/smoke/report.md | head -20
+        grep -h "epoch\|MAE" runs/smoke/report.md | head -20
         ;;
     train)
-        name=${1:?usage: device.sh train OUT ARGS}
+        name=${1:?usage: device.sh train NAME ARGS}
         shift
         python3 -m age_detect_resnet.train "${common[@]}" --weights "$data/imagenet.safetensors" \
             --out "runs/$name" "$@"
@@ -64,7 +63,7 @@ case $mode in
     extract)  # the extraction above is all
         ;;
     fetch)
-        package "${1:?usage: device.sh fetch OUT}"
+        package "${1:?usage: device.sh fetch NAME}"
         ;;
     *)
         echo "unknown mode $mode" >&2

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Here, after `device.sh train NAME` (or `fetch NAME`): put the files that came back from the device
 # machine into runs/NAME (its reports, split and config) with the fp16 model in runs/NAME/bundle/,
-# checked against the SHA-256 the machine printed.
+# checked against the SHA-256 that `sha256sum` printed on the machine.
 #   ./experiments/gpu_bundle/unpack.sh FILES_AT NAME SHA256
 set -euo pipefail
 cd "$(dirname "$0")/../.."
