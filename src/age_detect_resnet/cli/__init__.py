@@ -23,6 +23,10 @@ COMMANDS = {
         "age_detect_resnet.cli.average",
         "one model from the averaged weights of models fine-tuned from one another",
     ),
+    "ensemble": (
+        "age_detect_resnet.cli.ensemble",
+        "one model from trained models of any backbones run side by side, predictions combined",
+    ),
     "export": ("age_detect_resnet.cli.export", "export a trained model to ONNX or TorchScript"),
     "compare": ("age_detect_resnet.cli.compare", "a Markdown table comparing finished runs"),
 }

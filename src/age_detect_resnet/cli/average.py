@@ -1,5 +1,5 @@
 """`age-detect average`: one model from the weighted mean of the weights of trained models of one lineage
-(modeling/averaging.py; the run folder: training/averaged_run.py), e.g. a first stage and the second
+(modeling/averaging.py; the run folder: training/combined_run.py), e.g. a first stage and the second
 stage fine-tuned from it:
 
     age-detect average runs/stage1 runs/stage2 --out runs/averaged              # equal weights
@@ -34,12 +34,14 @@ def weight_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers, e.g. 1,1") from err
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_combining_arguments(parser: argparse.ArgumentParser, order: str) -> None:
+    """The arguments `average` and `ensemble` share: the models, --out, --weights, --calibrate-on, the
+    detector and the loader; `order` says how the models are listed."""
     parser.add_argument(
         "models",
         nargs="+",
         metavar="MODEL",
-        help="run folders, .safetensors files or default, in lineage order",
+        help=f"run folders, .safetensors files or default, {order}",
     )
     parser.add_argument(
         "--out", required=True, type=Path, help="the new run folder (must not hold a model yet)"
@@ -54,6 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run folder whose validation split calibrates the interval and whose data settings and split "
         "the result keeps (default: the last MODEL that is a run folder)",
     )
+    add_detector_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_combining_arguments(parser, "in lineage order")
     parser.add_argument(
         "--norm-batches",
         type=int,
@@ -62,16 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="recompute the batch-norm statistics on N training batches of the calibration run, augmented "
         "as in its training (default 40; 0 = keep the averaged statistics)",
     )
-    add_detector_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
 
 
 def run(args: argparse.Namespace) -> int:
     from age_detect_resnet.modeling.averaging import AveragingError
     from age_detect_resnet.runtime import select_device
-    from age_detect_resnet.training.averaged_run import write_averaged_run
+    from age_detect_resnet.training.combined_run import write_averaged_run
 
     try:
         metadata = write_averaged_run(

@@ -5,7 +5,7 @@ size and speed; it is often better than each of them on data unlike the training
 and WiSE-FT's interpolation between a model and its fine-tuned self). Models that were not trained from
 one another (two ImageNet starts) have no such average; compare them before trusting one.
 
-`average_models` does the averaging; training/averaged_run.py makes a run folder of it (the interval
+`average_models` does the averaging; training/combined_run.py makes a run folder of it (the interval
 calibrated on a run's validation split) and cli/average.py is the command, `age-detect average`.
 """
 
@@ -56,28 +56,36 @@ def _architecture(model: AgeModel) -> dict[str, Any]:
     }
 
 
+def check_same_faces(
+    models: Sequence[AgeModel], names: Sequence[str], error: type[ValueError] = AveragingError
+) -> None:
+    """Refuse models that see faces differently (another input size, framing or aligner): one crop of a
+    face cannot feed them all, so neither their average nor their ensemble would mean anything."""
+    first, first_name = models[0], names[0]
+    expected_size, expected_framing = image_size_of(first), framing_of(first.metadata)
+    for model, name in zip(models[1:], names[1:], strict=True):
+        if image_size_of(model) != expected_size or framing_of(model.metadata) != expected_framing:
+            raise error(
+                f"{name} and {first_name} take faces of a different size or framing; combining models "
+                "needs models trained on the same crops"
+            )
+
+
 def check_averageable(models: Sequence[AgeModel], names: Sequence[str]) -> None:
     """Refuse models whose weights do not correspond one to one (another backbone or head) or that see
-    faces differently (another input size, framing or aligner): their average would mean nothing."""
+    faces differently (`check_same_faces`): their average would mean nothing."""
     first, first_name = models[0], names[0]
-    expected, expected_size, expected_framing = (
-        _architecture(first),
-        image_size_of(first),
-        framing_of(first.metadata),
-    )
+    expected = _architecture(first)
     for model, name in zip(models[1:], names[1:], strict=True):
         if _architecture(model) != expected:
             raise AveragingError(
                 f"{name} ({model.describe()['backbone']}, {model.describe()['head']['kind']} head) and "
                 f"{first_name} ({first.describe()['backbone']}, {first.describe()['head']['kind']} head) "
                 "do not have the same architecture; only models of one backbone and head, fine-tuned "
-                "from one another, can be averaged"
+                "from one another, can be averaged (models of different architectures can be combined "
+                "by their predictions: `age-detect ensemble`)"
             )
-        if image_size_of(model) != expected_size or framing_of(model.metadata) != expected_framing:
-            raise AveragingError(
-                f"{name} and {first_name} take faces of a different size or framing; averaging needs "
-                "models trained on the same crops"
-            )
+    check_same_faces(models, names)
 
 
 def average_models(

@@ -45,7 +45,7 @@ def save_model(
             dtype is not None
             and tensor.is_floating_point()
             and tensor.ndim >= 2
-            and name.startswith("backbone.")
+            and (name.startswith("backbone.") or ".backbone." in name)  # an ensemble's members.N.backbone
         ):
             tensor = tensor.to(dtype)
         return tensor.detach().cpu().contiguous()

@@ -16,6 +16,7 @@ what the K outputs mean:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -72,6 +73,11 @@ class AgeHead(nn.Module):
         """(B, K) raw outputs -> {name: (B,)} for every name of `output_names`."""
         return {"age": self.decode(outputs)}
 
+    def combine(self, outputs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+        """Raw outputs of several models with this head (an ensemble) as one (B, K): their weighted mean
+        (`weights` sum to 1); for regression, the weighted mean age."""
+        return sum(w * o.float() for w, o in zip(weights, outputs, strict=True))
+
     def calibrate(self, outputs: torch.Tensor, ages: torch.Tensor) -> None:
         """Fit the head's settings on validation outputs and ages (nothing to fit by default)."""
 
@@ -114,6 +120,12 @@ class ProbabilisticHead(AgeHead):
 
     def decode(self, outputs):
         return self.probabilities(outputs) @ self.centres
+
+    def combine(self, outputs, weights):
+        # The log of the weighted mixture of the distributions: its softmax is the mixture itself, whose
+        # expected age is the weighted mean of the models' ages (a mean of logits would not be).
+        mixture = sum(w * self.probabilities(o) for w, o in zip(weights, outputs, strict=True))
+        return mixture.clamp_min(1e-30).log()
 
 
 class BinsHead(ProbabilisticHead):

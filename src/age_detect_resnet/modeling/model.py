@@ -211,7 +211,12 @@ def create_resnet50_regressor(
 
 
 def model_from_description(description: dict[str, Any]) -> AgeModel:
-    """Rebuild the architecture recorded by `AgeModel.describe()` (weights are loaded separately)."""
+    """Rebuild the architecture recorded by `AgeModel.describe()` (weights are loaded separately); an
+    ensemble's (`AgeEnsemble.describe()`, with its members) too."""
+    if "members" in description:
+        from age_detect_resnet.modeling.ensemble import ensemble_from_description
+
+        return ensemble_from_description(description)
     head_options = dict(description["head"])
     kind = head_options.pop("kind")
     features, width = create_backbone(description["backbone"], pretrained=False)

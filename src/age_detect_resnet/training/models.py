@@ -14,7 +14,7 @@ import torch
 from age_detect_resnet.data.splits import PreparedData
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.model import AgeModel, create_model
-from age_detect_resnet.training.config import Config
+from age_detect_resnet.training.config import Config, ConfigError
 from age_detect_resnet.training.loaders import cache_alignment
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,11 @@ def adopt_init_architecture(config: Config) -> Config:
     if not config.model.init:
         return config
     description = checkpoint.read_metadata(checkpoint.resolve_model_path(config.model.init))["model"]
+    if "members" in description:
+        raise ConfigError(
+            f"--init {config.model.init} is an ensemble ({description['backbone']}), which is not trained "
+            "as one network; start from one of its members' run folders instead"
+        )
     head = description["head"]
     adopted = {
         "backbone": description["backbone"],

@@ -1,0 +1,99 @@
+"""Ensembles: trained age models of any backbones that take the same face crop, run side by side, their
+predictions combined by weight. Where weight averaging (averaging.py) needs one lineage and gives one
+network, an ensemble takes models trained apart (another backbone, another start) and costs the sum of
+their forward passes; independent errors partly cancel.
+
+An `AgeEnsemble` is an `AgeModel` to every consumer (the runtime backends, evaluation, export, the
+bundle): `forward` returns one set of raw head outputs, its members' combined by their head
+(`AgeHead.combine`: the weighted mean for regression, the weighted mixture of the predicted
+distributions for the probabilistic heads, so the age is the weighted mean of the members' ages and the
+interval comes from the mixture), and `head` reads them out. That head is a readout only: its own
+layers are never run (1 feature wide, so it adds no weight); its interval level is the ensemble's own,
+calibrated on validation faces (`age-detect ensemble`, training/ensemble_run.py).
+
+Saved like any model (checkpoint.py): one safetensors file, members under `members.N.`, and the
+description {"members": [...], "weights": [...], "head": ...} in the metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from age_detect_resnet.modeling.averaging import check_same_faces, mixture_weights
+from age_detect_resnet.modeling.heads import create_head
+from age_detect_resnet.modeling.model import AgeModel
+
+
+class EnsembleError(ValueError):
+    """Models that cannot form an ensemble, or weights that are no mixture; the message says which."""
+
+
+def _readout_key(model: AgeModel) -> tuple[Any, ...]:
+    """What must match for two heads' raw outputs to be combined: the head's kind and what each output
+    means (the same classes)."""
+    head = model.head
+    centres = getattr(head, "centres", None)
+    return head.kind, tuple(centres.tolist()) if centres is not None else None
+
+
+class AgeEnsemble(AgeModel):
+    """Members (AgeModels taking the same crop, heads of one kind and classes) and their weights."""
+
+    weights: torch.Tensor
+
+    def __init__(
+        self,
+        members: Sequence[AgeModel],
+        weights: Sequence[float] | None = None,
+        *,
+        names: Sequence[str] | None = None,
+        readout: dict[str, Any] | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # no backbone of its own: AgeModel's constructor builds one
+        if len(members) < 2:
+            raise EnsembleError("an ensemble needs at least two models")
+        names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(members))]
+        try:
+            fractions = mixture_weights(weights, len(members))
+        except ValueError as err:
+            raise EnsembleError(str(err)) from err
+        first = _readout_key(members[0])
+        for member, name in zip(members[1:], names[1:], strict=True):
+            if _readout_key(member) != first:
+                raise EnsembleError(
+                    f"{name} ({member.head.kind} head) and {names[0]} ({members[0].head.kind} head) do "
+                    "not predict the same outputs; an ensemble needs heads of one kind over the same ages"
+                )
+        check_same_faces(members, names, EnsembleError)
+        self.members = nn.ModuleList(members)
+        self.register_buffer("weights", torch.tensor(fractions, dtype=torch.float32), persistent=False)
+        description = dict(readout or members[0].head.describe())
+        kind = description.pop("kind")
+        self.head = create_head(kind, 1, **{**description, "hidden_dim": 1})
+        self.backbone_name = " + ".join(member.backbone_name for member in members)
+        self.metadata = dict(members[0].metadata)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, K) combined outputs
+        outputs = [member(images) for member in self.members]
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return self.head.combine([output.float() for output in outputs], self.weights)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone_name,
+            "head": self.head.describe(),
+            "members": [member.describe() for member in self.members],
+            "weights": [float(w) for w in self.weights],
+        }
+
+
+def ensemble_from_description(description: dict[str, Any]) -> AgeEnsemble:
+    """Rebuild the ensemble recorded by `AgeEnsemble.describe()` (weights are loaded separately)."""
+    from age_detect_resnet.modeling.model import model_from_description
+
+    members = [model_from_description(member) for member in description["members"]]
+    return AgeEnsemble(members, description["weights"], readout=description["head"])
