@@ -1,10 +1,12 @@
 """Ensembles (`age-detect ensemble`): models of any backbones on one face crop, their predicted
 distributions mixed by weight, saved and loaded as one model, refused where they do not fit together,
-and a run folder calibrated on validation faces that none of its members trained on."""
+a run folder calibrated on validation faces that none of its members trained on, and `--init` from an
+ensemble fine-tuning its main member."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pandas as pd
@@ -139,10 +141,18 @@ def test_ensemble_writes_a_calibrated_run_folder_and_refuses_a_member_that_saw_i
     refused = tmp_path / "refused"
     assert ensemble_main([str(first), str(other), "--out", str(refused), "--calibrate-on", str(first)]) == 2
     assert "trained on 1 of the validation and test images" in caplog.text and not refused.exists()
-    # An existing model is never overwritten; an ensemble is not a starting point for training.
+    # An existing model is never overwritten.
     before = (out / "best.safetensors").read_bytes()
     assert ensemble_main(args) == 2
     assert "already exists" in caplog.text and (out / "best.safetensors").read_bytes() == before
-    source = ["--dataset", "utkface", "--data-root", str(utkface_sample), "--out", str(tmp_path / "ft")]
-    assert train_main([*source, "--init", str(out), "--epochs", "1"]) == 2
-    assert "is an ensemble" in caplog.text
+
+    # Training from an ensemble fine-tunes its member of the largest weight (here the second, 3 of 4).
+    caplog.set_level(logging.INFO)
+    tuned = tmp_path / "tuned"
+    source = ["--dataset", "utkface", "--data-root", str(utkface_sample), "--out", str(tuned)]
+    settings = ["--image-size", "40", "--batch-size", "8", "--num-workers", "0", "--no-progress"]
+    assert train_main([*source, *settings, "--init", str(out), "--epochs", "1", "--lr", "0"]) == 0
+    assert "fine-tuning its member 2, mobilenet_v2" in caplog.text
+    started, member = load_file(str(tuned / "best.safetensors")), load_file(str(second / "best.safetensors"))
+    convolution = next(k for k, v in member.items() if k.startswith("backbone.") and v.ndim == 4)
+    torch.testing.assert_close(started[convolution], member[convolution])  # lr 0: the member's weights

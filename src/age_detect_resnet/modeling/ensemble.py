@@ -91,6 +91,14 @@ class AgeEnsemble(AgeModel):
         }
 
 
+def main_member(description: dict[str, Any]) -> int:
+    """The index of the member with the largest weight (the first of equals) in an ensemble's description:
+    the one a training run started from the ensemble (`--init`) fine-tunes, an ensemble not being
+    trained as one network."""
+    weights = description["weights"]
+    return max(range(len(weights)), key=lambda i: (weights[i], -i))
+
+
 def ensemble_from_description(description: dict[str, Any]) -> AgeEnsemble:
     """Rebuild the ensemble recorded by `AgeEnsemble.describe()` (weights are loaded separately)."""
     from age_detect_resnet.modeling.model import model_from_description

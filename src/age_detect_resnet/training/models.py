@@ -13,8 +13,9 @@ import torch
 
 from age_detect_resnet.data.splits import PreparedData
 from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.ensemble import AgeEnsemble, main_member
 from age_detect_resnet.modeling.model import AgeModel, create_model
-from age_detect_resnet.training.config import Config, ConfigError
+from age_detect_resnet.training.config import Config
 from age_detect_resnet.training.loaders import cache_alignment
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,18 @@ def build_model(config: Config, train_ages: np.ndarray, device: torch.device) ->
 def start_from_trained(config: Config, device: torch.device) -> AgeModel:
     """The trained age model named by --init, in training mode: the two-stage recipe (a large dataset
     first, then one's own). Its architecture is the run's (see `adopt_init_architecture`)."""
-    model = checkpoint.load_model(config.model.init, device).train()
+    model = checkpoint.load_model(config.model.init, device)
+    if isinstance(model, AgeEnsemble):
+        index = main_member(model.describe())
+        log.info(
+            "%s is an ensemble (%s): fine-tuning its member %d, %s, which has the largest weight",
+            config.model.init,
+            model.backbone_name,
+            index + 1,
+            model.members[index].backbone_name,
+        )
+        model = model.members[index]
+    model = model.train()
     log.info(
         "starting from the trained model %s (%s + %s head, validation MAE %s)",
         config.model.init,
@@ -67,11 +79,8 @@ def adopt_init_architecture(config: Config) -> Config:
     if not config.model.init:
         return config
     description = checkpoint.read_metadata(checkpoint.resolve_model_path(config.model.init))["model"]
-    if "members" in description:
-        raise ConfigError(
-            f"--init {config.model.init} is an ensemble ({description['backbone']}), which is not trained "
-            "as one network; start from one of its members' run folders instead"
-        )
+    if "members" in description:  # an ensemble: its main member is what training starts from
+        description = description["members"][main_member(description)]
     head = description["head"]
     adopted = {
         "backbone": description["backbone"],
