@@ -58,6 +58,33 @@ def train_tiny(data_root: Path, out: Path, *extra: str) -> Path:
     return out
 
 
+def assert_combined_run(out: Path, model, sources_key: str, runs: list[Path], weights: list[float]) -> None:
+    """What `average` and `ensemble` promise of the run folder `out` (its loaded `model` given): each source
+    run's SHA-256 and weight under `sources_key`, the calibration run's (the last one's) split copied so
+    that evaluate knows it, the validation MAE recorded as `evaluate --split val` measures it, and an
+    interval calibrated on those faces, covering at least the share it promises."""
+    import json
+
+    import pandas as pd
+
+    from age_detect_resnet.cli.evaluate import main as evaluate_main
+
+    sources = model.metadata[sources_key]
+    assert [s["weight"] for s in sources] == weights
+    assert [s["sha256"] for s in sources] == [
+        json.loads((run / "best.json").read_text())["sha256"] for run in runs
+    ]
+    assert (out / "split.csv").read_bytes() == (runs[-1] / "split.csv").read_bytes()
+    val = out.parent / f"{out.name}-val"
+    assert (
+        evaluate_main(["--model", str(out), "--split", "val", "--out", str(val), "--num-workers", "0"]) == 0
+    )
+    frame = pd.read_csv(val / "predictions.csv")
+    assert model.metadata["val_mae"] == pytest.approx(frame["error"].abs().mean(), abs=0.01)
+    covered = ((frame["age"] >= frame["lower"]) & (frame["age"] <= frame["upper"])).mean()
+    assert covered >= model.head.interval - 1e-9
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished tiny training run (regression head), shared by the tests that only read it."""

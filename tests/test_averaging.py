@@ -3,7 +3,6 @@ do not correspond, and a run folder whose interval is calibrated on the run's va
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pandas as pd
@@ -15,7 +14,7 @@ from age_detect_resnet.cli.evaluate import main as evaluate_main
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.averaging import AveragingError, average_models, mixture_weights
 from age_detect_resnet.modeling.model import create_model
-from conftest import train_tiny
+from conftest import assert_combined_run, train_tiny
 
 
 def _model(seed: int, head: str = "distribution", image_size: int = 40):
@@ -88,24 +87,8 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
     plain = average_models([checkpoint.load_model(first), checkpoint.load_model(second)])
     norm = next(name for name in plain.state_dict() if name.endswith("running_mean"))
     assert not torch.equal(model.state_dict()[norm], plain.state_dict()[norm])
-    sources = model.metadata["averaged_from"]
-    assert [s["weight"] for s in sources] == [0.5, 0.5]
-    assert [s["sha256"] for s in sources] == [
-        json.loads((run / "best.json").read_text())["sha256"] for run in (first, second)
-    ]
-    # The data settings and split of the calibration run (the last one given), so evaluate knows them.
-    assert (out / "split.csv").read_bytes() == (second / "split.csv").read_bytes()
-    assert (
-        evaluate_main(
-            ["--model", str(out), "--split", "val", "--out", str(tmp_path / "val"), "--num-workers", "0"]
-        )
-        == 0
-    )
-    frame = pd.read_csv(tmp_path / "val" / "predictions.csv")
-    assert model.metadata["val_mae"] == pytest.approx(frame["error"].abs().mean(), abs=0.01)
-    # The interval is calibrated on those validation faces: it covers at least the share it promises.
-    covered = ((frame["age"] >= frame["lower"]) & (frame["age"] <= frame["upper"])).mean()
-    assert covered >= model.head.interval - 1e-9
+    # The sources, the calibration run's split (the last one given), the validation MAE and interval.
+    assert_combined_run(out, model, "averaged_from", [first, second], [0.5, 0.5])
     assert evaluate_main(["--model", str(out), "--out", str(tmp_path / "test"), "--num-workers", "0"]) == 0
 
     # An existing model is never overwritten; loose files need --calibrate-on.

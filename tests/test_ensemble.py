@@ -5,7 +5,6 @@ ensemble fine-tuning its main member."""
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 
@@ -15,13 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 from age_detect_resnet.cli.ensemble import main as ensemble_main
-from age_detect_resnet.cli.evaluate import main as evaluate_main
 from age_detect_resnet.cli.train import main as train_main
 from age_detect_resnet.inference.backends import load_runner
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.ensemble import AgeEnsemble, EnsembleError
 from age_detect_resnet.modeling.model import create_model
-from conftest import train_tiny
+from conftest import assert_combined_run, train_tiny
 
 
 def _model(seed: int, backbone: str = "mobilenet_v2", head: str = "distribution", image_size: int = 40):
@@ -115,22 +113,7 @@ def test_ensemble_writes_a_calibrated_run_folder_and_refuses_a_member_that_saw_i
     assert ensemble_main(args) == 0
     model = checkpoint.load_model(out)
     assert isinstance(model, AgeEnsemble)
-    sources = model.metadata["ensemble_of"]
-    assert [s["weight"] for s in sources] == [0.25, 0.75]
-    assert [s["sha256"] for s in sources] == [
-        json.loads((run / "best.json").read_text())["sha256"] for run in (first, second)
-    ]
-    assert (out / "split.csv").read_bytes() == (second / "split.csv").read_bytes()
-    assert (
-        evaluate_main(
-            ["--model", str(out), "--split", "val", "--out", str(tmp_path / "val"), "--num-workers", "0"]
-        )
-        == 0
-    )
-    frame = pd.read_csv(tmp_path / "val" / "predictions.csv")
-    assert model.metadata["val_mae"] == pytest.approx(frame["error"].abs().mean(), abs=0.01)
-    covered = ((frame["age"] >= frame["lower"]) & (frame["age"] <= frame["upper"])).mean()
-    assert covered >= model.head.interval - 1e-9
+    assert_combined_run(out, model, "ensemble_of", [first, second], [0.25, 0.75])
 
     # A member whose split is another one has seen some of the calibration run's held-out faces.
     other = tmp_path / "other"
