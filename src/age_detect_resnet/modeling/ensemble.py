@@ -25,7 +25,7 @@ from torch import nn
 
 from age_detect_resnet.modeling.averaging import check_same_faces, mixture_weights
 from age_detect_resnet.modeling.heads import create_head
-from age_detect_resnet.modeling.model import AgeModel
+from age_detect_resnet.modeling.model import AgeModel, model_from_description
 
 
 class EnsembleError(ValueError):
@@ -101,7 +101,5 @@ def main_member(description: dict[str, Any]) -> int:
 
 def ensemble_from_description(description: dict[str, Any]) -> AgeEnsemble:
     """Rebuild the ensemble recorded by `AgeEnsemble.describe()` (weights are loaded separately)."""
-    from age_detect_resnet.modeling.model import model_from_description
-
     members = [model_from_description(member) for member in description["members"]]
     return AgeEnsemble(members, description["weights"], readout=description["head"])
