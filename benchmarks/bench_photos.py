@@ -7,11 +7,13 @@ Paths (same model, same YuNet detector, same photos):
 * naive: one photo at a time through `AgePredictor.predict` with fp32 (a batch of one face per call);
 * project (default): `age-detect predict`'s `predict_photos` (faces of 16 photos share a model batch,
   bf16 where the CPU has it);
+* project, YuNet on OpenCV: the same with YuNet's network run by OpenCV's DNN module (the engine before
+  ONNX Runtime, faces/yunet.py; the same faces and landmarks): what ONNX Runtime saves;
 * project, previous detector: the same with YuNet's settings before this version (faces searched for on
   a copy at most 1280 px long, regions for the second look at full resolution): what the smaller
   default copy and regions save.
-All paths detect with YuNet at its default settings (faces.detection) unless said otherwise; crops are
-always cut from the full photo.
+All paths detect with YuNet at its default settings (faces.detection) on its default engine unless said
+otherwise; crops are always cut from the full photo.
 Photos/s is over the whole folder; the per-photo latency is each path's median over single photos
 (`AgePredictor.predict`, one photo at a time). "mean |age diff|" compares each path's ages of the
 largest face with the naive path's.
@@ -57,6 +59,7 @@ def main() -> None:
     model = load_trained_model(args.model, "cpu")
     kind, yunet = ("yunet", YUNET) if YUNET.is_file() else ("auto", None)
     detector = create_detector(kind, yunet)
+    engine = f", YuNet on {detector.engine}" if hasattr(detector, "engine") else ""
     project_precision = resolve_precision("auto", torch.device("cpu"))  # bf16 only where native
     naive = AgePredictor(
         runner=TorchRunner(model, precision="fp32"), metadata=model.metadata, detector=detector
@@ -68,6 +71,9 @@ def main() -> None:
         ),
     }
     if yunet is not None:
+        variants["project, YuNet on OpenCV's DNN module"] = AgePredictor(
+            model, detector=YuNetDetector(yunet, engine="opencv")
+        )
         previous = YuNetDetector(yunet, **PREVIOUS_YUNET_SETTINGS)
         variants["project, previous detector (1280 px, full-resolution regions)"] = AgePredictor(
             model, detector=previous
@@ -100,7 +106,7 @@ def main() -> None:
         rows,
         machine=machine(torch.device("cpu")),
         settings=f"{model.backbone_name}, {model.metadata['image_size']} px, {len(photos)} photos from "
-        f"{args.photos.name}, a face found in {faces}",
+        f"{args.photos.name}, a face found in {faces}{engine}",
     )
 
 

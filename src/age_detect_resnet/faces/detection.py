@@ -1,8 +1,8 @@
 """Face detection and cropping with the framing the model was trained on.
 
-Detectors: YuNet through `cv2.FaceDetectorYN` (default; its ONNX file is taken from a local path, or
-downloaded once into the user cache and checked against its SHA-256), and OpenCV's Haar cascade as a
-fallback where opencv < 5 ships it.
+Detectors: YuNet (default; its ONNX file is taken from a local path, or downloaded once into the user
+cache and checked against its SHA-256), its network run on ONNX Runtime or OpenCV (faces/yunet.py), and
+OpenCV's Haar cascade as a fallback where opencv < 5 ships it.
 
 Framing: a training crop is a detector box grown by a margin on each side (IMDB-WIKI: 40% of the
 box's width/height). Our detector's boxes are not the dataset's, so for a new model the margins are
@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path
 from age_detect_resnet.digests import file_digest
+from age_detect_resnet.faces.yunet import resolve_engine, yunet_engine
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.modeling.bundled import bundled_yunet_path
 
@@ -237,6 +238,7 @@ class YuNetDetector:
         upright_passes: int = UPRIGHT_PASSES,
         region_face_side: int = REGION_FACE_SIDE,
         upright_min_degrees: float = UPRIGHT_MIN_DEGREES,
+        engine: str | None = None,
     ) -> None:
         self.model_path = Path(model_path)
         self.score_threshold = score_threshold
@@ -246,17 +248,29 @@ class YuNetDetector:
         self.upright_passes = upright_passes
         self.region_face_side = region_face_side
         self.upright_min_degrees = upright_min_degrees
-        self._detector = self._opencv_detector()
+        try:
+            engine = resolve_engine(engine)
+        except ValueError as err:
+            raise DetectorUnavailableError(str(err)) from err
+        try:
+            self._engine = yunet_engine(
+                self.model_path, engine=engine, score_threshold=score_threshold, nms_threshold=nms_threshold
+            )
+        except Exception as err:  # ONNX Runtime and OpenCV raise their own types on a wrong file
+            raise DetectorUnavailableError(
+                f"{self.model_path} is not a YuNet face detector model ({err}); pass --detector-model "
+                f"with YuNet's ONNX file (or set {YUNET_ENV}), or leave both out to download it"
+            ) from err
 
-    def _opencv_detector(self) -> Any:
-        return cv2.FaceDetectorYN.create(
-            str(self.model_path), "", (320, 320), self.score_threshold, self.nms_threshold, 100
-        )
+    @property
+    def engine(self) -> str:
+        """Where YuNet's network runs: `onnxruntime` or `opencv` (faces/yunet.py)."""
+        return self._engine.name
 
     def clone(self) -> YuNetDetector:
-        """A detector with these settings and its own OpenCV state (see `independent_copies`)."""
+        """A detector with these settings that may run in another thread (see `independent_copies`)."""
         twin = copy.copy(self)
-        twin._detector = self._opencv_detector()
+        twin._engine = self._engine.clone()
         return twin
 
     def detect(self, image: Image.Image) -> list[Face]:
@@ -268,10 +282,8 @@ class YuNetDetector:
         """YuNet on `image`, a copy of the full image scaled by `scale`; boxes and landmarks in
         full-image pixels."""
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-        self._detector.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, rows = self._detector.detect(bgr)
         faces = []
-        for row in [] if rows is None else rows:  # x, y, w, h, 5 landmarks (x, y), score
+        for row in self._engine(bgr):  # x, y, w, h, 5 landmarks (x, y), score
             x, y, w, h = (float(v) / scale for v in row[:4])
             points = tuple((float(row[i]) / scale, float(row[i + 1]) / scale) for i in range(4, 14, 2))
             faces.append(Face((x, y, x + w, y + h), float(row[-1]), points))

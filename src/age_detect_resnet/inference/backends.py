@@ -179,5 +179,5 @@ def load_runner(
         return OnnxRunner(path, providers=providers, threads=threads), metadata
     except ImportError as err:
         raise checkpoint.ModelFileError(
-            f"running {path} needs ONNX Runtime ({err}); pip install 'age-detect-resnet[export]'"
+            f"running {path} needs ONNX Runtime ({err}); pip install onnxruntime"
         ) from err
