@@ -17,6 +17,7 @@ otherwise; crops are always cut from the full photo.
 Photos/s is over the whole folder; the per-photo latency is each path's median over single photos
 (`AgePredictor.predict`, one photo at a time). "mean |age diff|" compares each path's ages of the
 largest face with the naive path's.
+A second table times detection alone on each of YuNet's engines (faces/yunet.py), one thread.
 """
 
 from __future__ import annotations
@@ -30,7 +31,13 @@ import torch
 from common import SHARED, YUNET, machine, median, print_table
 
 from age_detect_resnet.cli.predict import expand_inputs, predict_photos
-from age_detect_resnet.faces.detection import PREVIOUS_YUNET_SETTINGS, YuNetDetector, create_detector
+from age_detect_resnet.faces.detection import (
+    PREVIOUS_YUNET_SETTINGS,
+    YuNetDetector,
+    create_detector,
+    opencv_threads,
+)
+from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.backends import TorchRunner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.runtime import resolve_precision
@@ -107,6 +114,33 @@ def main() -> None:
         machine=machine(torch.device("cpu")),
         settings=f"{model.backbone_name}, {model.metadata['image_size']} px, {len(photos)} photos from "
         f"{args.photos.name}, a face found in {faces}{engine}",
+    )
+    if yunet is not None:
+        detection_table(yunet, photos, args.photos.name)
+
+
+def detection_table(yunet: Path, photos: list[Path], folder: str) -> None:
+    """Detection alone (YuNet's first look and its second looks, with the default settings), one photo at
+    a time on one thread, per engine: what each costs of the photos/s above. Photos are decoded first."""
+    images = [load_rgb(path) for path in photos]
+    rows, seconds = [], {}
+    for engine in ("opencv", "onnxruntime"):
+        detector = YuNetDetector(yunet, engine=engine)
+        with opencv_threads(1):
+            detector.detect(images[0])  # warm-up
+            begin = time.perf_counter()
+            for image in images:
+                detector.detect(image)
+            seconds[engine] = time.perf_counter() - begin
+        rows.append([engine, f"{1000 * seconds[engine] / len(images):.1f}"])
+    for row in rows:
+        row.append(f"{seconds['opencv'] / seconds[row[0]]:.2f}x")
+    print_table(
+        "Detection alone, one thread (bench_photos.py)",
+        ["YuNet engine", "ms per photo", "speed-up"],
+        rows,
+        machine=machine(torch.device("cpu")),
+        settings=f"YuNet, default settings, {len(images)} photos from {folder}, decoded beforehand",
     )
 
 

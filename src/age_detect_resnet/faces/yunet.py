@@ -5,10 +5,11 @@
     rows = engine(bgr)   # uint8 (H, W, 3) BGR -> float32 (N, 15): x, y, w, h, 5 landmarks (x, y), score
 
 Both run the same ONNX file and decode its outputs the same way, so they find the same faces with the
-same landmarks (within float rounding; tests/test_yunet.py compares them on real photos). ONNX Runtime
-runs the network 2.4x as fast as OpenCV's DNN module on one core of this project's machine (5.9 against
-14.5 ms on a 640x480 image), and detection is most of the time a photo takes end to end
-(benchmarks/bench_photos.py). A new runtime for YuNet is a class here and a branch in `yunet_engine`.
+same landmarks (within float rounding; tests/test_yunet.py compares them on real photos). With ONNX
+Runtime, detection alone (a first look and the second looks) takes 28.6 ms per photo on one core against
+49.5 with OpenCV's DNN module, and the bundle's end-to-end run gives 32.0 photos/s against 23.1 (the 240
+shared portraits, 2 Xeon cores, benchmarks/bench_photos.py). A new runtime for YuNet is a class here and a
+branch in `resolve_engine` and `yunet_engine`.
 
 The decoding (the network's per-stride outputs to faces) follows OpenCV's FaceDetectorYN, which defines
 YuNet's output format: the image, padded with zeros on the right and bottom to a multiple of 32, goes
