@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from age_detect_resnet.inference.backends import TorchRunner
@@ -123,6 +124,12 @@ def test_the_shipped_bundle_is_pinned_and_loads():
     model = load_trained_model()
     assert model.metadata["alignment"]["version"] == 1 and model.head.kind == "distribution"
     assert model.metadata["age_range"] == [0, 100]
+    # each face is mixed with its mirror image inside the model (modeling/ensemble.py): a face and its
+    # mirror image get the same age, whichever command runs it
+    assert model.mirror
+    faces = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.predict_ages(faces), model.predict_ages(faces.flip(-1)))
 
 
 @pytest.mark.parametrize("name", ["biden.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg", "astronaut.png"])

@@ -87,8 +87,64 @@ def test_an_ensemble_saves_and_loads_as_one_model_with_fp16_backbones(tmp_path):
     assert runner(images)["age"].shape == (4,)
 
 
+def test_a_mirrored_ensemble_mixes_each_face_with_its_mirror_image_and_is_saved_so(tmp_path):
+    first, second = _model(0), _model(1, backbone="resnet18")
+    images = _images()
+    alone = AgeEnsemble([first], mirror=True).eval()  # one model is enough with its mirror image
+    both = AgeEnsemble([first, second], [1, 3], mirror=True).eval()
+    with torch.no_grad():
+        p = [
+            model.head.probabilities(model(view))
+            for view in (images, images.flip(-1))
+            for model in (first, second)
+        ]
+        torch.testing.assert_close(alone.head.probabilities(alone(images)), 0.5 * p[0] + 0.5 * p[2])
+        expected = 0.125 * p[0] + 0.375 * p[1] + 0.125 * p[2] + 0.375 * p[3]
+        torch.testing.assert_close(both.head.probabilities(both(images)), expected)
+        # a face and its mirror image get the same age
+        torch.testing.assert_close(both.predict_ages(images), both.predict_ages(images.flip(-1)))
+    assert both.describe()["mirror"] is True and "mirror" not in AgeEnsemble([first, second]).describe()
+
+    path = tmp_path / "best.safetensors"
+    checkpoint.save_model(both, path, {"image_size": 40})
+    loaded = checkpoint.load_model(path)
+    assert isinstance(loaded, AgeEnsemble) and loaded.mirror
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict_ages(images), both.predict_ages(images), atol=0.05, rtol=0)
+
+
+def test_flip_averaging_a_mirrored_ensemble_does_not_run_it_twice():
+    from age_detect_resnet.modeling.model import raw_outputs
+
+    model = _model(0)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    mirrored = AgeEnsemble([model], mirror=True).eval()
+    with torch.no_grad():
+        once = mirrored(_images())
+        assert len(calls) == 2  # the face and its mirror image
+        torch.testing.assert_close(raw_outputs(mirrored, _images(), tta_flip=True), once)
+    assert len(calls) == 4  # --tta adds nothing to a model that mirrors already
+
+
+def test_an_ensemble_among_the_members_is_taken_apart():
+    first, second, third = _model(0), _model(1, backbone="resnet18"), _model(2)
+    inner = AgeEnsemble([first, second], [1, 3]).eval()
+    outer = AgeEnsemble([inner, third], [1, 1]).eval()
+    assert list(outer.members) == [first, second, third] and not outer.mirror
+    torch.testing.assert_close(outer.weights, torch.tensor([0.125, 0.375, 0.5]))
+    assert all(
+        name.startswith(("members.0.", "members.1.", "members.2.", "head.")) for name in outer.state_dict()
+    )
+    # a mirrored ensemble stays mirrored inside another one, unless mirror=False says otherwise
+    mirrored = AgeEnsemble([first, second], mirror=True)
+    assert AgeEnsemble([mirrored, third]).mirror
+    plain = AgeEnsemble([mirrored], mirror=False)
+    assert not plain.mirror and list(plain.members) == [first, second] and "mirror" not in plain.describe()
+
+
 def test_models_that_do_not_fit_together_are_refused():
-    with pytest.raises(EnsembleError, match="at least two"):
+    with pytest.raises(EnsembleError, match="at least two models, or one with its mirror image"):
         AgeEnsemble([_model(0)])
     with pytest.raises(EnsembleError, match="same outputs"):
         AgeEnsemble([_model(0), _model(1, head="regression")], names=["a", "b"])
@@ -114,6 +170,18 @@ def test_ensemble_writes_a_calibrated_run_folder_and_refuses_a_member_that_saw_i
     model = checkpoint.load_model(out)
     assert isinstance(model, AgeEnsemble)
     assert_combined_run(out, model, "ensemble_of", [first, second], [0.25, 0.75])
+
+    # The ensemble with each face's mirror image: its members taken apart, calibrated on its split.
+    mirrored = tmp_path / "mirrored"
+    assert ensemble_main([str(out), "--mirror", "--out", str(mirrored), "--num-workers", "0"]) == 0
+    model = checkpoint.load_model(mirrored)
+    assert isinstance(model, AgeEnsemble) and model.mirror and len(model.members) == 2
+    torch.testing.assert_close(model.weights, torch.tensor([0.25, 0.75]))
+    assert [s["weight"] for s in model.metadata["ensemble_of"]] == [1.0]
+    assert (mirrored / "split.csv").read_bytes() == (out / "split.csv").read_bytes()
+    plain = tmp_path / "plain"  # and without the mirror views again
+    assert ensemble_main([str(mirrored), "--no-mirror", "--out", str(plain), "--num-workers", "0"]) == 0
+    assert not checkpoint.load_model(plain).mirror
 
     # A member whose split is another one has seen some of the calibration run's held-out faces.
     other = tmp_path / "other"

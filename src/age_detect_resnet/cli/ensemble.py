@@ -3,6 +3,7 @@ their predictions combined by weight (modeling/ensemble.py; the run folder: trai
 
     age-detect ensemble runs/resnet runs/mobilenet --out runs/ensemble                 # equal weights
     age-detect ensemble default runs/mobilenet --weights 3,1 --calibrate-on runs/mobilenet --out runs/ens
+    age-detect ensemble runs/ens --mirror --out runs/ens-mirror    # each face and its mirror image, mixed
 
 The result is a run folder like training's: one best.safetensors (every member inside) + .json, and the
 data's config.json and split.csv, copied from the calibration run (--calibrate-on, default: the last
@@ -10,6 +11,11 @@ model given as a run folder), so that `evaluate --split test`, `export` and `pre
 The ensemble's age interval is calibrated on that run's validation split, through the same detect ->
 align path as `predict`; its validation MAE is recorded and printed. Check first that the members were
 trained on one split: an ensemble evaluated on a test split that a member trained on is not honest.
+`--mirror` makes every member also see each face's mirror image (the flip averaging of `--tta`, inside
+the model, so that every command and an ONNX export run it; twice the model's time); with it one MODEL is
+enough. A MODEL that is itself an ensemble is taken apart into its members, and its mirror views are kept
+unless `--no-mirror` is given (`age-detect ensemble default --no-mirror --calibrate-on RUN --out NEW`: the
+bundled model without them, twice as fast in the model).
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_combining_arguments(parser, "the first one's face framing is the ensemble's")
+    parser.add_argument(
+        "--mirror",
+        action=argparse.BooleanOptionalAction,
+        help="every member also sees each face's mirror image, the two mixed half and half (as --tta); "
+        "default: as the MODELs that are ensembles themselves (--no-mirror turns that off)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             args.models,
             args.out,
             weights=args.weights,
+            mirror=args.mirror,
             calibrate_on=args.calibrate_on,
             detector=args.detector,
             detector_model=args.detector_model,
@@ -51,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     weights = ", ".join(f"{source['weight']:.2f}" for source in metadata["ensemble_of"])
     print(
-        f"ensemble of {len(args.models)} models ({weights}) in {args.out / 'best.safetensors'}: "
+        f"ensemble of {len(metadata['ensemble_of'])} model(s) ({weights}"
+        f"{', each face and its mirror image' if metadata['mirror'] else ''}) in "
+        f"{args.out / 'best.safetensors'}: "
         f"validation MAE {metadata['val_mae']:.2f} on {metadata['val_images']:,} images of "
         f"{metadata['calibrated_on']}"
     )

@@ -27,7 +27,7 @@ YUNET_MODEL = ASSETS / "face_detection_yunet.onnx"
 # The name that selects the bundled model wherever a model path is asked for.
 DEFAULT_MODEL_NAME = "default"
 # SHA-256 of the bundled age model's weights file (written by `write_bundled_model`).
-AGE_MODEL_SHA256 = "8457bafcdec1f5cdf211c5ce4999250fc6b7c3c8222242f41c443985d10780f0"
+AGE_MODEL_SHA256 = "8ef0ef8bff513bf7eb9264534a4896a513424b4315dec691f642d9ee892b7ac3"
 
 
 class BundledModelError(RuntimeError):

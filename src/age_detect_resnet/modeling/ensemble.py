@@ -11,8 +11,15 @@ interval comes from the mixture), and `head` reads them out. That head is a read
 layers are never run (1 feature wide, so it adds no weight); its interval level is the ensemble's own,
 calibrated on validation faces (`age-detect ensemble`, training/ensemble_run.py).
 
+With `mirror`, every member also sees each face's mirror image, and the two views are mixed half and
+half (the flip test-time augmentation of `--tta`, made part of the model, so every consumer, an ONNX
+export included, runs it); one model alone may form such an ensemble. An ensemble given as a member is
+taken apart into its own members (weights multiplied), so ensembles stay one level deep and the members'
+weights keep their names (`members.N.`); unless `mirror` is given, the result is mirrored where such a
+member was (`mirror=False` turns a mirrored ensemble's views off again).
+
 Saved like any model (checkpoint.py): one safetensors file, members under `members.N.`, and the
-description {"members": [...], "weights": [...], "head": ...} in the metadata.
+description {"members": [...], "weights": [...], "head": ..., ["mirror": true]} in the metadata.
 """
 
 from __future__ import annotations
@@ -52,15 +59,20 @@ class AgeEnsemble(AgeModel):
         *,
         names: Sequence[str] | None = None,
         readout: dict[str, Any] | None = None,
+        mirror: bool | None = None,
     ) -> None:
         nn.Module.__init__(self)  # no backbone of its own: AgeModel's constructor builds one
-        if len(members) < 2:
-            raise EnsembleError("an ensemble needs at least two models")
         names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(members))]
         try:
             fractions = mixture_weights(weights, len(members))
         except ValueError as err:
             raise EnsembleError(str(err)) from err
+        members, fractions, names, mirror = _taken_apart(members, fractions, names, mirror)
+        if not members or (len(members) < 2 and not mirror):
+            raise EnsembleError(
+                "an ensemble needs at least two models, or one with its mirror image (--mirror)"
+            )
+        self.mirror = mirror
         first = _readout_key(members[0])
         for member, name in zip(members[1:], names[1:], strict=True):
             if _readout_key(member) != first:
@@ -78,17 +90,43 @@ class AgeEnsemble(AgeModel):
         self.metadata = dict(members[0].metadata)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, K) combined outputs
-        outputs = [member(images) for member in self.members]
+        views = (images, images.flip(-1)) if self.mirror else (images,)
+        outputs = [member(view) for view in views for member in self.members]
+        weights = self.weights.repeat(len(views)) / len(views)
         with torch.autocast(device_type=images.device.type, enabled=False):
-            return self.head.combine([output.float() for output in outputs], self.weights)
+            return self.head.combine([output.float() for output in outputs], weights)
 
     def describe(self) -> dict[str, Any]:
-        return {
+        description = {
             "backbone": self.backbone_name,
             "head": self.head.describe(),
             "members": [member.describe() for member in self.members],
             "weights": [float(w) for w in self.weights],
         }
+        return {**description, "mirror": True} if self.mirror else description
+
+
+def _taken_apart(
+    members: Sequence[AgeModel], fractions: Sequence[float], names: Sequence[str], mirror: bool | None
+) -> tuple[list[AgeModel], list[float], list[str], bool]:
+    """Members with every ensemble among them replaced by its own members (their weights multiplied by the
+    ensemble's), and whether the result is mirrored (`mirror`; where None, whether any such ensemble was)."""
+    flat_members, flat_fractions, flat_names = [], [], []
+    inherited = False
+    for member, fraction, name in zip(members, fractions, names, strict=True):
+        if isinstance(member, AgeEnsemble):
+            inherited = inherited or member.mirror
+            for index, (inner, weight) in enumerate(zip(member.members, member.weights, strict=True)):
+                if not getattr(inner, "metadata", None):  # members loaded from a file have none of their own
+                    inner.metadata = dict(member.metadata)  # they see the ensemble's faces
+                flat_members.append(inner)
+                flat_fractions.append(fraction * float(weight))
+                flat_names.append(f"{name} (member {index + 1}, {inner.backbone_name})")
+        else:
+            flat_members.append(member)
+            flat_fractions.append(fraction)
+            flat_names.append(name)
+    return flat_members, flat_fractions, flat_names, inherited if mirror is None else mirror
 
 
 def main_member(description: dict[str, Any]) -> int:
@@ -102,4 +140,6 @@ def main_member(description: dict[str, Any]) -> int:
 def ensemble_from_description(description: dict[str, Any]) -> AgeEnsemble:
     """Rebuild the ensemble recorded by `AgeEnsemble.describe()` (weights are loaded separately)."""
     members = [model_from_description(member) for member in description["members"]]
-    return AgeEnsemble(members, description["weights"], readout=description["head"])
+    return AgeEnsemble(
+        members, description["weights"], readout=description["head"], mirror=description.get("mirror", False)
+    )

@@ -135,9 +135,10 @@ def create_backbone(
 
 def raw_outputs(model: nn.Module, images: torch.Tensor, *, tta_flip: bool = False) -> torch.Tensor:
     """(B, K) float32 head outputs of `model` (an AgeModel, or one wrapped in DDP or compiled); with
-    `tta_flip` the mean of the image's and its mirror image's (test-time augmentation)."""
+    `tta_flip` the mean of the image's and its mirror image's (test-time augmentation), unless the model
+    already mixes in each face's mirror image itself (a mirrored ensemble: flipping again changes nothing)."""
     outputs = model(images).float()
-    if tta_flip:
+    if tta_flip and not getattr(model, "mirror", False):
         outputs = (outputs + model(images.flip(-1)).float()) / 2
     return outputs
 

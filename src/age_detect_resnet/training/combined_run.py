@@ -234,6 +234,7 @@ def write_ensemble_run(
     out: str | Path,
     *,
     weights: Sequence[float] | None = None,
+    mirror: bool | None = None,
     calibrate_on: str | Path | None = None,
     detector: str = "auto",
     detector_model: Path | None = None,
@@ -243,21 +244,22 @@ def write_ensemble_run(
 ) -> dict[str, Any]:
     """An ensemble of `models` (run folders, weight files or "default"; the first one's face framing and
     data description are the ensemble's) with `weights` (default: equal) as the run folder `out`, which
-    must not hold a model yet; its interval is calibrated on the calibration run's validation split.
-    Returns the saved metadata (`val_mae`, `ensemble_of`) with `val_images` and `calibrated_on`. Raises
-    ConfigError (also where a member trained on the calibration run's held-out images: `check_held_out`),
-    EnsembleError and the errors of loading the models or the validation images; nothing is written
-    unless all of it succeeds."""
+    must not hold a model yet (`mirror`: each face and its mirror image, see modeling/ensemble.py; None:
+    as the ensembles among `models`, which are taken apart into their members); its interval is
+    calibrated on the calibration run's validation split. Returns the saved metadata (`val_mae`,
+    `ensemble_of`) with `val_images`, `calibrated_on` and `mirror`. Raises ConfigError (also where a member
+    trained on the calibration run's held-out images: `check_held_out`), EnsembleError and the errors of
+    loading the models or the validation images; nothing is written unless all of it succeeds."""
     run = _new_run(out)
     calibration = calibration_run(models, calibrate_on)
     check_held_out(models, calibration)
     device = device or torch.device("cpu")
     loaded = [checkpoint.load_model(model, "cpu") for model in models]
-    ensemble = AgeEnsemble(loaded, weights, names=[str(m) for m in models]).to(device)
+    ensemble = AgeEnsemble(loaded, weights, names=[str(m) for m in models], mirror=mirror).to(device)
     table, root = _validation_table(calibration)
     metadata = {k: v for k, v in loaded[0].metadata.items() if k not in OWN_METADATA}
-    metadata["ensemble_of"] = _sources(models, loaded, [float(w) for w in ensemble.weights])
-    return _calibrate_and_save(
+    metadata["ensemble_of"] = _sources(models, loaded, mixture_weights(weights, len(models)))
+    saved = _calibrate_and_save(
         ensemble,
         metadata,
         calibration,
@@ -270,3 +272,4 @@ def write_ensemble_run(
         num_workers=num_workers,
         device=device,
     )
+    return {**saved, "mirror": ensemble.mirror}
