@@ -96,6 +96,8 @@ def test_engine_choice_default_environment_fallback_and_errors(monkeypatch):
     monkeypatch.delenv(yunet.ENGINE_ENV)
     monkeypatch.setattr(yunet, "onnxruntime_available", lambda: False)
     assert YuNetDetector(YUNET).engine == "opencv"  # no ONNX Runtime installed: OpenCV
+    with pytest.raises(DetectorUnavailableError, match="needs ONNX Runtime: pip install onnxruntime"):
+        YuNetDetector(YUNET, engine="onnxruntime")
     with pytest.raises(ValueError, match="unknown YuNet engine 'tensorrt'"):
         yunet_engine(YUNET, engine="tensorrt")
 

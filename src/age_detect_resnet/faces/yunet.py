@@ -148,7 +148,8 @@ def onnxruntime_available() -> bool:
 
 def resolve_engine(engine: str | None = None) -> str:
     """`onnxruntime` or `opencv`: `engine`, else $AGE_DETECT_YUNET_ENGINE, else `auto` (ONNX Runtime where
-    it is installed, else OpenCV). ValueError for any other name."""
+    it is installed, else OpenCV). ValueError for any other name, and for onnxruntime where it is not
+    installed."""
     engine = engine or os.environ.get(ENGINE_ENV) or "auto"
     if engine not in ENGINES:
         raise ValueError(
@@ -156,6 +157,10 @@ def resolve_engine(engine: str | None = None) -> str:
         )
     if engine == "auto":
         return "onnxruntime" if onnxruntime_available() else "opencv"
+    if engine == "onnxruntime" and not onnxruntime_available():
+        raise ValueError(
+            "the YuNet engine onnxruntime needs ONNX Runtime: pip install onnxruntime, or use opencv"
+        )
     return engine
 
 
