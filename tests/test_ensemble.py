@@ -17,6 +17,7 @@ from age_detect_resnet.cli.ensemble import main as ensemble_main
 from age_detect_resnet.cli.train import main as train_main
 from age_detect_resnet.inference.backends import load_runner
 from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling import ensemble as ensemble_module
 from age_detect_resnet.modeling.ensemble import AgeEnsemble, EnsembleError
 from age_detect_resnet.modeling.model import create_model
 from conftest import assert_combined_run, train_tiny
@@ -103,6 +104,9 @@ def test_a_mirrored_ensemble_mixes_each_face_with_its_mirror_image_and_is_saved_
         torch.testing.assert_close(both.head.probabilities(both(images)), expected)
         # a face and its mirror image get the same age
         torch.testing.assert_close(both.predict_ages(images), both.predict_ages(images.flip(-1)))
+        # a batch too large for the two views to share one batch per member gives the same outputs
+        many = torch.cat([images, _images(count=2 * ensemble_module.SHARED_VIEWS_MAX_BATCH)])
+        torch.testing.assert_close(both(many)[: len(images)], both(images), atol=1e-4, rtol=1e-4)
     assert both.describe()["mirror"] is True and "mirror" not in AgeEnsemble([first, second]).describe()
 
     path = tmp_path / "best.safetensors"
@@ -117,14 +121,14 @@ def test_flip_averaging_a_mirrored_ensemble_does_not_run_it_twice():
     from age_detect_resnet.modeling.model import raw_outputs
 
     model = _model(0)
-    calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
+    seen = []  # images the member ran on, call by call
+    model.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
     mirrored = AgeEnsemble([model], mirror=True).eval()
     with torch.no_grad():
         once = mirrored(_images())
-        assert len(calls) == 2  # the face and its mirror image
+        assert sum(seen) == 8  # the 4 faces and their mirror images
         torch.testing.assert_close(raw_outputs(mirrored, _images(), tta_flip=True), once)
-    assert len(calls) == 4  # --tta adds nothing to a model that mirrors already
+    assert sum(seen) == 16  # --tta adds nothing to a model that mirrors already
 
 
 def test_an_ensemble_among_the_members_is_taken_apart():
