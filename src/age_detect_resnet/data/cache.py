@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.data.dataset import to_input_tensor
@@ -33,6 +32,7 @@ from age_detect_resnet.faces import detection as faces
 from age_detect_resnet.faces.align import Aligner
 from age_detect_resnet.faces.detection import LANDMARK_METHOD, largest_face
 from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def prepare_cache(
             with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
                 results = pool.map(_decode, [(f, image_size) for f in files], chunksize=_CHUNK)
                 for row, result in enumerate(
-                    tqdm(results, total=n, desc="preparing image cache", unit="img", disable=None)
+                    progress(results, total=n, desc="preparing image cache", unit="img")
                 ):
                     if isinstance(result, str):
                         errors[str(row)] = result
@@ -260,7 +260,7 @@ def _prepare_aligned(
     ) as pool:
         results = pool.map(_align, [(f, image_size, None) for f in files], chunksize=32)
         for row, (result, landmarks) in enumerate(
-            tqdm(results, total=len(files), desc="detecting and aligning faces", unit="img", disable=None)
+            progress(results, total=len(files), desc="detecting and aligning faces", unit="img")
         ):
             if isinstance(result, str):
                 errors[str(row)] = result

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.io
-from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path
 from age_detect_resnet.digests import file_digest
+from age_detect_resnet.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def hash_files(
     """sha1 of every file (None where missing), in parallel threads (hashlib releases the GIL)."""
     with ThreadPoolExecutor(max_workers=8) as pool:
         jobs = pool.map(file_sha1, (root / p for p in relative_paths))
-        digests = list(tqdm(jobs, total=len(relative_paths), desc=desc, unit="img", disable=None))
+        digests = list(progress(jobs, total=len(relative_paths), desc=desc, unit="img"))
     unreadable = [p for p, digest in zip(relative_paths, digests, strict=True) if digest is None]
     if unreadable:
         log.warning(

@@ -28,13 +28,13 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.faces.yunet import resolve_engine, yunet_engine
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.modeling.bundled import bundled_yunet_path
+from age_detect_resnet.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -529,11 +529,10 @@ def subject_faces(
         initargs=(kind, str(model_path) if model_path else None),
     ) as pool:
         return list(
-            tqdm(
+            progress(
                 pool.map(_subject_face_of, [str(p) for p in paths], chunksize=16),
                 total=len(paths),
                 desc="detecting faces",
                 unit="img",
-                disable=None,
             )
         )
