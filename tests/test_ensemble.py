@@ -211,3 +211,35 @@ def test_ensemble_writes_a_calibrated_run_folder_and_refuses_a_member_that_saw_i
     started, member = load_file(str(tuned / "best.safetensors")), load_file(str(second / "best.safetensors"))
     convolution = next(k for k, v in member.items() if k.startswith("backbone.") and v.ndim == 4)
     torch.testing.assert_close(started[convolution], member[convolution])  # lr 0: the member's weights
+
+
+def test_a_member_of_an_ensemble_is_written_as_a_model_of_its_own(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "ensemble_member.py"
+    spec = importlib.util.spec_from_file_location("ensemble_member", script)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    members = [_model(0), _model(1, backbone="resnet18")]
+    path = tmp_path / "ensemble.safetensors"
+    checkpoint.save_model(
+        AgeEnsemble(members, [3, 1], mirror=True).eval(), path, {"image_size": 40}, dtype=torch.float16
+    )
+    out = tmp_path / "member" / "best.safetensors"
+    assert tool.main([str(path), "2", str(out)]) == 0
+    member = checkpoint.load_model(out)
+    assert not isinstance(member, AgeEnsemble) and member.backbone_name == "resnet18"
+    assert member.metadata["image_size"] == 40 and member.metadata["member_of"]["member"] == 2
+    stored = load_file(str(out))
+    convolutions = [v for k, v in stored.items() if k.startswith("backbone.") and v.ndim >= 2]
+    assert convolutions and all(v.dtype == torch.float16 for v in convolutions)
+    images = _images()
+    with torch.no_grad():  # the member's own ages, not the ensemble's (fp16 weights: within rounding)
+        torch.testing.assert_close(
+            member.predict_ages(images), members[1].predict_ages(images), atol=0.05, rtol=0
+        )
+    assert tool.main([str(out), "1", str(tmp_path / "again.safetensors")]) == 2
+    assert "is one model, not an ensemble" in capsys.readouterr().err
+    assert tool.main([str(path), "3", str(tmp_path / "x.safetensors")]) == 2
+    assert "has members 1-2, not 3" in capsys.readouterr().err
