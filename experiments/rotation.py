@@ -1,14 +1,18 @@
-"""How much a model's age moves when the photo is turned: the README's robustness figures.
+"""How much a model's age moves when the photo is turned, or made smaller: the README's robustness
+figures.
 
     python experiments/rotation.py                          # the five shared test photos, +-20 degrees
     python experiments/rotation.py --photos ../shared/data/real_photos/portraits --every 3 --angles 15
     python experiments/rotation.py --detector previous      # YuNet's previous, slower settings
     python experiments/rotation.py --upright-min-degrees 1.5
+    python experiments/rotation.py --photos DIR --angles --scales 0.5 0.25   # resolution alone
 
 Each photo is predicted upright and turned by +-ANGLES degrees (bilinear, the canvas grown to hold it,
-grey corners), through `AgePredictor` with YuNet: the face with the highest detector score of each turned
-photo against the upright photo's. Prints, per photo (up to 12) and over all, the spread (highest minus
-lowest age) and the mean, 90th percentile and largest |age(turned) - age(upright)|.
+grey corners), and shrunk to each of SCALES of its width and height (Lanczos), through `AgePredictor`
+with YuNet: the face with the highest detector score of each changed photo against the original photo's.
+Prints, per photo (up to 12), the ages and their spread (highest minus lowest), and per change over all
+photos (turns together, each scale alone) the mean, 90th percentile and largest |age(changed) -
+age(original)|.
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=Path, default=SHARED / "test_images")
     parser.add_argument("--every", type=int, default=1, help="use every N-th photo (sorted by path)")
     parser.add_argument(
-        "--angles", type=float, nargs="+", default=[20.0], help="degrees, each turned both ways"
+        "--angles", type=float, nargs="*", default=[20.0], help="degrees, each turned both ways"
+    )
+    parser.add_argument(
+        "--scales", type=float, nargs="*", default=[], help="shares of the photo's size, e.g. 0.5 0.25"
     )
     parser.add_argument("--detector", choices=sorted(DETECTORS), default="default")
     parser.add_argument(
@@ -47,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         "--detector-model", type=Path, default=SHARED / "models" / "face_detection_yunet.onnx"
     )
     args = parser.parse_args(argv)
+    if not args.angles and not args.scales:
+        parser.error("nothing to change: give --angles and/or --scales")
+    if any(not 0 < scale < 1 for scale in args.scales):
+        parser.error("--scales are shares of the photo's size, between 0 and 1")
     if not args.detector_model.is_file():
         parser.error(f"{args.detector_model} does not exist: pass --detector-model FILE (YuNet's ONNX file)")
     photos, problems = expand_inputs([str(args.photos)])
@@ -58,32 +69,50 @@ def main(argv: list[str] | None = None) -> int:
         settings["upright_min_degrees"] = args.upright_min_degrees
     detector = YuNetDetector(args.detector_model, **settings)
     predictor = AgePredictor(load_trained_model(args.model, "cpu"), detector=detector)
-    turns = [sign * angle for angle in args.angles for sign in (1, -1)]
-    moves, rows = [], []
+    changes = {
+        f"turned by +-{', '.join(f'{a:g}' for a in args.angles)} degrees": [
+            lambda image, angle=sign * angle: turn(image, angle) for angle in args.angles for sign in (1, -1)
+        ],
+        **{
+            f"shrunk to {scale:g} of their size": [lambda image, scale=scale: shrink(image, scale)]
+            for scale in args.scales
+        },
+    }
+    changes = {name: functions for name, functions in changes.items() if functions}
+    moves: dict[str, list[float]] = {name: [] for name in changes}
+    rows = []
     for path in photos:
-        upright = load_rgb(path)
-        ages = [face_age(predictor, upright)]
-        for angle in turns:
-            turned = upright.rotate(
-                angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128,) * 3
-            )
-            ages.append(face_age(predictor, turned))
+        original = load_rgb(path)
+        base = face_age(predictor, original)
+        changed = {name: [face_age(predictor, f(original)) for f in fs] for name, fs in changes.items()}
+        ages = [base] + [a for per in changed.values() for a in per]
         known = [a for a in ages if a is not None]
-        if ages[0] is None or len(known) < 2:
-            rows.append(f"{path.name}: no face upright or turned")
+        if base is None or len(known) < 2:
+            rows.append(f"{path.name}: no face in the original or in any changed copy")
             continue
-        moves += [abs(a - ages[0]) for a in ages[1:] if a is not None]
+        for name, per in changed.items():
+            moves[name] += [abs(a - base) for a in per if a is not None]
         rows.append(
             f"{path.name}: ages {', '.join(f'{a:.1f}' for a in known)}; spread {max(known) - min(known):.2f}"
         )
     print("\n".join(rows[:12] + ([f"... {len(rows) - 12} more"] if len(rows) > 12 else [])))
-    if moves:
-        print(
-            f"{len(photos)} photos turned by +-{', '.join(f'{a:g}' for a in args.angles)} degrees "
-            f"({args.detector} detector): |age change| mean {np.mean(moves):.2f}, "
-            f"90th percentile {np.percentile(moves, 90):.2f}, largest {max(moves):.2f} years"
-        )
+    for name, found in moves.items():
+        if found:
+            print(
+                f"{len(photos)} photos {name} ({args.detector} detector): |age change| mean "
+                f"{np.mean(found):.2f}, 90th percentile {np.percentile(found, 90):.2f}, "
+                f"largest {max(found):.2f} years"
+            )
     return 0
+
+
+def turn(image: Image.Image, angle: float) -> Image.Image:
+    return image.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128,) * 3)
+
+
+def shrink(image: Image.Image, scale: float) -> Image.Image:
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 def face_age(predictor: AgePredictor, image: Image.Image) -> float | None:
