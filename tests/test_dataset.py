@@ -95,6 +95,33 @@ def test_occlusion_is_a_setting_of_the_photo_augmentation_only():
         resolve_config("cpu", {"occlusion": 2.0})
 
 
+def test_the_share_of_low_resolution_faces_is_a_setting_of_the_photo_augmentation():
+    from age_detect_resnet.data.dataset import LOW_RESOLUTION_SHARE, RandomLowResolution
+    from age_detect_resnet.training import config
+    from age_detect_resnet.training.config import ConfigError, resolve_config
+
+    assert config.LOW_RESOLUTION_SHARE == LOW_RESOLUTION_SHARE  # one default, mirrored without torch
+
+    def share(transform):
+        return next(t.p for t in transform.transforms if isinstance(t, RandomLowResolution))
+
+    assert share(train_transform("photo", 32)) == LOW_RESOLUTION_SHARE
+    assert share(train_transform("photo", 32, low_resolution=0.5)) == 0.5
+    torch.manual_seed(0)
+    face = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    shrunk = RandomLowResolution(p=1.0, min_side=8)(face)
+    assert shrunk.shape == face.shape and not torch.equal(shrunk, face)
+    assert torch.equal(RandomLowResolution(p=0.0, min_side=8)(face), face)
+    with pytest.raises(ValueError, match="photo augmentation"):
+        train_transform("light", 32, low_resolution=0.5)
+    assert resolve_config("cpu", {"low_resolution": 0.5}).data.low_resolution == 0.5
+    assert resolve_config(None, {}).data.low_resolution == LOW_RESOLUTION_SHARE  # no augmentation: unused
+    with pytest.raises(ConfigError, match="add --augment photo"):
+        resolve_config(None, {"low_resolution": 0.5})
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        resolve_config("cpu", {"low_resolution": 1.5})
+
+
 def test_the_cache_serves_the_same_pixels_as_decoding(tmp_path):
     paths = make_images(tmp_path / "img")
     cache = prepare_cache(tmp_path / "img", paths, image_size=32, cache_dir=tmp_path / "cache", workers=1)

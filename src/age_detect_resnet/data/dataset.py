@@ -44,6 +44,10 @@ def pixels_to_input(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
+# The photo augmentation's share of faces shown at a lower resolution (`--low-resolution`).
+LOW_RESOLUTION_SHARE = 0.25
+
+
 class RandomLowResolution:
     """With probability `p`, shrink the image to a random side in [min_side, its side) and scale it
     back: the blur and blockiness of a small face in a photo."""
@@ -113,14 +117,22 @@ class RandomOcclusion:
         return out
 
 
-def train_transform(augment: str, image_size: int, occlusion: float = 0.0) -> v2.Transform | None:
+def train_transform(
+    augment: str,
+    image_size: int,
+    occlusion: float = 0.0,
+    low_resolution: float = LOW_RESOLUTION_SHARE,
+) -> v2.Transform | None:
     """Augmentation on uint8 (3, S', S') tensors; None for the seed's plain resize.
 
     `photo` takes the aligned crop with its context border (S' > S, see cache.py) and ends with the
     centre (S, S): shifts, scaling and rotation then show real surroundings, not black corners.
-    `occlusion` > 0 (photo only) also hides a random patch of that many faces (RandomOcclusion)."""
+    `occlusion` > 0 (photo only) also hides a random patch of that many faces (RandomOcclusion);
+    `low_resolution` (photo only) is the share of faces shrunk and scaled back (RandomLowResolution)."""
     if occlusion and augment != "photo":
         raise ValueError(f"occlusion is part of the photo augmentation, not of {augment!r}")
+    if low_resolution != LOW_RESOLUTION_SHARE and augment != "photo":
+        raise ValueError(f"low resolution is part of the photo augmentation, not of {augment!r}")
     if augment == "none":
         return None
     if augment == "photo":
@@ -135,7 +147,7 @@ def train_transform(augment: str, image_size: int, occlusion: float = 0.0) -> v2
                     [v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)], p=0.8
                 ),
                 v2.RandomGrayscale(p=0.1),
-                RandomLowResolution(p=0.25, min_side=max(16, image_size // 4)),
+                RandomLowResolution(p=low_resolution, min_side=max(16, image_size // 4)),
                 v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.15),
                 RandomJpeg(p=0.3, quality=(30, 95)),
                 *occluder,
@@ -317,6 +329,7 @@ def build_datasets(
     image_size: int,
     augment: str = "none",
     occlusion: float = 0.0,
+    low_resolution: float = LOW_RESOLUTION_SHARE,
     skip_bad_images: bool = False,
 ) -> dict[str, AgeDataset]:
     """One dataset per split; only `train` is augmented."""
@@ -324,7 +337,9 @@ def build_datasets(
         split: AgeDataset(
             images_for[split],
             frame["age"].to_numpy(),
-            transform=train_transform(augment, image_size, occlusion) if split == "train" else None,
+            transform=train_transform(augment, image_size, occlusion, low_resolution)
+            if split == "train"
+            else None,
             skip_bad_images=skip_bad_images,
         )
         for split, frame in frames.items()

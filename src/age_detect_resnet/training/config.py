@@ -31,6 +31,7 @@ HEADS = ("regression", "bins", "distribution")
 LABEL_SPREADS = ("fixed", "proportional", "capped")  # heads.LABEL_SPREADS (this module does not import torch)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALIGNMENT_VERSIONS = (1, 2)  # faces.align.ALIGNMENT_VERSIONS (this module does not import OpenCV)
+LOW_RESOLUTION_SHARE = 0.25  # data.dataset.LOW_RESOLUTION_SHARE (this module does not import torch)
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,11 @@ class DataConfig:
         0.0,
         "--augment photo: share of training faces with a random patch hidden (as hands, cups, microphones "
         "or sunglasses hide part of a face in real photos); 0 = off",
+    )
+    low_resolution: float = _setting(
+        LOW_RESOLUTION_SHARE,
+        "--augment photo: share of training faces shrunk to a random smaller size (down to a quarter) "
+        "and scaled back, as small faces in photos look",
     )
     cache: bool = _setting(False, "decode and resize every image once into a memory-mapped cache")
     align: bool = _setting(
@@ -297,6 +303,14 @@ def _validate(config: Config) -> None:
     if data.occlusion and data.augment != "photo":
         raise ConfigError(
             f"--occlusion is part of the photo augmentation: add --augment photo (not {data.augment})"
+        )
+    if not 0 <= data.low_resolution <= 1:
+        raise ConfigError(
+            f"low resolution is a share of the training faces, between 0 and 1; got {data.low_resolution}"
+        )
+    if data.low_resolution != LOW_RESOLUTION_SHARE and data.augment != "photo":
+        raise ConfigError(
+            f"--low-resolution is part of the photo augmentation: add --augment photo (not {data.augment})"
         )
     if not 0 < config.model.interval < 1:
         raise ConfigError(f"interval must be between 0 and 1, got {config.model.interval}")

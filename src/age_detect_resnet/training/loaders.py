@@ -68,6 +68,7 @@ def build_loaders(
         image_size=data.image_size,
         augment=data.augment,
         occlusion=data.occlusion,
+        low_resolution=data.low_resolution,
         skip_bad_images=data.skip_bad_images,
     )
     per_process = max(1, train.batch_size // dist.world)
