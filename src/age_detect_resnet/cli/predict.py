@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from tqdm import tqdm
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors
@@ -49,6 +48,7 @@ from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageReadError, load_rgb
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_predictor
+from age_detect_resnet.progress import progress as show_progress
 from age_detect_resnet.runtime import select_device
 from age_detect_resnet.video.process import VideoResult, is_video, predict_video
 from age_detect_resnet.video.tracking import TrackSummary
@@ -106,8 +106,17 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
 def predict_photos(
     predictor: AgePredictor, paths: Sequence[Path], *, max_file_mb: float = MAX_FILE_MB, progress: bool = True
 ) -> Iterator[PhotoResult]:
-    """One result per path, in order; faces of several photos share model batches."""
-    bar = tqdm(total=len(paths), desc="predicting", unit="photo", disable=not progress or None)
+    """One result per path, in order; faces of several photos share model batches. With `progress`, a
+    bar on a terminal, else a log line every 30 s (`progress.py`)."""
+    results = _predict_photos(predictor, paths, max_file_mb)
+    if not progress:
+        return results
+    return iter(show_progress(results, total=len(paths), desc="predicting", unit="photo"))
+
+
+def _predict_photos(
+    predictor: AgePredictor, paths: Sequence[Path], max_file_mb: float
+) -> Iterator[PhotoResult]:
     for start in range(0, len(paths), FILES_PER_CHUNK):
         chunk, images, results = paths[start : start + FILES_PER_CHUNK], [], []
         for path in chunk:
@@ -127,9 +136,7 @@ def predict_photos(
                 result.faces = next(faces)
                 if not result.faces:
                     result.error = f"no face found in {result.path}; pass --no-detect to use the whole image"
-            bar.update(1)
             yield result
-    bar.close()
 
 
 def result_rows(results: Sequence[PhotoResult]) -> list[dict]:
