@@ -14,8 +14,8 @@ def test_without_a_terminal_a_long_loop_logs_how_far_it_is_and_when_it_ended(cap
         items = list(progress(iter(range(5)), total=5, desc="aligning faces", unit="img", interval=0.0))
     assert items == [0, 1, 2, 3, 4]
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0].startswith("aligning faces: 1 of 5 img (20%),") and "left" in lines[0]
-    assert len(lines) == 5 and lines[-1].startswith("aligning faces: 5 img in ")
+    assert lines[0].startswith("aligning faces: 1 of 5 (20%),") and "img/s, about" in lines[0]
+    assert len(lines) == 5 and lines[-1].startswith("aligning faces: 5 done in ")
 
 
 def test_a_short_loop_says_nothing_and_a_terminal_gets_a_bar(caplog, monkeypatch):

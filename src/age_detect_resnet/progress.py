@@ -47,11 +47,10 @@ def _logged(iterable: Iterable[T], *, total: int, desc: str, unit: str, interval
         if now - last >= interval and done < total:
             rate = done / max(now - start, 1e-9)
             log.info(
-                "%s: %d of %d %s (%.0f%%), %.1f %s/s, about %s left",
+                "%s: %d of %d (%.0f%%), %.1f %s/s, about %s left",
                 desc,
                 done,
                 total,
-                unit,
                 100.0 * done / max(total, 1),
                 rate,
                 unit,
@@ -59,7 +58,7 @@ def _logged(iterable: Iterable[T], *, total: int, desc: str, unit: str, interval
             )
             last = now
     if last > start:  # only loops long enough to have logged along the way say that they ended
-        log.info("%s: %d %s in %s", desc, done, unit, duration(time.monotonic() - start))
+        log.info("%s: %d done in %s", desc, done, duration(time.monotonic() - start))
 
 
 def duration(seconds: float) -> str:
