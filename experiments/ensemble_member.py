@@ -18,8 +18,7 @@ from safetensors import safe_open
 
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.ensemble import AgeEnsemble
-
-ENSEMBLE_ONLY = ("format", "model", "sha256", "ensemble_of", "bundled_from", "val_mae")
+from age_detect_resnet.training.combined_run import OWN_METADATA
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.out} must end in .safetensors", file=sys.stderr)
         return 2
     member = model.members[args.member - 1]
-    metadata = {k: v for k, v in model.metadata.items() if k not in ENSEMBLE_ONLY}
+    metadata = {k: v for k, v in model.metadata.items() if k not in OWN_METADATA}
     metadata["member_of"] = {
         "model": str(args.model),
         "sha256": model.metadata.get("sha256"),

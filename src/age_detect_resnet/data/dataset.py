@@ -52,7 +52,7 @@ class RandomLowResolution:
     """With probability `p`, shrink the image to a random side in [min_side, its side) and scale it
     back: the blur and blockiness of a small face in a photo."""
 
-    def __init__(self, *, p: float = 0.25, min_side: int = 24) -> None:
+    def __init__(self, *, p: float = LOW_RESOLUTION_SHARE, min_side: int = 24) -> None:
         self.p, self.min_side = p, min_side
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, S, S) uint8

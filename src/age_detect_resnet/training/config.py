@@ -271,6 +271,19 @@ def _merge(values: dict[str, dict[str, Any]], incoming: dict[str, Any], *, sourc
         values[group][name] = value
 
 
+def _check_photo_share(option: str, share: float, default: float, augment: str) -> None:
+    """A setting of the photo augmentation that is a share of the training faces (`--occlusion`,
+    `--low-resolution`): between 0 and 1, and left at its default by the other augmentations."""
+    if not 0 <= share <= 1:
+        raise ConfigError(
+            f"{option.replace('-', ' ')} is a share of the training faces, between 0 and 1; got {share}"
+        )
+    if share != default and augment != "photo":
+        raise ConfigError(
+            f"--{option} is part of the photo augmentation: add --augment photo (not {augment})"
+        )
+
+
 def _validate(config: Config) -> None:
     for group in GROUPS:
         section = getattr(config, group)
@@ -296,22 +309,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("--align prepares the aligned faces once, in the image cache: add --cache")
     if data.alignment != 1 and not data.align:
         raise ConfigError(f"--alignment {data.alignment} chooses the aligner of --align: add --align")
-    if not 0 <= data.occlusion <= 1:
-        raise ConfigError(
-            f"occlusion is a share of the training faces, between 0 and 1; got {data.occlusion}"
-        )
-    if data.occlusion and data.augment != "photo":
-        raise ConfigError(
-            f"--occlusion is part of the photo augmentation: add --augment photo (not {data.augment})"
-        )
-    if not 0 <= data.low_resolution <= 1:
-        raise ConfigError(
-            f"low resolution is a share of the training faces, between 0 and 1; got {data.low_resolution}"
-        )
-    if data.low_resolution != LOW_RESOLUTION_SHARE and data.augment != "photo":
-        raise ConfigError(
-            f"--low-resolution is part of the photo augmentation: add --augment photo (not {data.augment})"
-        )
+    _check_photo_share("occlusion", data.occlusion, 0.0, data.augment)
+    _check_photo_share("low-resolution", data.low_resolution, LOW_RESOLUTION_SHARE, data.augment)
     if not 0 < config.model.interval < 1:
         raise ConfigError(f"interval must be between 0 and 1, got {config.model.interval}")
     optim = config.optim
