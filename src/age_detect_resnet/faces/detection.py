@@ -52,22 +52,40 @@ SIDES = ("left", "top", "right", "bottom")
 # the aligner uses come from a second look at each face where that matters (below), so they do not
 # depend on this size.
 DETECTION_MAX_SIDE = 640
-# Faces smaller than REFINE_FACE_SIDE on that copy (but larger in the photo) are detected again on a
-# region around them, and tilted faces are detected again on that region turned upright, at most
-# UPRIGHT_PASSES times, while they are UPRIGHT_MIN_DEGREES or more off. The region is REGION_CONTEXT face
-# sizes wide and shows the face at most REGION_FACE_SIDE pixels tall (full resolution for smaller faces).
-# Against a first look at 1280 px and regions at full resolution (the previous settings), on the shared
-# photos with the bundled model: 1.7x the photos/s on the 240 portraits (bench_photos.py, before photos
-# were searched in threads), `evaluate --detect` portraits MAE 4.58 (was 4.60), FairFace 37.4% inside /
-# 5.35 y (was 38.3% / 5.33). The cost: the 240 portraits turned by +-15 degrees move by 1.36 y on
-# average (was 1.17; 90th percentile 3.17, was 2.70; experiments/rotation.py), the five test photos
-# turned by +-20 by 0.6-2.7 y.
-REFINE_FACE_SIDE = 160
+# Every face found on that copy is detected again on a square region around it, REGION_CONTEXT face
+# sizes wide, that shows the face REGION_FACE_SIDE pixels tall: shrunk where it is larger, enlarged where
+# it is smaller. Its landmarks, which the aligner uses, then come from a face of one size whatever the
+# photo's resolution. A tilted face's look is taken turned upright, and while it is still
+# UPRIGHT_MIN_DEGREES or more off it is looked at again, UPRIGHT_PASSES looks in all.
+# Landmarks are what made ages move with resolution: with the bundled model, FairFace's 540 photos at
+# half size (Lanczos) moved by 2.28 years on average with the landmarks the detector before found on them,
+# but by 0.71 when aligned with the full-size photo's landmarks scaled down; with these settings they
+# move by 1.79 (90th percentile 3.89, was 5.71). Portraits MAE 4.41 (was 4.57), FairFace 44.1% inside /
+# 4.03 y (was 43.9% / 4.09), UTKFace test 4.56 (was 4.59), 26.7 photos/s on the portraits (26.3 in the
+# same run with the detector before): README, "Landmarks from one face size". The detector before looked
+# again only at faces smaller than 160 px on the copy, at most at full resolution, on regions 3 face
+# sizes wide: SMALL_FACES_LOOK_SETTINGS.
+REFINE_FACE_SIDE = None  # `refine_side`: None looks at every face again; N at faces under N px on the copy
 REGION_FACE_SIDE = 224
-REGION_CONTEXT = 3.0
-# Those previous settings, as YuNetDetector arguments: the baseline that benchmarks/bench_photos.py and
-# experiments/rotation.py compare with.
-PREVIOUS_YUNET_SETTINGS = {"max_side": 1280, "refine_side": 224, "region_face_side": 427}
+REGION_CONTEXT = 2.0
+SMALL_FACES_LOOK_SETTINGS = {
+    "refine_side": 160,
+    "region_context": 3.0,
+    "region_enlarge": False,
+}
+# Older settings (before SMALL_FACES_LOOK_SETTINGS: a first look at 1280 px, regions at full resolution)
+# as YuNetDetector arguments: the baseline that benchmarks/bench_photos.py and experiments/rotation.py
+# compare with as `previous`. Against them, the small-faces look gave 1.7x the photos/s on the 240
+# portraits (bench_photos.py, before photos were searched in threads), `evaluate --detect` portraits MAE
+# 4.58 (was 4.60), FairFace 37.4% inside / 5.35 y (was 38.3% / 5.33), but the 240 portraits turned by
+# +-15 degrees moved by 1.36 y on average (was 1.17; 90th percentile 3.17, was 2.70; rotation.py).
+PREVIOUS_YUNET_SETTINGS = {
+    "max_side": 1280,
+    "refine_side": 224,
+    "region_face_side": 427,
+    "region_context": 3.0,
+    "region_enlarge": False,
+}
 UPRIGHT_PASSES = 2
 # On the 640 px copy YuNet's landmarks make most upright studio portraits look 3 degrees or more off (24
 # of the first 40, against 3 at full size), so they get upright passes too. Turned by +-15 degrees, the
@@ -79,7 +97,7 @@ UPRIGHT_MIN_DEGREES = 3.0
 # images are re-detected when this changes, as photos are.
 LANDMARK_METHOD = (
     f"yunet max_side={DETECTION_MAX_SIDE} refine_side={REFINE_FACE_SIDE} "
-    f"region_face_side={REGION_FACE_SIDE} region_context={REGION_CONTEXT} "
+    f"region_face_side={REGION_FACE_SIDE} region_context={REGION_CONTEXT} region_enlarge=True "
     f"upright_passes={UPRIGHT_PASSES} upright_min_degrees={UPRIGHT_MIN_DEGREES}"
 )
 
@@ -214,12 +232,13 @@ def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True
 
 class YuNetDetector:
     """YuNet on a copy of the image at most `max_side` long, then each face's landmarks made precise by
-    running YuNet again on a region `REGION_CONTEXT` face sizes wide around it, cut from the full image
-    with the face at most `region_face_side` pixels tall:
-    * a face smaller than `refine_side` pixels on the copy (but larger in the full image) is detected
-      again there: landmarks on small faces are imprecise;
+    running YuNet again on a region `region_context` face sizes wide around it, cut from the full image,
+    that shows the face `region_face_side` pixels tall (enlarged where smaller, unless `region_enlarge`
+    is False; `refine_side` N looks again only at faces smaller than N px on the copy):
+    * YuNet's landmarks depend on the size it sees a face at; from one size, the aligned crop, and the
+      age, move less with the photo's resolution (constants above);
     * a tilted face (its landmarks' similarity fit to the aligner's upright template turns it by
-      `upright_min_degrees` or more) is detected again on its region turned upright, up to
+      `upright_min_degrees` or more) is looked at on its region turned upright, up to
       `upright_passes` times: YuNet was trained on upright faces and its landmarks on a tilted one lean
       towards upright, so the aligner would not undo the whole tilt.
     On the five shared test photos turned by +-20 degrees, the bundled model's age moved by up to 12.7
@@ -234,9 +253,11 @@ class YuNetDetector:
         score_threshold: float = 0.7,
         nms_threshold: float = 0.3,
         max_side: int | None = DETECTION_MAX_SIDE,
-        refine_side: int = REFINE_FACE_SIDE,
+        refine_side: int | None = REFINE_FACE_SIDE,
         upright_passes: int = UPRIGHT_PASSES,
         region_face_side: int = REGION_FACE_SIDE,
+        region_context: float = REGION_CONTEXT,
+        region_enlarge: bool = True,
         upright_min_degrees: float = UPRIGHT_MIN_DEGREES,
         engine: str | None = None,
     ) -> None:
@@ -247,6 +268,8 @@ class YuNetDetector:
         self.refine_side = refine_side
         self.upright_passes = upright_passes
         self.region_face_side = region_face_side
+        self.region_context = region_context
+        self.region_enlarge = region_enlarge
         self.upright_min_degrees = upright_min_degrees
         try:
             engine = resolve_engine(engine)
@@ -290,30 +313,47 @@ class YuNetDetector:
         return faces
 
     def _refined(self, image: Image.Image, face: Face, scale: float) -> Face:
-        x1, y1, x2, y2 = face.box
-        if scale < 1.0 and max(x2 - x1, y2 - y1) * scale < self.refine_side:
-            face = self._redetect(image, face, 0.0)
-        for _ in range(self.upright_passes):
-            angle = tilt_degrees(face)
-            if angle is None or abs(angle) < self.upright_min_degrees:
+        passes = self.upright_passes
+        if self.refine_side is None:  # every face: its look is also its first upright pass
+            angle = self._tilt_to_undo(face) if passes else 0.0
+            face = self._redetect(image, face, angle, keep_box=True)
+            passes -= angle != 0.0
+        else:
+            x1, y1, x2, y2 = face.box
+            if scale < 1.0 and max(x2 - x1, y2 - y1) * scale < self.refine_side:
+                face = self._redetect(image, face, 0.0)
+        for _ in range(passes):
+            angle = self._tilt_to_undo(face)
+            if angle == 0.0:
                 break
             face = self._redetect(image, face, angle)
         return face
 
-    def _redetect(self, image: Image.Image, face: Face, angle: float) -> Face:
-        """YuNet again on a square region `REGION_CONTEXT` times the face's size around it, turned by
-        `angle` degrees about the face's centre, the face at most `region_face_side` pixels tall; the
-        match's landmarks mapped back to the image. `face` unchanged where the region shows no clear
-        match."""
+    def _tilt_to_undo(self, face: Face) -> float:
+        """The face's tilt in degrees where it is `upright_min_degrees` or more, else 0."""
+        angle = tilt_degrees(face)
+        return angle if angle is not None and abs(angle) >= self.upright_min_degrees else 0.0
+
+    def _redetect(self, image: Image.Image, face: Face, angle: float, *, keep_box: bool = False) -> Face:
+        """YuNet again on a square region `region_context` times the face's size around it, turned by
+        `angle` degrees about the face's centre, the face `region_face_side` pixels tall (at most, unless
+        `region_enlarge`); the match's landmarks mapped back to the image, and its box where the region
+        was not turned and not `keep_box`. `face` unchanged where the region shows no clear match.
+
+        Every face's look keeps the first look's box: YuNet's box around a face enlarged to
+        `region_face_side` is another shape (taller, reaching into the replicated edge of a tight crop),
+        and older models' margins (`MarginFraming`) were measured on first-look boxes."""
         x1, y1, x2, y2 = face.box
         side = max(x2 - x1, y2 - y1, 1.0)
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        scale = min(1.0, self.region_face_side / side)
-        size = max(8, round(REGION_CONTEXT * side * scale))
+        scale = self.region_face_side / side
+        if not self.region_enlarge:
+            scale = min(1.0, scale)
+        size = max(8, round(self.region_context * side * scale))
         to_region = cv2.getRotationMatrix2D((cx, cy), angle, scale)
         to_region[:, 2] += (size / 2 - cx, size / 2 - cy)
         # Only the part of the image the turned region can show is converted (not a whole large photo).
-        reach = 0.75 * REGION_CONTEXT * side  # past the turned square's corners
+        reach = 0.75 * self.region_context * side  # past the turned square's corners
         left, top = max(0, int(cx - reach)), max(0, int(cy - reach))
         right, bottom = min(image.width, int(cx + reach) + 1), min(image.height, int(cy + reach) + 1)
         patch = np.asarray(image.crop((left, top, right, bottom)).convert("RGB"))
@@ -335,7 +375,7 @@ class YuNetDetector:
         points = np.c_[np.asarray(best.landmarks), np.ones(5)] @ back.T
         corners = np.array([[best.box[0], best.box[1], 1.0], [best.box[2], best.box[3], 1.0]]) @ back.T
         # The box: the match's where the region was not turned, else the first detection's (upright).
-        box = tuple(float(v) for v in corners.reshape(-1)) if angle == 0.0 else face.box
+        box = tuple(float(v) for v in corners.reshape(-1)) if angle == 0.0 and not keep_box else face.box
         return Face(box, face.score, tuple((float(x), float(y)) for x, y in points))
 
 
