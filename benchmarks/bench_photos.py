@@ -9,9 +9,12 @@ Paths (same model, same YuNet detector, same photos):
   bf16 where the CPU has it);
 * project, YuNet on OpenCV: the same with YuNet's network run by OpenCV's DNN module (the engine before
   ONNX Runtime, faces/yunet.py; the same faces and landmarks): what ONNX Runtime saves;
-* project, previous detector: the same with YuNet's settings before this version (faces searched for on
-  a copy at most 1280 px long, regions for the second look at full resolution): what the smaller
-  default copy and regions save.
+* project, second look at small faces only: the same with YuNet's settings before every face got a
+  second look at one size (faces.detection.SMALL_FACES_LOOK_SETTINGS): what that look costs;
+* project, previous detector: the same with YuNet's older settings (faces searched for on a copy at
+  most 1280 px long, regions for the second look at full resolution): what the smaller default copy and
+  regions save.
+`--precision fp32` runs the project paths in fp32, as `auto` does on CPUs without native bf16.
 All paths detect with YuNet at its default settings (faces.detection) on its default engine unless said
 otherwise; crops are always cut from the full photo.
 Photos/s is over the whole folder; the per-photo latency is each path's median over single photos
@@ -33,6 +36,8 @@ from common import SHARED, YUNET, machine, median, print_table
 from age_detect_resnet.cli.predict import expand_inputs, predict_photos
 from age_detect_resnet.faces.detection import (
     PREVIOUS_YUNET_SETTINGS,
+    SMALL_FACES_LOOK_SETTINGS,
+    FaceDetector,
     YuNetDetector,
     create_detector,
     opencv_threads,
@@ -59,6 +64,12 @@ def main() -> None:
     parser.add_argument(
         "--latency-photos", type=int, default=40, help="photos timed one at a time for the median latency"
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="the project paths' precision (auto: bf16 where the CPU has it natively, else fp32)",
+    )
     args = parser.parse_args()
     photos, _ = expand_inputs([str(args.photos)])
     if not photos:
@@ -67,23 +78,26 @@ def main() -> None:
     kind, yunet = ("yunet", YUNET) if YUNET.is_file() else ("auto", None)
     detector = create_detector(kind, yunet)
     engine = f", YuNet on {detector.engine}" if hasattr(detector, "engine") else ""
-    project_precision = resolve_precision("auto", torch.device("cpu"))  # bf16 only where native
+    project_precision = resolve_precision(args.precision, torch.device("cpu"))  # auto: bf16 only where native
+
+    def project(detector: FaceDetector) -> AgePredictor:
+        runner = TorchRunner(model, precision=project_precision)
+        return AgePredictor(runner=runner, metadata=model.metadata, detector=detector)
+
     naive = AgePredictor(
         runner=TorchRunner(model, precision="fp32"), metadata=model.metadata, detector=detector
     )
     variants = {
         "naive: one photo at a time, fp32": naive,
-        f"project (default): predict_photos (shared batches, {project_precision})": AgePredictor(
-            model, detector=detector
-        ),
+        f"project (default): predict_photos (shared batches, {project_precision})": project(detector),
     }
     if yunet is not None:
-        variants["project, YuNet on OpenCV's DNN module"] = AgePredictor(
-            model, detector=YuNetDetector(yunet, engine="opencv")
+        variants["project, YuNet on OpenCV's DNN module"] = project(YuNetDetector(yunet, engine="opencv"))
+        variants["project, second look at small faces only (before)"] = project(
+            YuNetDetector(yunet, **SMALL_FACES_LOOK_SETTINGS)
         )
-        previous = YuNetDetector(yunet, **PREVIOUS_YUNET_SETTINGS)
-        variants["project, previous detector (1280 px, full-resolution regions)"] = AgePredictor(
-            model, detector=previous
+        variants["project, previous detector (1280 px, full-resolution regions)"] = project(
+            YuNetDetector(yunet, **PREVIOUS_YUNET_SETTINGS)
         )
     rows, seconds, ages = [], {}, {}
     for label, predictor in variants.items():

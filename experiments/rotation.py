@@ -3,16 +3,20 @@ figures.
 
     python experiments/rotation.py                          # the five shared test photos, +-20 degrees
     python experiments/rotation.py --photos ../shared/data/real_photos/portraits --every 3 --angles 15
-    python experiments/rotation.py --detector previous      # YuNet's previous, slower settings
+    python experiments/rotation.py --detector small-faces-look   # a second look at small faces only
+    python experiments/rotation.py --detector previous      # YuNet's older, slower settings
     python experiments/rotation.py --upright-min-degrees 1.5
     python experiments/rotation.py --photos DIR --angles --scales 0.5 0.25   # resolution alone
+    python experiments/rotation.py --photos DIR --angles --scales 0.5 --same-landmarks
 
 Each photo is predicted upright and turned by +-ANGLES degrees (bilinear, the canvas grown to hold it,
 grey corners), and shrunk to each of SCALES of its width and height (Lanczos), through `AgePredictor`
 with YuNet: the face with the highest detector score of each changed photo against the original photo's.
 Prints, per photo (up to 12), the ages and their spread (highest minus lowest), and per change over all
 photos (turns together, each scale alone) the mean, 90th percentile and largest |age(changed) -
-age(original)|.
+age(original)|. With `--same-landmarks` a shrunk copy is aligned with the original photo's face and
+landmarks scaled down instead of those the detector finds on the copy: what the pixels alone change, so
+that the rest of the change is the landmarks'.
 """
 
 from __future__ import annotations
@@ -25,12 +29,22 @@ import numpy as np
 from PIL import Image
 
 from age_detect_resnet.cli.predict import expand_inputs
-from age_detect_resnet.faces.detection import PREVIOUS_YUNET_SETTINGS, YuNetDetector
+from age_detect_resnet.data.dataset import pixels_to_input
+from age_detect_resnet.faces.detection import (
+    PREVIOUS_YUNET_SETTINGS,
+    SMALL_FACES_LOOK_SETTINGS,
+    Face,
+    YuNetDetector,
+)
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
+from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_trained_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DETECTORS = {"default": {}, "previous": PREVIOUS_YUNET_SETTINGS}
+DETECTORS = {
+    "default": {},
+    "small-faces-look": SMALL_FACES_LOOK_SETTINGS,
+    "previous": PREVIOUS_YUNET_SETTINGS,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scales", type=float, nargs="*", default=[], help="shares of the photo's size, e.g. 0.5 0.25"
+    )
+    parser.add_argument(
+        "--same-landmarks",
+        action="store_true",
+        help="align shrunk copies with the original photo's landmarks scaled down (not their own)",
     )
     parser.add_argument("--detector", choices=sorted(DETECTORS), default="default")
     parser.add_argument(
@@ -74,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             lambda image, angle=sign * angle: turn(image, angle) for angle in args.angles for sign in (1, -1)
         ],
         **{
-            f"shrunk to {scale:g} of their size": [lambda image, scale=scale: shrink(image, scale)]
+            f"shrunk to {scale:g} of their size"
+            + (", the original's landmarks" if args.same_landmarks else ""): [
+                lambda image, scale=scale: shrink(image, scale)
+            ]
             for scale in args.scales
         },
     }
@@ -83,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for path in photos:
         original = load_rgb(path)
-        base = face_age(predictor, original)
-        changed = {name: [face_age(predictor, f(original)) for f in fs] for name, fs in changes.items()}
+        face = top_face(predictor, original)
+        base = face.age if face is not None else None
+        changed = {}
+        for name, functions in changes.items():
+            copies = [f(original) for f in functions]
+            if args.same_landmarks and name.startswith("shrunk") and face is not None:
+                changed[name] = [age_with_landmarks(predictor, copy, original) for copy in copies]
+            else:
+                changed[name] = [face_age(predictor, copy) for copy in copies]
         ages = [base] + [a for per in changed.values() for a in per]
         known = [a for a in ages if a is not None]
         if base is None or len(known) < 2:
@@ -115,9 +144,32 @@ def shrink(image: Image.Image, scale: float) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
-def face_age(predictor: AgePredictor, image: Image.Image) -> float | None:
+def top_face(predictor: AgePredictor, image: Image.Image) -> FacePrediction | None:
+    """The prediction of the face the detector is surest of, or None."""
     faces = predictor.predict_image(image)
-    return max(faces, key=lambda f: f.detector_score or 0.0).age if faces else None
+    return max(faces, key=lambda f: f.detector_score or 0.0) if faces else None
+
+
+def face_age(predictor: AgePredictor, image: Image.Image) -> float | None:
+    face = top_face(predictor, image)
+    return face.age if face is not None else None
+
+
+def age_with_landmarks(predictor: AgePredictor, copy: Image.Image, original: Image.Image) -> float | None:
+    """The age of `copy`, a resized `original`, aligned with the landmarks of the original's face the
+    detector is surest of, scaled to the copy; None where it has none (no face, a box-only detector)."""
+    faces = predictor.detector.detect(original)
+    face = max(faces, key=lambda f: f.score) if faces else None
+    if face is None or face.landmarks is None:
+        return None
+    sx, sy = copy.width / original.width, copy.height / original.height
+    scaled = Face(
+        tuple(v * s for v, s in zip(face.box, (sx, sy, sx, sy), strict=True)),
+        face.score,
+        tuple((x * sx, y * sy) for x, y in face.landmarks),
+    )
+    pixels, _ = predictor.framing.crop(copy, scaled, predictor.image_size)
+    return float(predictor.run([pixels_to_input(pixels)])["age"][0])
 
 
 if __name__ == "__main__":

@@ -146,3 +146,19 @@ def test_the_bundle_gives_a_photo_rotated_by_20_degrees_nearly_the_same_age(name
     # Measured on the shipped model: spreads of 0.6-2.7 years over the five photos (README; up to 12.7
     # without the detector's upright re-detection).
     assert max(ages) - min(ages) < 5.0, ages
+
+
+def test_the_resolution_experiment_can_align_smaller_copies_with_the_originals_landmarks(tiny_bundle, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    require(YUNET)
+    script = Path(__file__).resolve().parents[1] / "experiments" / "rotation.py"
+    spec = importlib.util.spec_from_file_location("rotation", script)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    photos = ["--photos", str(require(TEST_IMAGES)), "--every", "5", "--detector-model", str(YUNET)]
+    changes = ["--angles", "--scales", "0.5", "--same-landmarks"]
+    assert tool.main(["--model", str(tiny_bundle), *photos, *changes]) == 0
+    out = capsys.readouterr().out
+    assert "1 photos shrunk to 0.5 of their size, the original's landmarks (default detector)" in out, out
