@@ -49,8 +49,7 @@ IMDB_WIKI_MARGIN = 0.4
 SIDES = ("left", "top", "right", "bottom")
 # Detection runs on a copy whose longer side is at most this (as InsightFace does): faces in photos are
 # large enough to be found there, and a 6000-pixel photo would otherwise take seconds. The landmarks that
-# the aligner uses come from a second look at each face where that matters (below), so they do not
-# depend on this size.
+# the aligner uses come from a second look at each face (below), so they do not depend on this size.
 DETECTION_MAX_SIDE = 640
 # Every face found on that copy is detected again on a square region around it, REGION_CONTEXT face
 # sizes wide, that shows the face REGION_FACE_SIDE pixels tall: shrunk where it is larger, enlarged where
@@ -317,7 +316,8 @@ class YuNetDetector:
         if self.refine_side is None:  # every face: its look is also its first upright pass
             angle = self._tilt_to_undo(face) if passes else 0.0
             face = self._redetect(image, face, angle, keep_box=True)
-            passes -= angle != 0.0
+            if angle != 0.0:
+                passes -= 1
         else:
             x1, y1, x2, y2 = face.box
             if scale < 1.0 and max(x2 - x1, y2 - y1) * scale < self.refine_side:
