@@ -8,9 +8,11 @@ figures.
     python experiments/rotation.py --upright-min-degrees 1.5
     python experiments/rotation.py --photos DIR --angles --scales 0.5 0.25   # resolution alone
     python experiments/rotation.py --photos DIR --angles --scales 0.5 --same-landmarks
+    python experiments/rotation.py --photos DIR --angles --crops 0.7 0.55   # tighter face crops
 
 Each photo is predicted upright and turned by +-ANGLES degrees (bilinear, the canvas grown to hold it,
-grey corners), and shrunk to each of SCALES of its width and height (Lanczos), through `AgePredictor`
+grey corners), shrunk to each of SCALES of its width and height (Lanczos), and cut to the central CROPS
+of its width and height (a face crop made tighter, as pre-aligned face sets are), through `AgePredictor`
 with YuNet: the face with the highest detector score of each changed photo against the original photo's.
 Prints, per photo (up to 12), the ages and their spread (highest minus lowest), and per change over all
 photos (turns together, each scale alone) the mean, 90th percentile and largest |age(changed) -
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         "--scales", type=float, nargs="*", default=[], help="shares of the photo's size, e.g. 0.5 0.25"
     )
     parser.add_argument(
+        "--crops", type=float, nargs="*", default=[], help="central shares of the photo kept, e.g. 0.7 0.55"
+    )
+    parser.add_argument(
         "--same-landmarks",
         action="store_true",
         help="align shrunk copies with the original photo's landmarks scaled down (not their own)",
@@ -73,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         "--detector-model", type=Path, default=SHARED / "models" / "face_detection_yunet.onnx"
     )
     args = parser.parse_args(argv)
-    if not args.angles and not args.scales:
-        parser.error("nothing to change: give --angles and/or --scales")
-    if any(not 0 < scale < 1 for scale in args.scales):
-        parser.error("--scales are shares of the photo's size, between 0 and 1")
+    if not args.angles and not args.scales and not args.crops:
+        parser.error("nothing to change: give --angles, --scales and/or --crops")
+    if any(not 0 < share < 1 for share in args.scales + args.crops):
+        parser.error("--scales and --crops are shares of the photo's size, between 0 and 1")
     if not args.detector_model.is_file():
         parser.error(f"{args.detector_model} does not exist: pass --detector-model FILE (YuNet's ONNX file)")
     photos, problems = expand_inputs([str(args.photos)])
@@ -98,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                 lambda image, scale=scale: shrink(image, scale)
             ]
             for scale in args.scales
+        },
+        **{
+            f"cut to the central {share:g} of their size": [lambda image, share=share: cut(image, share)]
+            for share in args.crops
         },
     }
     changes = {name: functions for name, functions in changes.items() if functions}
@@ -148,6 +157,13 @@ def top_face(predictor: AgePredictor, image: Image.Image) -> FacePrediction | No
     """The prediction of the face the detector is surest of, or None."""
     faces = predictor.predict_image(image)
     return max(faces, key=lambda f: f.detector_score or 0.0) if faces else None
+
+
+def cut(image: Image.Image, share: float) -> Image.Image:
+    """The central `share` of the image's width and height."""
+    margin_x, margin_y = image.width * (1 - share) / 2, image.height * (1 - share) / 2
+    box = (round(margin_x), round(margin_y), round(image.width - margin_x), round(image.height - margin_y))
+    return image.crop(box)
 
 
 def face_age(predictor: AgePredictor, image: Image.Image) -> float | None:
