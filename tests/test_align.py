@@ -310,3 +310,20 @@ def test_an_aligned_run_frames_photos_as_it_was_trained(utkface_sample, tmp_path
     rotated = upright.rotate(20, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128, 128, 128))
     ages = [predictor.predict_image(image)[0].age for image in (upright, rotated)]
     assert abs(ages[0] - ages[1]) < 1.5, ages
+
+
+def test_a_face_that_fills_its_photo_keeps_its_first_looks_landmarks():
+    """The second look needs the face's surroundings: around a face filling a tight crop its region would
+    be mostly the photo's repeated edge, so such a face keeps the landmarks of the first look (on a
+    photo with room around the face, the second look moves them)."""
+    require(YUNET)
+    photo = Image.open(require(TEST_IMAGES / "obama.jpg")).convert("RGB")
+    first_look = YuNetDetector(YUNET, **SMALL_FACES_LOOK_SETTINGS, upright_passes=0)
+    default = YuNetDetector(YUNET, upright_passes=0)
+    x1, y1, x2, y2 = _largest(first_look, photo).box
+    tight = photo.crop((round(x1), round(y1), round(x2), round(y2))).resize((160, 160))
+    roomy = photo.resize((photo.width // 4, photo.height // 4))  # under 640 px: no second look before
+    assert default._region_inside(tight, _largest(default, tight)) < 0.5
+    for image, same in ((tight, True), (roomy, False)):
+        ours, first = (np.asarray(_largest(d, image).landmarks) for d in (default, first_look))
+        assert np.allclose(ours, first) == same, (ours, first)

@@ -59,14 +59,19 @@ DETECTION_MAX_SIDE = 640
 # Landmarks are what made ages move with resolution: with the bundled model, FairFace's 540 photos at
 # half size (Lanczos) moved by 2.28 years on average with the landmarks the detector before found on them,
 # but by 0.71 when aligned with the full-size photo's landmarks scaled down; with these settings they
-# move by 1.79 (90th percentile 3.89, was 5.71). Portraits MAE 4.41 (was 4.57), FairFace 44.1% inside /
-# 4.03 y (was 43.9% / 4.09), UTKFace test 4.56 (was 4.59), 26.7 photos/s on the portraits (26.3 in the
+# move by 1.76 (90th percentile 3.89, was 5.71). Portraits MAE 4.42 (was 4.57), FairFace 44.1% inside /
+# 4.04 y (was 43.9% / 4.09), UTKFace test 4.58 (was 4.59), 26.7 photos/s on the portraits (26.4 in the
 # same run with the detector before): README, "Landmarks from one face size". The detector before looked
 # again only at faces smaller than 160 px on the copy, at most at full resolution, on regions 3 face
 # sizes wide: SMALL_FACES_LOOK_SETTINGS.
 REFINE_FACE_SIDE = None  # `refine_side`: None looks at every face again; N at faces under N px on the copy
 REGION_FACE_SIDE = 224
 REGION_CONTEXT = 2.0
+# A face whose region would show less than this share of the photo (a face filling a tight crop: the
+# rest would be the photo's repeated edge) keeps its first look's landmarks. Looked at all the same,
+# UTKFace's crops cut to their central 70% / 55% moved by 3.04 / 6.20 years; with this rule by 2.86 /
+# 5.84, and 2.93 / 5.80 with the detector before (experiments/rotation.py --crops).
+REGION_MIN_INSIDE = 0.5
 SMALL_FACES_LOOK_SETTINGS = {
     "refine_side": 160,
     "region_context": 3.0,
@@ -97,6 +102,7 @@ UPRIGHT_MIN_DEGREES = 3.0
 LANDMARK_METHOD = (
     f"yunet max_side={DETECTION_MAX_SIDE} refine_side={REFINE_FACE_SIDE} "
     f"region_face_side={REGION_FACE_SIDE} region_context={REGION_CONTEXT} region_enlarge=True "
+    f"region_min_inside={REGION_MIN_INSIDE} "
     f"upright_passes={UPRIGHT_PASSES} upright_min_degrees={UPRIGHT_MIN_DEGREES}"
 )
 
@@ -313,12 +319,13 @@ class YuNetDetector:
 
     def _refined(self, image: Image.Image, face: Face, scale: float) -> Face:
         passes = self.upright_passes
-        if self.refine_side is None:  # every face: its look is also its first upright pass
+        if self.refine_side is None and self._region_inside(image, face) >= REGION_MIN_INSIDE:
+            # every face with enough of the photo around it: its look is also its first upright pass
             angle = self._tilt_to_undo(face) if passes else 0.0
             face = self._redetect(image, face, angle, keep_box=True)
             if angle != 0.0:
                 passes -= 1
-        else:
+        elif self.refine_side is not None:
             x1, y1, x2, y2 = face.box
             if scale < 1.0 and max(x2 - x1, y2 - y1) * scale < self.refine_side:
                 face = self._redetect(image, face, 0.0)
@@ -328,6 +335,15 @@ class YuNetDetector:
                 break
             face = self._redetect(image, face, angle)
         return face
+
+    def _region_inside(self, image: Image.Image, face: Face) -> float:
+        """The share of the face's (upright) region that lies inside the photo."""
+        x1, y1, x2, y2 = face.box
+        half = self.region_context * max(x2 - x1, y2 - y1, 1.0) / 2
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        width = max(0.0, min(cx + half, image.width) - max(cx - half, 0.0))
+        height = max(0.0, min(cy + half, image.height) - max(cy - half, 0.0))
+        return width * height / (2 * half) ** 2
 
     def _tilt_to_undo(self, face: Face) -> float:
         """The face's tilt in degrees where it is `upright_min_degrees` or more, else 0."""
