@@ -241,7 +241,8 @@ class YuNetDetector:
     that shows the face `region_face_side` pixels tall (enlarged where smaller, unless `region_enlarge`
     is False; `refine_side` N looks again only at faces smaller than N px on the copy):
     * YuNet's landmarks depend on the size it sees a face at; from one size, the aligned crop, and the
-      age, move less with the photo's resolution (constants above);
+      age, move less with the photo's resolution (constants above); a face whose region would show less
+      than REGION_MIN_INSIDE of the photo (one filling a tight crop) keeps its first look's landmarks;
     * a tilted face (its landmarks' similarity fit to the aligner's upright template turns it by
       `upright_min_degrees` or more) is looked at on its region turned upright, up to
       `upright_passes` times: YuNet was trained on upright faces and its landmarks on a tilted one lean
