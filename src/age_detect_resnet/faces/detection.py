@@ -339,9 +339,8 @@ class YuNetDetector:
 
     def _region_inside(self, image: Image.Image, face: Face) -> float:
         """The share of the face's (upright) region that lies inside the photo."""
-        x1, y1, x2, y2 = face.box
-        half = self.region_context * max(x2 - x1, y2 - y1, 1.0) / 2
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        cx, cy, side = _centre_and_side(face)
+        half = self.region_context * side / 2
         width = max(0.0, min(cx + half, image.width) - max(cx - half, 0.0))
         height = max(0.0, min(cy + half, image.height) - max(cy - half, 0.0))
         return width * height / (2 * half) ** 2
@@ -360,9 +359,7 @@ class YuNetDetector:
         Every face's look keeps the first look's box: YuNet's box around a face enlarged to
         `region_face_side` is another shape (taller, reaching into the replicated edge of a tight crop),
         and older models' margins (`MarginFraming`) were measured on first-look boxes."""
-        x1, y1, x2, y2 = face.box
-        side = max(x2 - x1, y2 - y1, 1.0)
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        cx, cy, side = _centre_and_side(face)
         scale = self.region_face_side / side
         if not self.region_enlarge:
             scale = min(1.0, scale)
@@ -390,10 +387,18 @@ class YuNetDetector:
         best = found[int(overlaps.argmax())]
         back = cv2.invertAffineTransform(to_region)
         points = np.c_[np.asarray(best.landmarks), np.ones(5)] @ back.T
-        corners = np.array([[best.box[0], best.box[1], 1.0], [best.box[2], best.box[3], 1.0]]) @ back.T
         # The box: the match's where the region was not turned, else the first detection's (upright).
-        box = tuple(float(v) for v in corners.reshape(-1)) if angle == 0.0 and not keep_box else face.box
+        box = face.box
+        if angle == 0.0 and not keep_box:
+            corners = np.array([[best.box[0], best.box[1], 1.0], [best.box[2], best.box[3], 1.0]]) @ back.T
+            box = tuple(float(v) for v in corners.reshape(-1))
         return Face(box, face.score, tuple((float(x), float(y)) for x, y in points))
+
+
+def _centre_and_side(face: Face) -> tuple[float, float, float]:
+    """A face box's centre and longer side (at least 1 px): what a second look's region is built on."""
+    x1, y1, x2, y2 = face.box
+    return (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1, 1.0)
 
 
 def tilt_degrees(face: Face) -> float | None:
