@@ -93,17 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         settings["upright_min_degrees"] = args.upright_min_degrees
     detector = YuNetDetector(args.detector_model, **settings)
     predictor = AgePredictor(load_trained_model(args.model, "cpu"), detector=detector)
+    shrinks = {
+        f"shrunk to {scale:g} of their size"
+        + (", the original's landmarks" if args.same_landmarks else ""): [
+            lambda image, scale=scale: shrink(image, scale)
+        ]
+        for scale in args.scales
+    }
     changes = {
         f"turned by +-{', '.join(f'{a:g}' for a in args.angles)} degrees": [
             lambda image, angle=sign * angle: turn(image, angle) for angle in args.angles for sign in (1, -1)
         ],
-        **{
-            f"shrunk to {scale:g} of their size"
-            + (", the original's landmarks" if args.same_landmarks else ""): [
-                lambda image, scale=scale: shrink(image, scale)
-            ]
-            for scale in args.scales
-        },
+        **shrinks,
         **{
             f"cut to the central {share:g} of their size": [lambda image, share=share: cut(image, share)]
             for share in args.crops
@@ -116,11 +117,13 @@ def main(argv: list[str] | None = None) -> int:
         original = load_rgb(path)
         face = top_face(predictor, original)
         base = face.age if face is not None else None
+        # The original's landmarks, found once for all its shrunk copies.
+        landmarks_of = top_detected_face(detector, original) if args.same_landmarks and face else None
         changed = {}
         for name, functions in changes.items():
             copies = [f(original) for f in functions]
-            if args.same_landmarks and name.startswith("shrunk") and face is not None:
-                changed[name] = [age_with_landmarks(predictor, copy, original) for copy in copies]
+            if args.same_landmarks and name in shrinks and face is not None:
+                changed[name] = [age_with_landmarks(predictor, c, original, landmarks_of) for c in copies]
             else:
                 changed[name] = [face_age(predictor, copy) for copy in copies]
         ages = [base] + [a for per in changed.values() for a in per]
@@ -171,11 +174,17 @@ def face_age(predictor: AgePredictor, image: Image.Image) -> float | None:
     return face.age if face is not None else None
 
 
-def age_with_landmarks(predictor: AgePredictor, copy: Image.Image, original: Image.Image) -> float | None:
-    """The age of `copy`, a resized `original`, aligned with the landmarks of the original's face the
-    detector is surest of, scaled to the copy; None where it has none (no face, a box-only detector)."""
-    faces = predictor.detector.detect(original)
-    face = max(faces, key=lambda f: f.score) if faces else None
+def top_detected_face(detector: YuNetDetector, image: Image.Image) -> Face | None:
+    """The face (with its landmarks) the detector is surest of, or None."""
+    faces = detector.detect(image)
+    return max(faces, key=lambda f: f.score) if faces else None
+
+
+def age_with_landmarks(
+    predictor: AgePredictor, copy: Image.Image, original: Image.Image, face: Face | None
+) -> float | None:
+    """The age of `copy`, a resized `original`, aligned with the landmarks of `face` (found on the
+    original) scaled to the copy; None where there are none (no face, a box-only detector)."""
     if face is None or face.landmarks is None:
         return None
     sx, sy = copy.width / original.width, copy.height / original.height
