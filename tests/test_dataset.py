@@ -12,6 +12,7 @@ from age_detect_resnet.data.dataset import (
     AgeDataset,
     FileImages,
     RandomOcclusion,
+    RandomTightCut,
     collate_batch,
     create_dataloaders,
     make_loader,
@@ -93,6 +94,40 @@ def test_occlusion_is_a_setting_of_the_photo_augmentation_only():
         resolve_config(None, {"occlusion": 0.5})
     with pytest.raises(ConfigError, match="between 0 and 1"):
         resolve_config("cpu", {"occlusion": 2.0})
+
+
+def test_a_tight_cut_repeats_the_edge_of_a_box_inside_the_crop_as_the_aligner_shows_a_cut_photo():
+    # A 40 px context image around a 32 px crop (border 4), every pixel telling its row and column.
+    rows, cols = torch.meshgrid(torch.arange(40), torch.arange(40), indexing="ij")
+    image = torch.stack([rows, cols, rows + cols]).to(torch.uint8)
+    cut = RandomTightCut(p=1.0, image_size=32, cut=(0.25, 0.25), jitter=0.0)(image)
+    # Each side cut in by a quarter of the crop (8 px) from the crop's edge: the box is rows/cols 12..27.
+    assert torch.equal(cut[0], rows.clamp(12, 27).to(torch.uint8))
+    assert torch.equal(cut[1], cols.clamp(12, 27).to(torch.uint8))
+    assert torch.equal(cut[:, 12:28, 12:28], image[:, 12:28, 12:28])  # inside the box: untouched
+    torch.manual_seed(0)
+    varied = RandomTightCut(p=1.0, image_size=32)  # shares in [0, 0.25], each side +-0.05
+    for _ in range(50):
+        kept = varied(image)[0, :, 20]  # one column: the rows the box kept, then the edge repeated
+        first, last = int(kept.min()), int(kept.max())
+        assert 4 - 2 <= first <= 4 + 0.3 * 32 + 1 and 35 - 0.3 * 32 - 1 <= last <= 35 + 2
+    assert torch.equal(RandomTightCut(p=0.0, image_size=32)(image), image)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        RandomTightCut(p=2.0, image_size=32)
+
+
+def test_tight_cuts_are_a_setting_of_the_photo_augmentation_only():
+    from age_detect_resnet.training.config import ConfigError, resolve_config
+
+    photo = train_transform("photo", 32, tight_cut=0.3)
+    assert isinstance(photo.transforms[0], RandomTightCut) and photo.transforms[0].p == 0.3
+    assert not any(isinstance(t, RandomTightCut) for t in train_transform("photo", 32).transforms)
+    assert photo(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)).shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="photo augmentation"):
+        train_transform("light", 32, tight_cut=0.3)
+    assert resolve_config("cpu", {"tight_cut": 0.3}).data.tight_cut == 0.3
+    with pytest.raises(ConfigError, match="add --augment photo"):
+        resolve_config(None, {"tight_cut": 0.3})
 
 
 def test_the_share_of_low_resolution_faces_is_a_setting_of_the_photo_augmentation():

@@ -117,28 +117,74 @@ class RandomOcclusion:
         return out
 
 
+class RandomTightCut:
+    """With probability `p`, show the face as if its photo had been cut close around it, as pre-aligned
+    face sets are: outside a random box the pixels repeat the box's edge, which is what the aligner's
+    replicated border (faces/align.py) shows of a photo that ends near the face.
+
+    Works on the aligned crop with its context border (`image_size`: the crop's side, centred in the
+    image). Each side of the box is cut in from the crop's edge by a share of the crop's side: one share
+    drawn in `cut` for the whole box (photos are cut about evenly round the face), each side moved by up
+    to `jitter` from it; a negative share keeps some of the context border."""
+
+    def __init__(
+        self,
+        *,
+        p: float,
+        image_size: int,
+        cut: tuple[float, float] = (0.0, 0.25),
+        jitter: float = 0.05,
+    ) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"tight-cut probability must be between 0 and 1, got {p}")
+        if not 0.0 <= cut[0] <= cut[1] < 0.5:
+            raise ValueError(f"tight cuts are shares of the crop's side in [0, 0.5), got {cut}")
+        self.p, self.image_size, self.cut, self.jitter = p, image_size, cut, jitter
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, S', S') uint8, S' >= image_size
+        if torch.rand(()) >= self.p:
+            return image
+        height, width = image.shape[-2:]
+        share = float(torch.empty(()).uniform_(*self.cut))
+        sides = share + torch.empty(4).uniform_(-self.jitter, self.jitter)  # top, bottom, left, right
+        bounds = []
+        for length, near, far in ((height, sides[0], sides[1]), (width, sides[2], sides[3])):
+            border = (length - self.image_size) / 2
+            first = max(0, round(border + float(near) * self.image_size))
+            last = min(length - 1, round(length - 1 - border - float(far) * self.image_size))
+            bounds.append(torch.arange(length).clamp(first, max(first, last)))
+        rows, cols = bounds
+        return image[:, rows][:, :, cols]
+
+
 def train_transform(
     augment: str,
     image_size: int,
     occlusion: float = 0.0,
     low_resolution: float = LOW_RESOLUTION_SHARE,
+    tight_cut: float = 0.0,
 ) -> v2.Transform | None:
     """Augmentation on uint8 (3, S', S') tensors; None for the seed's plain resize.
 
     `photo` takes the aligned crop with its context border (S' > S, see cache.py) and ends with the
     centre (S, S): shifts, scaling and rotation then show real surroundings, not black corners.
     `occlusion` > 0 (photo only) also hides a random patch of that many faces (RandomOcclusion);
-    `low_resolution` (photo only) is the share of faces shrunk and scaled back (RandomLowResolution)."""
+    `low_resolution` (photo only) is the share of faces shrunk and scaled back (RandomLowResolution);
+    `tight_cut` > 0 (photo only) shows that many faces as if cut close round them (RandomTightCut)."""
     if occlusion and augment != "photo":
         raise ValueError(f"occlusion is part of the photo augmentation, not of {augment!r}")
+    if tight_cut and augment != "photo":
+        raise ValueError(f"tight cuts are part of the photo augmentation, not of {augment!r}")
     if low_resolution != LOW_RESOLUTION_SHARE and augment != "photo":
         raise ValueError(f"low resolution is part of the photo augmentation, not of {augment!r}")
     if augment == "none":
         return None
     if augment == "photo":
         occluder = [RandomOcclusion(p=occlusion)] if occlusion else []
+        cutter = [RandomTightCut(p=tight_cut, image_size=image_size)] if tight_cut else []
         return v2.Compose(
             [
+                *cutter,  # first: the photo is cut before the aligner's jitter below
                 v2.RandomHorizontalFlip(),
                 # Landmark alignment leaves a few degrees and percent of jitter on real photos; cover it.
                 v2.RandomAffine(degrees=10, translate=(0.04, 0.04), scale=(0.9, 1.1)),
@@ -330,6 +376,7 @@ def build_datasets(
     augment: str = "none",
     occlusion: float = 0.0,
     low_resolution: float = LOW_RESOLUTION_SHARE,
+    tight_cut: float = 0.0,
     skip_bad_images: bool = False,
 ) -> dict[str, AgeDataset]:
     """One dataset per split; only `train` is augmented."""
@@ -337,7 +384,7 @@ def build_datasets(
         split: AgeDataset(
             images_for[split],
             frame["age"].to_numpy(),
-            transform=train_transform(augment, image_size, occlusion, low_resolution)
+            transform=train_transform(augment, image_size, occlusion, low_resolution, tight_cut)
             if split == "train"
             else None,
             skip_bad_images=skip_bad_images,

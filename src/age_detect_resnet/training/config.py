@@ -78,6 +78,12 @@ class DataConfig:
         "--augment photo: share of training faces shrunk to a random smaller size (down to a quarter) "
         "and scaled back, as small faces in photos look",
     )
+    tight_cut: float = _setting(
+        0.0,
+        "--augment photo: share of training faces shown as if their photo were cut close around the face "
+        "(the edge repeated outside a box up to a quarter inside the crop), as pre-aligned face sets are; "
+        "0 = off",
+    )
     cache: bool = _setting(False, "decode and resize every image once into a memory-mapped cache")
     align: bool = _setting(
         False, "detect and align every training face by its landmarks, as at inference (needs --cache)"
@@ -273,7 +279,8 @@ def _merge(values: dict[str, dict[str, Any]], incoming: dict[str, Any], *, sourc
 
 def _check_photo_share(option: str, share: float, default: float, augment: str) -> None:
     """A setting of the photo augmentation that is a share of the training faces (`--occlusion`,
-    `--low-resolution`): between 0 and 1, and left at its default by the other augmentations."""
+    `--low-resolution`, `--tight-cut`): between 0 and 1, and left at its default by the other
+    augmentations."""
     if not 0 <= share <= 1:
         raise ConfigError(
             f"{option.replace('-', ' ')} is a share of the training faces, between 0 and 1; got {share}"
@@ -311,6 +318,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"--alignment {data.alignment} chooses the aligner of --align: add --align")
     _check_photo_share("occlusion", data.occlusion, 0.0, data.augment)
     _check_photo_share("low-resolution", data.low_resolution, LOW_RESOLUTION_SHARE, data.augment)
+    _check_photo_share("tight-cut", data.tight_cut, 0.0, data.augment)
     if not 0 < config.model.interval < 1:
         raise ConfigError(f"interval must be between 0 and 1, got {config.model.interval}")
     optim = config.optim

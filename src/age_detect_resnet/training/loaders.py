@@ -69,6 +69,7 @@ def build_loaders(
         augment=data.augment,
         occlusion=data.occlusion,
         low_resolution=data.low_resolution,
+        tight_cut=data.tight_cut,
         skip_bad_images=data.skip_bad_images,
     )
     per_process = max(1, train.batch_size // dist.world)
