@@ -143,7 +143,7 @@ def test_the_bundle_gives_a_photo_rotated_by_20_degrees_nearly_the_same_age(name
     for angle in (20, -20):
         turned = upright.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128,) * 3)
         ages.append(max(predictor.predict_image(turned), key=lambda f: f.detector_score).age)
-    # Measured on the shipped model: spreads of 0.3-2.4 years over the five photos (README, Robustness;
+    # Measured on the shipped model: spreads of 0.2-2.4 years over the five photos (README, Robustness;
     # 0.5-3.1 with the second look at small faces only, up to 12.7 without any upright re-detection).
     assert max(ages) - min(ages) < 5.0, ages
 

@@ -56,7 +56,7 @@ DETECTION_MAX_SIDE = 640
 # it is smaller. Its landmarks, which the aligner uses, then come from a face of one size whatever the
 # photo's resolution. A tilted face's look is taken turned upright, and while it is still
 # UPRIGHT_MIN_DEGREES or more off it is looked at again, UPRIGHT_PASSES looks in all.
-# Landmarks are what made ages move with resolution: with the bundled model, FairFace's 540 photos at
+# Landmarks are what made ages move with resolution: with the bundle of the time, FairFace's 540 photos at
 # half size (Lanczos) moved by 2.28 years on average with the landmarks the detector before found on them,
 # but by 0.71 when aligned with the full-size photo's landmarks scaled down; with these settings they
 # move by 1.76 (90th percentile 3.89, was 5.71). Portraits MAE 4.42 (was 4.57), FairFace 44.1% inside /

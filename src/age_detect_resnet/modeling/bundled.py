@@ -27,7 +27,7 @@ YUNET_MODEL = ASSETS / "face_detection_yunet.onnx"
 # The name that selects the bundled model wherever a model path is asked for.
 DEFAULT_MODEL_NAME = "default"
 # SHA-256 of the bundled age model's weights file (written by `write_bundled_model`).
-AGE_MODEL_SHA256 = "8ef0ef8bff513bf7eb9264534a4896a513424b4315dec691f642d9ee892b7ac3"
+AGE_MODEL_SHA256 = "556efbbd1dacc3d0f133a1b5f31600933f41adbabac70d4451d6e6ace9716e87"
 
 
 class BundledModelError(RuntimeError):
