@@ -9,6 +9,7 @@ figures.
     python experiments/rotation.py --photos DIR --angles --scales 0.5 0.25   # resolution alone
     python experiments/rotation.py --photos DIR --angles --scales 0.5 --same-landmarks
     python experiments/rotation.py --photos DIR --angles --crops 0.7 0.55   # tighter face crops
+    python experiments/rotation.py --photos DIR --test-of RUN --angles --crops 0.7   # its test split only
 
 Each photo is predicted upright and turned by +-ANGLES degrees (bilinear, the canvas grown to hold it,
 grey corners), shrunk to each of SCALES of its width and height (Lanczos), and cut to the central CROPS
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--photos", type=Path, default=SHARED / "test_images")
     parser.add_argument("--every", type=int, default=1, help="use every N-th photo (sorted by path)")
     parser.add_argument(
+        "--test-of",
+        type=Path,
+        help="a run folder: only the photos of its test split (split.csv, paths relative to --photos), "
+        "which a model trained on that split has not seen",
+    )
+    parser.add_argument(
         "--angles", type=float, nargs="*", default=[20.0], help="degrees, each turned both ways"
     )
     parser.add_argument(
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     photos, problems = expand_inputs([str(args.photos)])
     if problems or not photos:
         parser.error("; ".join(problems) or f"no photos in {args.photos}")
+    if args.test_of is not None:
+        photos = test_photos(photos, args.photos, args.test_of, parser)
     photos = photos[:: max(1, args.every)]
     settings = dict(DETECTORS[args.detector])
     if args.upright_min_degrees is not None:
@@ -154,6 +163,21 @@ def turn(image: Image.Image, angle: float) -> Image.Image:
 def shrink(image: Image.Image, scale: float) -> Image.Image:
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def test_photos(photos: list, root: Path, run: Path, parser: argparse.ArgumentParser) -> list:
+    """The photos listed in the test split of `run`'s split.csv (paths relative to `root`)."""
+    import pandas as pd
+
+    split_file = run / "split.csv"
+    if not split_file.is_file():
+        parser.error(f"{split_file} does not exist: --test-of needs a run folder with its split.csv")
+    split = pd.read_csv(split_file)
+    tested = {(root / path).resolve() for path in split.loc[split["split"] == "test", "path"]}
+    kept = [photo for photo in photos if Path(photo).resolve() in tested]
+    if not kept:
+        parser.error(f"none of the photos in {root} is in the test split of {split_file}")
+    return kept
 
 
 def top_face(predictor: AgePredictor, image: Image.Image) -> FacePrediction | None:

@@ -162,3 +162,28 @@ def test_the_resolution_experiment_can_align_smaller_copies_with_the_originals_l
     assert tool.main(["--model", str(tiny_bundle), *photos, *changes]) == 0
     out = capsys.readouterr().out
     assert "1 photos shrunk to 0.5 of their size, the original's landmarks (default detector)" in out, out
+
+
+def test_the_crop_experiment_can_keep_to_a_runs_test_split(tiny_bundle, capsys, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    require(YUNET)
+    script = Path(__file__).resolve().parents[1] / "experiments" / "rotation.py"
+    spec = importlib.util.spec_from_file_location("rotation", script)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    images = require(TEST_IMAGES)
+    names = sorted(p.name for p in images.iterdir() if p.suffix.lower() in {".jpg", ".png"})
+    run = tmp_path / "run"
+    run.mkdir()
+    photos = ["--photos", str(images), "--detector-model", str(YUNET), "--test-of", str(run)]
+    changes = ["--angles", "--crops", "0.7"]
+    with pytest.raises(SystemExit):  # no split.csv: a clear error, not a traceback
+        tool.main(["--model", str(tiny_bundle), *photos, *changes])
+    assert "split.csv" in capsys.readouterr().err
+    rows = [f"{names[0]},50,,test", f"{names[1]},50,,train"]
+    (run / "split.csv").write_text("path,age,person_id,split\n" + "\n".join(rows) + "\n")
+    assert tool.main(["--model", str(tiny_bundle), *photos, *changes]) == 0
+    out = capsys.readouterr().out
+    assert "1 photos cut to the central 0.7 of their size" in out, out  # the test photo alone
