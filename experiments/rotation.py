@@ -33,6 +33,7 @@ from PIL import Image
 
 from age_detect_resnet.cli.predict import expand_inputs
 from age_detect_resnet.data.dataset import pixels_to_input
+from age_detect_resnet.data.splits import load_split
 from age_detect_resnet.faces.detection import (
     PREVIOUS_YUNET_SETTINGS,
     SMALL_FACES_LOOK_SETTINGS,
@@ -41,6 +42,7 @@ from age_detect_resnet.faces.detection import (
 )
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_trained_model
+from age_detect_resnet.run_folder import RunFolder
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DETECTORS = {
@@ -167,13 +169,10 @@ def shrink(image: Image.Image, scale: float) -> Image.Image:
 
 def test_photos(photos: list, root: Path, run: Path, parser: argparse.ArgumentParser) -> list:
     """The photos listed in the test split of `run`'s split.csv (paths relative to `root`)."""
-    import pandas as pd
-
-    split_file = run / "split.csv"
+    split_file = RunFolder(run).split
     if not split_file.is_file():
         parser.error(f"{split_file} does not exist: --test-of needs a run folder with its split.csv")
-    split = pd.read_csv(split_file)
-    tested = {(root / path).resolve() for path in split.loc[split["split"] == "test", "path"]}
+    tested = {(root / path).resolve() for path in load_split(split_file, root).split("test")["path"]}
     kept = [photo for photo in photos if Path(photo).resolve() in tested]
     if not kept:
         parser.error(f"none of the photos in {root} is in the test split of {split_file}")
