@@ -148,15 +148,21 @@ def test_the_bundle_gives_a_photo_rotated_by_20_degrees_nearly_the_same_age(name
     assert max(ages) - min(ages) < 5.0, ages
 
 
-def test_the_resolution_experiment_can_align_smaller_copies_with_the_originals_landmarks(tiny_bundle, capsys):
+def rotation_experiment():
+    """experiments/rotation.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
-    require(YUNET)
     script = Path(__file__).resolve().parents[1] / "experiments" / "rotation.py"
     spec = importlib.util.spec_from_file_location("rotation", script)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_the_resolution_experiment_can_align_smaller_copies_with_the_originals_landmarks(tiny_bundle, capsys):
+    require(YUNET)
+    tool = rotation_experiment()
     photos = ["--photos", str(require(TEST_IMAGES)), "--every", "5", "--detector-model", str(YUNET)]
     changes = ["--angles", "--scales", "0.5", "--same-landmarks"]
     assert tool.main(["--model", str(tiny_bundle), *photos, *changes]) == 0
@@ -165,14 +171,8 @@ def test_the_resolution_experiment_can_align_smaller_copies_with_the_originals_l
 
 
 def test_the_crop_experiment_can_keep_to_a_runs_test_split(tiny_bundle, capsys, tmp_path):
-    import importlib.util
-    from pathlib import Path
-
     require(YUNET)
-    script = Path(__file__).resolve().parents[1] / "experiments" / "rotation.py"
-    spec = importlib.util.spec_from_file_location("rotation", script)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = rotation_experiment()
     images = require(TEST_IMAGES)
     names = sorted(p.name for p in images.iterdir() if p.suffix.lower() in {".jpg", ".png"})
     run = tmp_path / "run"
