@@ -15,6 +15,9 @@ Paths (same model, same YuNet detector, same photos):
   most 1280 px long, regions for the second look at full resolution): what the smaller default copy and
   regions save.
 `--precision fp32` runs the project paths in fp32, as `auto` does on CPUs without native bf16.
+`--onnx MODEL` adds the project path with the age model on ONNX Runtime (float32, `--backend onnx`), the
+same detector and batches; MODEL is what `predict --backend onnx --model` takes: `default` (the bundle's
+export, made once into the user cache), a run folder holding age_model.onnx, or an exported file.
 All paths detect with YuNet at its default settings (faces.detection) on its default engine unless said
 otherwise; crops are always cut from the full photo.
 Photos/s is over the whole folder; the per-photo latency is each path's median over single photos
@@ -43,7 +46,7 @@ from age_detect_resnet.faces.detection import (
     opencv_threads,
 )
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.inference.backends import TorchRunner
+from age_detect_resnet.inference.backends import TorchRunner, load_runner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.runtime import resolve_precision
 
@@ -70,6 +73,10 @@ def main() -> None:
         default="auto",
         help="the project paths' precision (auto: bf16 where the CPU has it natively, else fp32)",
     )
+    parser.add_argument(
+        "--onnx",
+        help="the same model for --backend onnx (default: the bundle's export): adds that path",
+    )
     args = parser.parse_args()
     photos, _ = expand_inputs([str(args.photos)])
     if not photos:
@@ -91,6 +98,11 @@ def main() -> None:
         "naive: one photo at a time, fp32": naive,
         f"project (default): predict_photos (shared batches, {project_precision})": project(detector),
     }
+    if args.onnx is not None:
+        runner, metadata = load_runner(args.onnx, backend="onnx")
+        variants["project, age model on ONNX Runtime (fp32, --backend onnx)"] = AgePredictor(
+            runner=runner, metadata=metadata, detector=detector
+        )
     if yunet is not None:
         variants["project, YuNet on OpenCV's DNN module"] = project(YuNetDetector(yunet, engine="opencv"))
         variants["project, second look at small faces only (before)"] = project(
@@ -125,7 +137,7 @@ def main() -> None:
         "End-to-end photos (bench_photos.py)",
         ["path", "photos/s", "median ms per photo", "speed-up", "mean |age diff|"],
         rows,
-        machine=machine(torch.device("cpu")),
+        machine=machine(torch.device("cpu"), args.precision),
         settings=f"{model.backbone_name}, {model.metadata['image_size']} px, {len(photos)} photos from "
         f"{args.photos.name}, a face found in {faces}{engine}",
     )

@@ -31,12 +31,13 @@ YUNET = SHARED / "models" / "face_detection_yunet.onnx"
 RESNET50_WEIGHTS = SHARED / "weights" / "resnet50_imagenet_v1_fp16.safetensors"
 
 
-def machine(device: torch.device) -> str:
-    """One line naming the hardware and software, for the results table."""
+def machine(device: torch.device, precision: str = "auto") -> str:
+    """One line naming the hardware and software, for the results table (`precision`: what the
+    benchmark's project paths were asked for)."""
     extra = f", {torch.get_num_threads()} torch threads"
     if device.type == "cpu":
         extra += ", CPU bf16: " + ("yes" if cpu_has_bf16() else "no")
-    return f"{hardware_summary(device)}{extra}; project precision {resolve_precision('auto', device)}"
+    return f"{hardware_summary(device)}{extra}; project precision {resolve_precision(precision, device)}"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

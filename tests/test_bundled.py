@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from age_detect_resnet.inference.backends import TorchRunner
+from age_detect_resnet.export import exporter
+from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, load_runner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.modeling import bundled, checkpoint
 from conftest import TEST_IMAGES, YUNET, require, train_tiny
@@ -48,6 +49,41 @@ def test_the_bundle_is_fp16_and_gives_the_runs_ages(tiny_run, tiny_bundle):
         for r, m in zip(runners, (original, bundle), strict=True)
     ]
     assert ages[1] == pytest.approx(ages[0], abs=0.5)
+
+
+def test_the_onnx_backend_exports_the_bundle_once_into_the_user_cache(tiny_bundle, tmp_path, monkeypatch):
+    pytest.importorskip("onnxscript")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    exports = []
+    export_model = exporter.export_model
+    monkeypatch.setattr(
+        exporter, "export_model", lambda *a, **k: exports.append(a[1]) or export_model(*a, **k)
+    )
+    runner, metadata = load_runner("default", backend="onnx")
+    assert isinstance(runner, OnnxRunner) and len(exports) == 1
+    assert exports[0].parent == tmp_path / "cache" / "age-detect-resnet"
+    assert metadata["source"]["sha256"] == bundled.AGE_MODEL_SHA256 == load_trained_model().metadata["sha256"]
+    size = metadata["image_size"]
+    images = torch.randint(
+        0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    expected = TorchRunner(load_trained_model(), precision="fp32")(images)["age"]
+    assert np.allclose(runner(images)["age"], expected, atol=0.01)
+
+    load_runner("default", backend="onnx")  # made once: the next run reuses it
+    assert len(exports) == 1
+    exports[0].write_bytes(b"cut short")  # a damaged copy is made again, not run
+    runner, _ = load_runner("default", backend="onnx")
+    assert len(exports) == 2 and np.allclose(runner(images)["age"], expected, atol=0.01)
+
+
+def test_the_onnx_backend_says_how_to_get_the_exporter(tiny_bundle, monkeypatch):
+    def no_exporter(fmt):
+        raise ModuleNotFoundError("No module named 'onnxscript'")
+
+    monkeypatch.setattr(exporter, "bundled_export", no_exporter)
+    with pytest.raises(checkpoint.ModelFileError, match=r"age-detect-resnet\[export\]"):
+        load_runner("default", backend="onnx")
 
 
 def test_a_damaged_bundle_is_refused(tiny_bundle):

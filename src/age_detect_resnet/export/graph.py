@@ -6,7 +6,9 @@ head's readout (`AgeHead.predict`, named by `output_names`): a consumer needs no
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,6 +21,8 @@ from age_detect_resnet.modeling.model import AgeModel
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "torchscript")
+# The ONNX exporter's own packages, which log every graph pass (hundreds of lines) at INFO.
+_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir")
 # Example batch of 2, not 1: with 1 the exporters may specialise the batch axis to a constant.
 _EXAMPLE_BATCH = 2
 
@@ -57,24 +61,38 @@ def _example(model: AgeModel) -> torch.Tensor:
     return torch.zeros(_EXAMPLE_BATCH, 3, size, size, dtype=torch.uint8)
 
 
+@contextlib.contextmanager
+def _exporter_warnings_only() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def export_onnx(model: AgeModel, path: Path) -> None:
     """Write `ExportedAgeModel(model)` as one self-contained ONNX file with a dynamic batch axis."""
     import onnx
 
     try:
-        torch.onnx.export(
-            ExportedAgeModel(model).eval(),
-            (_example(model),),
-            str(path),
-            dynamo=True,
-            external_data=False,
-            input_names=[INPUT_NAME],
-            output_names=list(model.head.output_names),
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-            custom_translation_table={torch.ops.aten.searchsorted.Tensor: _searchsorted_onnx},
-            verbose=False,
-        )
-        onnx.checker.check_model(str(path), full_check=True)
+        with _exporter_warnings_only():
+            torch.onnx.export(
+                ExportedAgeModel(model).eval(),
+                (_example(model),),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                input_names=[INPUT_NAME],
+                output_names=list(model.head.output_names),
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                custom_translation_table={torch.ops.aten.searchsorted.Tensor: _searchsorted_onnx},
+                verbose=False,
+            )
+            onnx.checker.check_model(str(path), full_check=True)
     except Exception as err:  # the exporter and the checker raise many types, with long reports
         raise ExportError(f"ONNX export failed: {str(err)[:800]}") from err
 

@@ -33,7 +33,7 @@ from age_detect_resnet.atomic import atomic_path
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.faces.yunet import resolve_engine, yunet_engine
 from age_detect_resnet.images import ImageReadError, load_rgb
-from age_detect_resnet.modeling.bundled import bundled_yunet_path
+from age_detect_resnet.modeling.bundled import bundled_yunet_path, cache_dir
 from age_detect_resnet.progress import progress
 
 log = logging.getLogger(__name__)
@@ -197,11 +197,6 @@ def with_max_side(detector: FaceDetector, max_side: int | None) -> FaceDetector:
     scaled = copy.copy(detector)
     scaled.max_side = max_side or None
     return scaled
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "age-detect-resnet"
 
 
 def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True) -> Path:

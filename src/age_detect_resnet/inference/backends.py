@@ -22,6 +22,7 @@ import torch
 
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.bundled import is_default
 from age_detect_resnet.modeling.model import AgeModel, raw_outputs
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.runtime import autocast_factory, resolve_precision
@@ -140,6 +141,25 @@ def read_export_metadata(path: Path | str) -> dict[str, Any]:
     return metadata
 
 
+def _bundled_export(backend: str) -> Path:
+    """`export.exporter.bundled_export`, with what a user can fix (no exporter installed, a failed
+    export) as a `ModelFileError`."""
+    from age_detect_resnet.export.exporter import bundled_export  # export/ imports this module
+    from age_detect_resnet.export.graph import ExportError
+
+    try:
+        return bundled_export(backend)
+    except ImportError as err:
+        raise checkpoint.ModelFileError(
+            f"--backend {backend} with the bundled model exports it once, which needs the exporter "
+            f"({err}): pip install 'age-detect-resnet[export]', or use --backend torch"
+        ) from err
+    except (ExportError, OSError) as err:
+        raise checkpoint.ModelFileError(
+            f"could not export the bundled model for --backend {backend} ({err}); use --backend torch"
+        ) from err
+
+
 def load_runner(
     model: AgeModel | Path | str | None = "default",
     *,
@@ -152,7 +172,8 @@ def load_runner(
     """A runner and the metadata that says how to feed it (image size, framing).
 
     torch: a loaded AgeModel, a run folder, a .safetensors file or `default` (the bundled model).
-    onnx / torchscript: a file from `age-detect export`, or a run folder holding the default export.
+    onnx / torchscript: a file from `age-detect export`, a run folder holding the default export, or
+    `default`: the bundled model's export, made once into the user cache (`export.bundled_export`).
     Every problem a user can fix (no file, no metadata, no onnxruntime) is a `ModelFileError`."""
     if backend not in BACKENDS:
         raise checkpoint.ModelFileError(f"unknown backend {backend!r}; use {', '.join(BACKENDS)}")
@@ -163,13 +184,16 @@ def load_runner(
         raise checkpoint.ModelFileError(
             f"flip averaging needs the torch backend; an {backend} export has none"
         )
-    if isinstance(model, AgeModel) or model is None or str(model) == "default":
+    if isinstance(model, AgeModel):
         raise checkpoint.ModelFileError(
             f"--backend {backend} runs an exported file: create one with `age-detect export` and "
             "pass it as --model"
         )
-    path = Path(model)
-    path = RunFolder(path).export(backend) if path.is_dir() else path
+    if is_default(model):
+        path = _bundled_export(backend)
+    else:
+        path = Path(model)
+        path = RunFolder(path).export(backend) if path.is_dir() else path
     metadata = read_export_metadata(path)
     if metadata.get("model_format") != backend:
         raise checkpoint.ModelFileError(f"{path} is a {metadata.get('model_format')} export, not {backend}")

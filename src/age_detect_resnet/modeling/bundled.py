@@ -6,12 +6,16 @@ assets/face_detection_yunet.onnx          the YuNet face detector, where a relea
 
 Both are checked against the SHA-256 below before use, so a damaged or swapped file is refused
 instead of giving wrong ages. `write_bundled_model` makes the bundle from a finished run.
+
+What the package downloads (YuNet where the build lacks it) or derives from the bundle (its ONNX export
+for `--backend onnx`) is kept in `cache_dir()`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,12 @@ AGE_MODEL_SHA256 = "556efbbd1dacc3d0f133a1b5f31600933f41adbabac70d4451d6e6ace971
 
 class BundledModelError(RuntimeError):
     """The bundled model is missing or damaged; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Where files made once on this machine are kept: $XDG_CACHE_HOME/age-detect-resnet (~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "age-detect-resnet"
 
 
 def is_default(path: str | Path | None) -> bool:
