@@ -7,9 +7,10 @@ import functools
 import os
 import platform
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +91,29 @@ def autocast_factory(device: torch.device, precision: str) -> Callable[[], Abstr
         return contextlib.nullcontext
     dtype = _DTYPES[precision]
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def onnx_session(
+    path: Path | str,
+    *,
+    threads: int | None = None,
+    inter_op_threads: int | None = None,
+    providers: Sequence[str] | None = None,
+) -> Any:
+    """An ONNX Runtime session for a model file (exported age models, YuNet): `threads` intra-op
+    threads (None: ONNX Runtime's choice), on `providers` (default: CUDA where available, else CPU).
+    ImportError where ONNX Runtime is not installed."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    if inter_op_threads:
+        options.inter_op_num_threads = inter_op_threads
+    if providers is None:
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+    return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from age_detect_resnet.runtime import onnx_session
+
 ENGINES = ("auto", "onnxruntime", "opencv")
 ENGINE_ENV = "AGE_DETECT_YUNET_ENGINE"
 STRIDES = (8, 16, 32)
@@ -78,12 +80,9 @@ class OnnxRuntimeYuNet:
     ) -> None:
         self.model_path, self.score_threshold, self.nms_threshold = model_path, score_threshold, nms_threshold
         if session is None:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            session = onnx_session(
+                model_path, threads=1, inter_op_threads=1, providers=["CPUExecutionProvider"]
+            )
         self._session = session
         self._input = session.get_inputs()[0].name
         names = [f"{kind}_{stride}" for kind in ("cls", "obj", "bbox", "kps") for stride in STRIDES]

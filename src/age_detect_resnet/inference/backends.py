@@ -25,7 +25,7 @@ from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.bundled import is_default
 from age_detect_resnet.modeling.model import AgeModel, raw_outputs
 from age_detect_resnet.run_folder import RunFolder
-from age_detect_resnet.runtime import autocast_factory, resolve_precision
+from age_detect_resnet.runtime import autocast_factory, onnx_session, resolve_precision
 
 BACKENDS = ("torch", "onnx", "torchscript")
 EXPORT_FORMAT = "age-detect-resnet-export/1"
@@ -70,18 +70,7 @@ class OnnxRunner:
     def __init__(
         self, path: Path | str, *, providers: Sequence[str] | None = None, threads: int | None = None
     ) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        available = ort.get_available_providers()
-        chosen = (
-            list(providers)
-            if providers
-            else [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        )
-        self.session = ort.InferenceSession(str(path), options, providers=chosen)
+        self.session = onnx_session(path, threads=threads, providers=providers or None)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [output.name for output in self.session.get_outputs()]
 
