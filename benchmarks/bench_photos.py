@@ -15,9 +15,10 @@ Paths (same model, same YuNet detector, same photos):
   most 1280 px long, regions for the second look at full resolution): what the smaller default copy and
   regions save.
 `--precision fp32` runs the project paths in fp32, as `auto` does on CPUs without native bf16.
-`--onnx MODEL` adds the project path with the age model on ONNX Runtime (float32, `--backend onnx`), the
-same detector and batches; MODEL is what `predict --backend onnx --model` takes: `default` (the bundle's
-export, made once into the user cache), a run folder holding age_model.onnx, or an exported file.
+`--onnx MODEL` adds the project path with the age model on ONNX Runtime (`--backend onnx`; float32, or
+int8 for an export made with `--quantize int8`), the same detector and batches; MODEL is what
+`predict --backend onnx --model` takes: `default` (the bundle's export, made once into the user cache), a
+run folder holding age_model.onnx, or an exported file.
 All paths detect with YuNet at its default settings (faces.detection) on its default engine unless said
 otherwise; crops are always cut from the full photo.
 Photos/s is over the whole folder; the per-photo latency is each path's median over single photos
@@ -100,7 +101,8 @@ def main() -> None:
     }
     if args.onnx is not None:
         runner, metadata = load_runner(args.onnx, backend="onnx")
-        variants["project, age model on ONNX Runtime (fp32, --backend onnx)"] = AgePredictor(
+        numbers = "int8" if metadata.get("quantize") == "int8" else "fp32"
+        variants[f"project, age model on ONNX Runtime ({numbers}, --backend onnx)"] = AgePredictor(
             runner=runner, metadata=metadata, detector=detector
         )
     if yunet is not None:
