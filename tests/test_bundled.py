@@ -135,6 +135,24 @@ def test_analyze_in_one_call(tiny_bundle):
         analyze(np.zeros((10, 10), dtype=np.float32))
 
 
+def test_analyze_can_run_the_bundle_on_onnx_runtime(tiny_bundle, tmp_path, monkeypatch):
+    from age_detect_resnet import analyze
+    from age_detect_resnet.inference.api import _predictor
+
+    pytest.importorskip("onnxscript")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _predictor.cache_clear()
+    path = require(TEST_IMAGES / "biden.jpg")
+    require(YUNET)
+    on_torch, on_onnx = analyze(path), analyze(path, backend="onnx")
+    assert [f["box"] for f in on_onnx] == [f["box"] for f in on_torch] and on_onnx
+    assert on_onnx[0]["age"] == pytest.approx(on_torch[0]["age"], abs=0.3)  # fp32 vs bf16 where native
+    assert list((tmp_path / "cache" / "age-detect-resnet").glob("age_model-*.onnx"))
+    with pytest.raises(checkpoint.ModelFileError, match="flip averaging"):
+        analyze(path, backend="onnx", tta=True)
+    _predictor.cache_clear()
+
+
 def test_init_starts_from_the_trained_model(tiny_run, utkface_sample, tmp_path):
     """--init loads backbone and head: with a learning rate of ~0 the weights stay the trained model's
     (an ImageNet start has another head altogether)."""

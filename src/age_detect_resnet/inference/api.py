@@ -20,18 +20,20 @@ from PIL import Image
 
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
+from age_detect_resnet.inference.predictor import AgePredictor, load_predictor
 from age_detect_resnet.runtime import select_device
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
 
 @lru_cache(maxsize=4)
-def _predictor(model: str, device: str, detector: str, detector_model: str | None, tta: bool) -> AgePredictor:
-    torch_device = select_device(device)
-    return AgePredictor(
-        load_trained_model(model, torch_device),
-        device=torch_device,
+def _predictor(
+    model: str, device: str, detector: str, detector_model: str | None, tta: bool, backend: str
+) -> AgePredictor:
+    return load_predictor(
+        model,
+        backend=backend,
+        device=select_device(device) if backend == "torch" else "cpu",
         detector=None if detector == "none" else create_detector(detector, detector_model),
         tta_flip=tta,
     )
@@ -55,12 +57,15 @@ def analyze(
     detector: str = "auto",
     detector_model: str | Path | None = None,
     tta: bool = False,
+    backend: str = "torch",
 ) -> list[dict[str, Any]]:
     """Every face in `image` (a path, PIL image or uint8 RGB array) with its box, detector score, age
     and, for models that give one, its 80% age interval; largest-score face first. An empty list when
-    no face is found; `detector="none"` treats the whole image as one face crop."""
+    no face is found; `detector="none"` treats the whole image as one face crop. `backend="onnx"` runs
+    an exported model, or the bundled one's export (made once, `predict --backend onnx`), on ONNX
+    Runtime."""
     predictor = _predictor(
-        str(model), device, detector, str(detector_model) if detector_model else None, bool(tta)
+        str(model), device, detector, str(detector_model) if detector_model else None, bool(tta), backend
     )
     faces = []
     for face in predictor.predict_image(_as_image(image)):
