@@ -14,7 +14,9 @@ figures.
 Each photo is predicted upright and turned by +-ANGLES degrees (bilinear, the canvas grown to hold it,
 grey corners), shrunk to each of SCALES of its width and height (Lanczos), and cut to the central CROPS
 of its width and height (a face crop made tighter, as pre-aligned face sets are), through `AgePredictor`
-with YuNet: the face with the highest detector score of each changed photo against the original photo's.
+with YuNet: the photo's subject (the face `evaluate` predicts for a labelled photo, `subject_face`) and,
+in each changed copy, the face found where the subject's centre went (none found there: not counted), so
+that a photo of several people compares one person's ages.
 Prints, per photo (up to 12), the ages and their spread (highest minus lowest), and per change over all
 photos (turns together, each scale alone) the mean, 90th percentile and largest |age(changed) -
 age(original)|. With `--same-landmarks` a shrunk copy is aligned with the original photo's face and
@@ -25,7 +27,9 @@ that the rest of the change is the landmarks'.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,7 @@ from age_detect_resnet.faces.detection import (
     SMALL_FACES_LOOK_SETTINGS,
     Face,
     YuNetDetector,
+    subject_face,
 )
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_trained_model
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for scale in args.scales
     }
-    changes = {
+    changes: dict[str, list[Callable[[Image.Image], Changed]]] = {
         f"turned by +-{', '.join(f'{a:g}' for a in args.angles)} degrees": [
             lambda image, angle=sign * angle: turn(image, angle) for angle in args.angles for sign in (1, -1)
         ],
@@ -126,17 +131,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for path in photos:
         original = load_rgb(path)
-        face = top_face(predictor, original)
+        face = subject(predictor.predict_image(original), original.size)
         base = face.age if face is not None else None
         # The original's landmarks, found once for all its shrunk copies.
-        landmarks_of = top_detected_face(detector, original) if args.same_landmarks and face else None
+        landmarks_of = None
+        if args.same_landmarks and face is not None:
+            landmarks_of = subject_face(detector.detect(original), original.size)
         changed = {}
         for name, functions in changes.items():
             copies = [f(original) for f in functions]
             if args.same_landmarks and name in shrinks and face is not None:
-                changed[name] = [age_with_landmarks(predictor, c, original, landmarks_of) for c in copies]
+                changed[name] = [
+                    age_with_landmarks(predictor, copy, original, landmarks_of) for copy, _ in copies
+                ]
             else:
-                changed[name] = [face_age(predictor, copy) for copy in copies]
+                changed[name] = [same_face_age(predictor, copy, face, where) for copy, where in copies]
         ages = [base] + [a for per in changed.values() for a in per]
         known = [a for a in ages if a is not None]
         if base is None or len(known) < 2:
@@ -158,13 +167,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def turn(image: Image.Image, angle: float) -> Image.Image:
-    return image.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128,) * 3)
+# A changed copy of a photo, and where a point (x, y) of the original lies in it.
+Changed = tuple[Image.Image, Callable[[float, float], tuple[float, float]]]
 
 
-def shrink(image: Image.Image, scale: float) -> Image.Image:
+def turn(image: Image.Image, angle: float) -> Changed:
+    """The photo turned counter-clockwise by `angle` degrees about its centre, on a canvas grown to hold
+    it (grey corners)."""
+    turned = image.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True, fillcolor=(128,) * 3)
+    cos, sin = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+
+    def where(x: float, y: float) -> tuple[float, float]:
+        dx, dy = x - image.width / 2, y - image.height / 2  # y points down: counter-clockwise is (c, -s)
+        return turned.width / 2 + dx * cos + dy * sin, turned.height / 2 - dx * sin + dy * cos
+
+    return turned, where
+
+
+def shrink(image: Image.Image, scale: float) -> Changed:
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+    sx, sy = size[0] / image.width, size[1] / image.height
+    return image.resize(size, Image.Resampling.LANCZOS), lambda x, y: (x * sx, y * sy)
 
 
 def test_photos(photos: list, root: Path, run: Path, parser: argparse.ArgumentParser) -> list:
@@ -179,28 +202,39 @@ def test_photos(photos: list, root: Path, run: Path, parser: argparse.ArgumentPa
     return kept
 
 
-def top_face(predictor: AgePredictor, image: Image.Image) -> FacePrediction | None:
-    """The prediction of the face the detector is surest of, or None."""
-    faces = predictor.predict_image(image)
-    return max(faces, key=lambda f: f.detector_score or 0.0) if faces else None
+def subject(faces: list[FacePrediction], size: tuple[int, int]) -> FacePrediction | None:
+    """The prediction of the face the photo is of, by `subject_face` (as `evaluate` chooses), or None."""
+    detected = [Face(f.box, f.detector_score or 0.0, None) for f in faces]
+    chosen = subject_face(detected, size)
+    return None if chosen is None else faces[detected.index(chosen)]
 
 
-def cut(image: Image.Image, share: float) -> Image.Image:
+def cut(image: Image.Image, share: float) -> Changed:
     """The central `share` of the image's width and height."""
     margin_x, margin_y = image.width * (1 - share) / 2, image.height * (1 - share) / 2
     box = (round(margin_x), round(margin_y), round(image.width - margin_x), round(image.height - margin_y))
-    return image.crop(box)
+    return image.crop(box), lambda x, y: (x - box[0], y - box[1])
 
 
-def face_age(predictor: AgePredictor, image: Image.Image) -> float | None:
-    face = top_face(predictor, image)
-    return face.age if face is not None else None
-
-
-def top_detected_face(detector: YuNetDetector, image: Image.Image) -> Face | None:
-    """The face (with its landmarks) the detector is surest of, or None."""
-    faces = detector.detect(image)
-    return max(faces, key=lambda f: f.score) if faces else None
+def same_face_age(
+    predictor: AgePredictor,
+    copy: Image.Image,
+    face: FacePrediction | None,
+    where: Callable[[float, float], tuple[float, float]],
+) -> float | None:
+    """The age of the face in `copy` whose box holds the point where the centre of `face` (found on the
+    original) went, the nearest to it where several do; None where none does."""
+    if face is None:
+        return None
+    x, y = where((face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2)
+    holding = [
+        f for f in predictor.predict_image(copy) if f.box[0] <= x <= f.box[2] and f.box[1] <= y <= f.box[3]
+    ]
+    if not holding:
+        return None
+    return min(
+        holding, key=lambda f: math.dist((x, y), ((f.box[0] + f.box[2]) / 2, (f.box[1] + f.box[3]) / 2))
+    ).age
 
 
 def age_with_landmarks(

@@ -241,3 +241,45 @@ def test_the_crop_experiment_can_keep_to_a_runs_test_split(tiny_bundle, capsys, 
     assert tool.main(["--model", str(tiny_bundle), *photos, *changes]) == 0
     out = capsys.readouterr().out
     assert "1 photos cut to the central 0.7 of their size" in out, out  # the test photo alone
+
+
+@pytest.mark.parametrize("change", ["turn 20", "turn -35", "shrink", "cut"])
+def test_the_robustness_experiment_follows_a_point_of_the_photo_into_each_changed_copy(change):
+    tool = rotation_experiment()
+    image = Image.new("RGB", (300, 200), (0, 0, 0))
+    point = (210, 60)
+    image.paste((255, 255, 255), (point[0] - 2, point[1] - 2, point[0] + 3, point[1] + 3))
+    if change.startswith("turn"):
+        copy, where = tool.turn(image, float(change.split()[1]))
+    elif change == "shrink":
+        copy, where = tool.shrink(image, 0.5)
+    else:
+        copy, where = tool.cut(image, 0.7)
+    pixels = np.asarray(copy.convert("L"), dtype=float)
+    pixels[pixels == 128] = 0  # the grey corners of a turned copy
+    ys, xs = np.nonzero(pixels > 60)
+    found = (np.average(xs, weights=pixels[ys, xs]), np.average(ys, weights=pixels[ys, xs]))
+    assert where(*point) == pytest.approx(found, abs=1.5)
+
+
+def test_the_robustness_experiment_compares_the_same_person_in_a_group_photo():
+    from age_detect_resnet.inference.predictor import FacePrediction
+
+    tool = rotation_experiment()
+
+    class Faces:  # a predictor that finds two people, the second now surer than the first
+        def predict_image(self, image):
+            return [
+                FacePrediction(0, (10, 10, 50, 50), (0, 0, 1, 1), 0.6, age=30.0),
+                FacePrediction(1, (100, 10, 140, 50), (0, 0, 1, 1), 0.9, age=70.0),
+            ]
+
+    original = FacePrediction(0, (20, 20, 100, 100), (0, 0, 1, 1), 0.8, age=31.0)
+    half = Image.new("RGB", (100, 100))
+    assert tool.same_face_age(Faces(), half, original, lambda x, y: (x / 2, y / 2)) == 30.0
+    assert tool.same_face_age(Faces(), half, original, lambda x, y: (x + 500, y)) is None  # lost
+    centre, corner = (
+        FacePrediction(0, (70, 70, 130, 130), (0, 0, 1, 1), 0.5, age=8.0),
+        FacePrediction(1, (0, 0, 60, 60), (0, 0, 1, 1), 0.9, age=40.0),
+    )
+    assert tool.subject([corner, centre], (200, 200)) is centre  # as evaluate picks, not the surest
