@@ -13,6 +13,7 @@ import torch
 
 from age_detect_resnet.cli import export as export_cli
 from age_detect_resnet.data.dataset import to_input_tensor
+from age_detect_resnet.evaluation.evaluate import evaluate_model
 from age_detect_resnet.export.exporter import export_model
 from age_detect_resnet.export.verify import INT8_TOLERANCE_YEARS, int8_verdict
 from age_detect_resnet.faces.detection import create_detector
@@ -21,6 +22,7 @@ from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, read_e
 from age_detect_resnet.inference.predictor import AgePredictor, load_predictor
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.model import AgeModel, create_backbone
+from age_detect_resnet.training.config import ConfigError
 from conftest import TEST_IMAGES, UTKFACE, WEIGHTS, YUNET, require, train_tiny
 
 MOBILENET = WEIGHTS / "mobilenet_v2_imagenet_fp16.safetensors"
@@ -132,7 +134,7 @@ def test_distribution_model_exports_its_interval(utkface_sample: Path, tmp_path:
         "1",
     )
     model = checkpoint.load_model(run)
-    out = tmp_path / "age.onnx"
+    out = run / "age_model.onnx"  # the run's own export: what --backend onnx --model RUN runs
     metadata = export_model(model, out, check_images=[utkface_sample])
     assert metadata["outputs"] == ["age", "lower", "upper"]
 
@@ -145,6 +147,19 @@ def test_distribution_model_exports_its_interval(utkface_sample: Path, tmp_path:
     (prediction,) = load_predictor(out, backend="onnx").predict_image(face)
     (reference,) = AgePredictor(runner=pytorch_fp32(model), metadata=model.metadata).predict_image(face)
     assert np.allclose(prediction.interval, reference.interval, atol=TOLERANCE, rtol=0)
+
+    # `evaluate --backend onnx` reports the export on the run's test split like the model itself.
+    as_model, _ = evaluate_model(run, split="test", out=tmp_path / "torch")
+    as_export, report = evaluate_model(run, split="test", out=tmp_path / "onnx", backend="onnx")
+    rows = [pd.read_csv(folder / "predictions.csv") for folder in (tmp_path / "torch", report)]
+    assert rows[1]["path"].tolist() == rows[0]["path"].tolist() and len(rows[1]) == as_model["count"]
+    for column in ("predicted", "lower", "upper"):  # PyTorch evaluates in bf16 where the CPU has it
+        assert np.abs(rows[1][column] - rows[0][column]).max() < 0.5, column
+    assert as_export["mae"] == pytest.approx(as_model["mae"], abs=0.1)
+    assert as_export["interval"]["nominal"] == as_model["interval"]["nominal"] == 0.8
+    assert "on --backend onnx" in (report / "evaluation.md").read_text()
+    with pytest.raises(ConfigError, match="--tta"):
+        evaluate_model(run, split="test", backend="onnx", tta=True)
 
 
 def test_export_never_overwrites_the_trained_models_metadata(varied_run: Path):

@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "onnx"),
+        default="torch",
+        help="onnx: evaluate the model as exported (an .onnx file from `age-detect export`, a run folder "
+        "holding age_model.onnx, or default: the bundle's export), on ONNX Runtime",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.num_workers,
             skip_bad_images=args.skip_bad_images,
             device=args.device,
+            backend=args.backend,
         )
     except (*user_errors(), ValueError) as err:  # ValueError: a table or image it cannot use
         log.error("%s", err)

@@ -5,6 +5,7 @@
     age-detect evaluate --model runs/NAME --dataset csv --data-root other.csv --split all
     age-detect evaluate --model runs/NAME --dataset csv --data-root photos.csv --split all --detect
     age-detect evaluate --model runs/NAME --by gender,ethnicity            # error per group of people
+    age-detect evaluate --model age-int8.onnx --backend onnx --dataset csv --data-root photos.csv --split all
 
 Writes predictions.csv, evaluation.json, evaluation.md and plots/ into --out
 (default: <run>/eval-<dataset>-<split>). `evaluate_model` is the evaluation; cli/evaluate.py the command.
@@ -17,18 +18,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from age_detect_resnet.data.dataset import AgeDataset, FileImages, make_loader
 from age_detect_resnet.data.sources import image_root, load_table
 from age_detect_resnet.data.splits import PreparedData, load_split
 from age_detect_resnet.evaluation.groups import group_errors
-from age_detect_resnet.evaluation.report import evaluation_metrics, prediction_frame, write_evaluation
+from age_detect_resnet.evaluation.report import (
+    evaluation_metrics,
+    prediction_frame,
+    readout_frame,
+    write_evaluation,
+)
 from age_detect_resnet.faces.align import Aligner, framing_of, head_pose
 from age_detect_resnet.faces.detection import subject_faces
+from age_detect_resnet.inference.backends import AgeRunner, load_runner
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
+from age_detect_resnet.modeling.heads import AgeHead, create_head
 from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
@@ -109,9 +120,41 @@ def check_by(by: Sequence[str], available: set[str], data_root: Path) -> None:
     raise ConfigError(f"--by {', '.join(unknown)}: no such column in the dataset at {data_root}; {hint}")
 
 
-def is_aligned(age_model: AgeModel) -> bool:
+def is_aligned(metadata: dict[str, Any]) -> bool:
     """Whether the model was trained on faces aligned by their landmarks (which evaluation then finds)."""
-    return Aligner.from_metadata(age_model.metadata) is not None
+    return Aligner.from_metadata(metadata) is not None
+
+
+def framed_images(
+    metadata: dict[str, Any],
+    table: pd.DataFrame,
+    root: Path,
+    *,
+    detect: bool = False,
+    detector: str = "auto",
+    detector_model: Path | None = None,
+    num_workers: int = 2,
+    skip_bad_images: bool = False,
+) -> tuple[pd.DataFrame, AgeDataset]:
+    """The images of `table` (paths under `root`) framed as the model of `metadata` was trained: with
+    `detect`, or always for a model trained on aligned faces, each image's subject face is found first
+    and the table gains `face_found` and `head_pose`. Returns that table and the dataset."""
+    faces = None
+    if is_aligned(metadata) and not detect:
+        log.info("the model was trained on aligned faces: detecting the landmarks of every image")
+        detect = True
+    if detect:
+        faces = subject_faces(
+            [root / p for p in table["path"]],
+            kind=detector,
+            model_path=detector_model,
+            workers=num_workers,
+        )
+        table = table.assign(
+            face_found=[f is not None for f in faces], head_pose=[head_pose(f) for f in faces]
+        )
+    images = FileImages(root, table["path"].tolist(), image_size_of(metadata), faces, framing_of(metadata))
+    return table, AgeDataset(images, table["age"].to_numpy(), skip_bad_images=skip_bad_images)
 
 
 def predict_images(
@@ -128,28 +171,19 @@ def predict_images(
     skip_bad_images: bool = False,
     device: torch.device | None = None,
 ) -> tuple[pd.DataFrame, Predictions]:
-    """The model's outputs on the images of `table` (paths under `root`), framed as it was trained: with
-    `detect`, or always for a model trained on aligned faces, each image's subject face is found first
-    and the table gains `face_found` and `head_pose`. Returns that table and the predictions."""
+    """The model's outputs on the images of `table`, framed as it was trained (`framed_images`).
+    Returns the table (with `face_found` and `head_pose` where faces were detected) and the predictions."""
     device = device or torch.device("cpu")
-    faces = None
-    if is_aligned(age_model) and not detect:
-        log.info("the model was trained on aligned faces: detecting the landmarks of every image")
-        detect = True
-    if detect:
-        faces = subject_faces(
-            [root / p for p in table["path"]],
-            kind=detector,
-            model_path=detector_model,
-            workers=num_workers,
-        )
-        table = table.assign(
-            face_found=[f is not None for f in faces], head_pose=[head_pose(f) for f in faces]
-        )
-    images = FileImages(
-        root, table["path"].tolist(), image_size_of(age_model), faces, framing_of(age_model.metadata)
+    table, dataset = framed_images(
+        age_model.metadata,
+        table,
+        root,
+        detect=detect,
+        detector=detector,
+        detector_model=detector_model,
+        num_workers=num_workers,
+        skip_bad_images=skip_bad_images,
     )
-    dataset = AgeDataset(images, table["age"].to_numpy(), skip_bad_images=skip_bad_images)
     loader = make_loader(dataset, batch_size=batch_size, train=False, num_workers=num_workers, device=device)
     autocast = autocast_factory(device, resolve_precision("auto", device))
     age_model = age_model.to(memory_format=torch.channels_last)
@@ -157,6 +191,35 @@ def predict_images(
         age_model, loader, device=device, autocast=autocast, tta_flip=tta, desc="evaluate"
     )
     return table, predictions
+
+
+def run_backend(
+    runner: AgeRunner, loader: DataLoader
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A runtime backend (an exported model) over every readable image of `loader`, in order: their
+    dataset indices, their true ages, and the readout (`AgeHead.output_names` columns)."""
+    kept, ages, parts = [], [], []
+    for batch in tqdm(loader, desc="evaluate", unit="batch", leave=False):
+        kept.append(batch.kept)
+        if batch.ages.numel():
+            ages.append(batch.ages.numpy())
+            parts.append(runner(batch.images))
+    mask = torch.cat(kept).numpy() if kept else np.zeros(0, dtype=bool)
+    indices = np.asarray(list(iter(loader.sampler)))[: len(mask)][mask]
+    if not parts:
+        return indices, np.zeros(0, dtype=np.float32), {"age": np.zeros(0, dtype=np.float32)}
+    readout = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    return indices, np.concatenate(ages), readout
+
+
+def export_head(metadata: dict[str, Any]) -> AgeHead:
+    """The head an exported model was made with, rebuilt from its metadata for its settings (the
+    interval's nominal coverage, the bins' labels) alone: its weights are not used."""
+    described = metadata.get("model", {}).get("head")
+    if not isinstance(described, dict):
+        described = {"kind": metadata.get("head", "regression")}
+    options = {name: value for name, value in described.items() if name != "kind"}
+    return create_head(described["kind"], 1, **options)
 
 
 def evaluate_model(
@@ -179,20 +242,28 @@ def evaluate_model(
     num_workers: int = 2,
     skip_bad_images: bool = False,
     device: str = "auto",
+    backend: str = "torch",
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate `model` (a run folder, its weights file, or "default") and write the report; returns
     the metrics and the report folder. `dataset`, `data_root` and `meta` default to the run's; `split`
     is "test" or "val" (the run's saved test or validation split) or "all" (every image of the dataset, within
     `min_age`-`max_age`, at most `limit` of them); `by` names the label columns to break the error down
     by; `detect` frames the face each uncropped photo is of (`subject_face`; always done for a model
-    trained on aligned faces). Raises ConfigError and the errors of loading the model, the data or the
-    detector."""
+    trained on aligned faces); `backend` "onnx" runs `model` as an exported file, a run folder's export
+    or the bundle's (`backends.load_runner`), framed and reported like the PyTorch model. Raises
+    ConfigError and the errors of loading the model, the data or the detector."""
     model_path = Path(model)
-    torch_device = select_device(device)
-    age_model = checkpoint.load_model(model_path, torch_device)
+    if backend == "torch":
+        torch_device = select_device(device)
+        age_model = checkpoint.load_model(model_path, torch_device)
+        metadata = age_model.metadata
+    else:
+        if tta:
+            raise ConfigError(f"--tta needs --backend torch: an {backend} export has no flip averaging")
+        runner, metadata = load_runner(model, backend=backend)
     run = RunFolder.of(model_path)
     detected = [name for name in by if name in DETECTED_ATTRIBUTES]
-    if detected and not (detect or is_aligned(age_model)):
+    if detected and not (detect or is_aligned(metadata)):
         raise ConfigError(f"--by {', '.join(detected)} is found by the face detector: add --detect")
     table, root, dataset = evaluation_table(
         run,
@@ -207,35 +278,55 @@ def evaluate_model(
     )
     if table.empty:
         raise ConfigError("no images to evaluate (check --data-root and the age range)")
-    table, predictions = predict_images(
-        age_model,
-        table,
-        root,
-        detect=detect,
-        detector=detector,
-        detector_model=detector_model,
-        tta=tta,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        skip_bad_images=skip_bad_images,
-        device=torch_device,
-    )
     # person_id too: the error of two photos of one person is one draw for the groups' intervals
     by = list(by)
     by_columns_kept = [*by, "person_id"] if by else []
-    frame = prediction_frame(table, predictions, age_model, extra_columns=by_columns_kept)
-    metrics = evaluation_metrics(frame, age_model)
+    if backend == "torch":
+        table, predictions = predict_images(
+            age_model,
+            table,
+            root,
+            detect=detect,
+            detector=detector,
+            detector_model=detector_model,
+            tta=tta,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            skip_bad_images=skip_bad_images,
+            device=torch_device,
+        )
+        indices = predictions.indices
+        frame = prediction_frame(table, predictions, age_model, extra_columns=by_columns_kept)
+        head = age_model.head
+    else:
+        table, framed = framed_images(
+            metadata,
+            table,
+            root,
+            detect=detect,
+            detector=detector,
+            detector_model=detector_model,
+            num_workers=num_workers,
+            skip_bad_images=skip_bad_images,
+        )
+        loader = make_loader(
+            framed, batch_size=batch_size, train=False, num_workers=num_workers, device=torch.device("cpu")
+        )
+        indices, ages, readout = run_backend(runner, loader)
+        frame = readout_frame(table, indices, ages, readout, extra_columns=by_columns_kept)
+        head = export_head(metadata)
+    metrics = evaluation_metrics(frame, head)
     if by:
         metrics["by"] = group_errors(frame, by)
     extra = {
-        "model": str(model_path),
+        "model": str(model_path) + ("" if backend == "torch" else f" on --backend {backend}"),
         "dataset": f"{dataset} at {root}",
         "split": split,
         "test-time flip": tta,
         "unreadable images skipped": len(table) - len(frame),
     }
-    if detect or is_aligned(age_model):
-        found = table["face_found"].iloc[predictions.indices]
+    if detect or is_aligned(metadata):
+        found = table["face_found"].iloc[indices]
         frame["face_found"] = found.to_numpy()
         metrics["detection"] = {"faces_found": int(found.sum()), "whole_image_used": int((~found).sum())}
         extra["no face found (whole image used)"] = int((~found).sum())

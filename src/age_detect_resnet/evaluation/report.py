@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -25,6 +26,7 @@ from age_detect_resnet.evaluation.plots import (
     plot_group_errors,
     plot_predicted_vs_true,
 )
+from age_detect_resnet.modeling.heads import AgeHead
 from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.training.engine import Predictions
 
@@ -37,26 +39,42 @@ def prediction_frame(
 ) -> pd.DataFrame:
     """One row per evaluated image: its table columns, the prediction, and head-specific extras;
     `extra_columns` are further table columns to keep (the attributes `evaluate --by` groups by)."""
-    rows = table.iloc[predictions.indices]
-    frame = pd.DataFrame(
-        {"path": rows["path"].to_numpy(), "age": predictions.ages, "predicted": predictions.predicted}
-    )
+    readout: dict[str, np.ndarray] = {"age": predictions.predicted}
+    head, outputs = model.head, torch.from_numpy(predictions.outputs)
+    if len(predictions.indices):
+        outputs = outputs.to(next(head.parameters()).device)
+        ages = torch.as_tensor(np.array(predictions.ages, dtype=float))
+        # "age" is `predicted` already; the rest (e.g. lower, upper) and the label columns join it
+        extras = {**head.predict(outputs), **head.label_columns(outputs, ages)}
+        readout |= {name: values.cpu().numpy() for name, values in extras.items() if name != "age"}
+    return readout_frame(table, predictions.indices, predictions.ages, readout, extra_columns=extra_columns)
+
+
+def readout_frame(
+    table: pd.DataFrame,
+    indices: np.ndarray,
+    ages: np.ndarray,
+    readout: Mapping[str, np.ndarray],
+    *,
+    extra_columns: Sequence[str] = (),
+) -> pd.DataFrame:
+    """The rows of `prediction_frame` from a backend's readout (`AgeHead.output_names` columns, "age"
+    first, for the rows `indices` of `table` whose true ages are `ages`)."""
+    rows = table.iloc[indices]
+    frame = pd.DataFrame({"path": rows["path"].to_numpy(), "age": ages, "predicted": readout["age"]})
     frame["error"] = frame["predicted"] - frame["age"]
     for column in (*GROUP_LABEL_COLUMNS, *extra_columns):
         if column in rows:
             frame[column] = rows[column].to_numpy()
-    head, outputs = model.head, torch.from_numpy(predictions.outputs)
-    if len(frame):
-        outputs = outputs.to(next(head.parameters()).device)
-        readout = head.predict(outputs)  # "age" is `predicted` already; the rest (e.g. lower, upper) join it
-        labels = head.label_columns(outputs, torch.as_tensor(frame["age"].to_numpy(dtype=float, copy=True)))
-        for name, values in {**readout, **labels}.items():
-            if name != "age":
-                frame[name] = values.cpu().numpy()
+    for name, values in readout.items():
+        if name != "age":
+            frame[name] = values
     return frame
 
 
-def evaluation_metrics(frame: pd.DataFrame, model: AgeModel) -> dict[str, Any]:
+def evaluation_metrics(frame: pd.DataFrame, head: AgeHead) -> dict[str, Any]:
+    """The report's metrics of `frame`; `head` gives the settings they are read against (the interval's
+    nominal coverage, the bins' labels)."""
     metrics = age_metrics(frame["age"].to_numpy(), frame["predicted"].to_numpy())
     metrics["worst_groups"] = worst_groups(metrics)
     if {"age_low", "age_high"} <= set(frame.columns):
@@ -66,7 +84,6 @@ def evaluation_metrics(frame: pd.DataFrame, model: AgeModel) -> dict[str, Any]:
             frame["predicted"].to_numpy(),
             frame["age_group"].to_numpy() if "age_group" in frame else None,
         )
-    head = model.head
     if "lower" in frame:
         metrics["interval"] = {
             "nominal": head.interval,

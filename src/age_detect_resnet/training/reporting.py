@@ -70,7 +70,7 @@ def final_test(
     )
     test_table = prepared.split("test")
     frame = prediction_frame(test_table, predictions, best)
-    metrics = evaluation_metrics(frame, best)
+    metrics = evaluation_metrics(frame, best.head)
     write_evaluation(
         frame,
         metrics,
