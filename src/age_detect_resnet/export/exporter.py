@@ -217,7 +217,7 @@ def bundled_export(fmt: str = "onnx") -> Path:
         else:
             if metadata.get("model_format") == fmt and metadata.get("source", {}).get("sha256") == digest:
                 return out
-    log.warning("exporting the bundled model to %s once, for this and later runs: %s", fmt, out)
+    log.info("exporting the bundled model to %s once (about half a minute), for later runs too: %s", fmt, out)
     model = checkpoint.load_model(bundled.DEFAULT_MODEL_NAME, "cpu")
     if model.metadata.get("sha256") != digest:
         raise ExportError(f"the bundled model's metadata does not name its weights file {source}; reinstall")
