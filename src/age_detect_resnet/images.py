@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from pathlib import Path
@@ -12,10 +13,38 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # 50 megapixels (e.g. 8660x5770) covers every camera photo; larger files are almost always broken or
 # hostile (decompression bombs) and would need gigabytes of memory to decode.
 MAX_IMAGE_PIXELS = 50_000_000
-# The one list of photo files every command looks for in a folder (datasets, predict, export checks).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# HEIC/HEIF, iPhones' default photo format: read where the optional pillow-heif is installed
+# (`pip install 'age-detect-resnet[heic]'`, `heif_support`).
+HEIF_SUFFIXES = (".heic", ".heif")
+# The one list of photo files every command looks for in a folder (datasets, predict, export checks):
+# everything PIL reads that cameras, phones and scanners write.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", *HEIF_SUFFIXES)
+# The brands of an ISO media file's `ftyp` box (bytes 8-12) that mark a HEIF still image.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
 # Files `age-detect predict` treats as videos (read frame by frame with OpenCV, see video/reader.py).
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv")
+
+
+@functools.cache
+def heif_support() -> bool:
+    """Whether HEIC/HEIF photos can be read: the optional pillow-heif, where installed, is registered
+    with PIL once."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+def _is_heif(source: Path | str | bytes) -> bool:
+    """Whether the file (or its bytes) starts as a HEIF still image does."""
+    if isinstance(source, bytes):
+        head = source[:12]
+    else:
+        with Path(source).open("rb") as file:
+            head = file.read(12)
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
 class ImageReadError(ValueError):
@@ -35,6 +64,7 @@ def load_rgb(
     and 16-bit images are converted, so every caller sees the same kind of picture.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
+    heif_support()
     try:
         if isinstance(source, bytes):
             if not source:
@@ -60,6 +90,11 @@ def load_rgb(
     except ImageReadError:
         raise
     except UnidentifiedImageError as err:
+        if _is_heif(source) and not heif_support():
+            raise ImageReadError(
+                f"{label} is a HEIC/HEIF photo (iPhones' default format), which needs pillow-heif: "
+                "pip install 'age-detect-resnet[heic]' (or pillow-heif), or convert it to JPEG"
+            ) from err
         raise ImageReadError(f"{label} is not an image file PIL can read (JPEG, PNG, WebP, ...)") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL refuses huge headers itself in Image.open, before our own size check can run.

@@ -396,3 +396,41 @@ def test_training_without_skip_stops_at_the_first_unreadable_image_naming_it(
         "30_0_0_20170101000000001.jpg.chip.jpg is empty (0 bytes)" in e and "--skip-bad-images" in e
         for e in errors
     ), errors
+
+
+def test_heic_photos_are_read_where_pillow_heif_is_installed(tmp_path):
+    pytest.importorskip("pillow_heif")
+    from age_detect_resnet.images import heif_support
+
+    assert heif_support()
+    face = Image.new("RGB", (64, 48), (200, 120, 40))
+    face.save(tmp_path / "IMG_0001.HEIC", quality=95)
+    loaded = load_rgb(tmp_path / "IMG_0001.HEIC")
+    assert loaded.mode == "RGB" and loaded.size == (64, 48)
+    assert np.abs(np.asarray(loaded, dtype=int) - (200, 120, 40)).mean() < 8
+    assert load_rgb((tmp_path / "IMG_0001.HEIC").read_bytes()).size == (64, 48)  # an upload
+
+
+def test_a_heic_photo_without_pillow_heif_says_what_to_install(tmp_path, monkeypatch):
+    from age_detect_resnet import images
+
+    monkeypatch.setattr(images, "heif_support", lambda: False)
+    # The start of an iPhone photo (an ISO media `ftyp` box of brand heic), which PIL cannot identify
+    # without pillow-heif (nor with it: the rest is missing).
+    heic = struct.pack(">I", 24) + b"ftypheic" + b"\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+    (tmp_path / "IMG_0002.heic").write_bytes(heic)
+    for source in (tmp_path / "IMG_0002.heic", heic):
+        with pytest.raises(ImageReadError, match=r"HEIC/HEIF.*age-detect-resnet\[heic\]"):
+            load_rgb(source)
+    (tmp_path / "note.heic").write_bytes(b"just text, not a photo")
+    with pytest.raises(ImageReadError, match="not an image file"):
+        load_rgb(tmp_path / "note.heic")
+
+
+def test_folders_of_scans_and_phone_photos_are_searched(tmp_path):
+    from age_detect_resnet.cli.predict import expand_inputs
+
+    for name in ("scan.TIF", "scan2.tiff", "IMG_1.heic", "clip.gif", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    found, problems = expand_inputs([str(tmp_path)])
+    assert [p.name for p in found] == ["IMG_1.heic", "clip.gif", "scan.TIF", "scan2.tiff"] and not problems
