@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -146,6 +147,17 @@ def test_predict_cli_reports_bad_files_and_writes_csv(tiny_run, tmp_path, capsys
         assert name in caplog.text
     assert (tmp_path / "annotated" / "obama_ages.jpg").is_file()
     assert "obama.jpg\tface 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_predict_points_cpus_without_bf16_to_the_faster_backend(tiny_run, monkeypatch, caplog, native_bf16):
+    from age_detect_resnet import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native_bf16)
+    args = ["--model", str(tiny_run), "--device", "cpu", "--no-detect", str(TEST_IMAGES)]
+    with caplog.at_level(logging.INFO):
+        assert predict_main(args) == 0
+    assert ("--backend onnx runs it faster" in caplog.text) is not native_bf16
 
 
 def test_predict_folders_globs_json_and_no_detect(tiny_run, tmp_path):

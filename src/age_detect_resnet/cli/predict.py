@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors
@@ -49,7 +50,7 @@ from age_detect_resnet.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageReadEr
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_predictor
 from age_detect_resnet.progress import progress as show_progress
-from age_detect_resnet.runtime import select_device
+from age_detect_resnet.runtime import resolve_precision, select_device
 from age_detect_resnet.video.process import VideoResult, is_video, predict_video
 from age_detect_resnet.video.tracking import TrackSummary
 
@@ -264,10 +265,16 @@ def build_predictor(args: argparse.Namespace) -> AgePredictor:
     before the detector, so a wrong --model fails before any detector download."""
     if args.backend == "onnx" and args.tta:
         raise PredictorOptionsError("--tta needs --backend torch: an ONNX export has no flip averaging")
+    device = select_device(args.device) if args.backend == "torch" else torch.device("cpu")
+    if args.backend == "torch" and device.type == "cpu" and resolve_precision("auto", device) == "fp32":
+        log.info(
+            "this CPU has no native bf16, so the model runs in float32: --backend onnx runs it faster on "
+            "such CPUs (README, Speed)"
+        )
     predictor = load_predictor(
         args.model,
         backend=args.backend,
-        device=select_device(args.device) if args.backend == "torch" else "cpu",
+        device=device,
         batch_size=args.batch_size,
         tta_flip=args.tta,
         threads=args.threads,
