@@ -62,7 +62,8 @@ def _example(model: AgeModel) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _exporter_warnings_only() -> Iterator[None]:
+def exporter_warnings_only() -> Iterator[None]:
+    """Within it, the ONNX tooling's loggers show warnings only (each logs every graph pass at INFO)."""
     loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
@@ -79,7 +80,7 @@ def export_onnx(model: AgeModel, path: Path) -> None:
     import onnx
 
     try:
-        with _exporter_warnings_only():
+        with exporter_warnings_only():
             torch.onnx.export(
                 ExportedAgeModel(model).eval(),
                 (_example(model),),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from age_detect_resnet.export.graph import exporter_warnings_only
 from age_detect_resnet.inference.backends import INPUT_NAME
 
 log = logging.getLogger(__name__)
@@ -47,31 +48,25 @@ def quantize_int8(source: Path, target: Path, calibration: np.ndarray) -> None:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
 
-    ir_log = logging.getLogger("onnx_ir")  # logs every graph rewrite at INFO
-    level = ir_log.level
-    ir_log.setLevel(logging.WARNING)
-    try:
-        with tempfile.TemporaryDirectory(dir=Path(target).parent) as scratch:
-            prepared = Path(scratch) / "prepared.onnx"
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-            # The percentile calibrator prints its progress to stdout, which belongs to the caller
-            # (a benchmark's table, a pipe): it goes to the log instead.
-            chatter = io.StringIO()
-            with contextlib.redirect_stdout(chatter):
-                quantize_static(
-                    str(prepared),
-                    str(target),
-                    Batches(),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    # Convolutions are nearly all the work; the head's few matrix products stay float,
-                    # where quantising them would cost precision and save nothing.
-                    op_types_to_quantize=["Conv"],
-                    calibrate_method=CalibrationMethod.Percentile,
-                    extra_options={"CalibPercentile": 99.99, "CalibStridedMinMax": 1},  # 1 batch at a time
-                )
-            log.debug("calibration: %s", chatter.getvalue().strip())
-    finally:
-        ir_log.setLevel(level)
+    with exporter_warnings_only(), tempfile.TemporaryDirectory(dir=Path(target).parent) as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        # The percentile calibrator prints its progress to stdout, which belongs to the caller
+        # (a benchmark's table, a pipe): it goes to the log instead.
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter):
+            quantize_static(
+                str(prepared),
+                str(target),
+                Batches(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                # Convolutions are nearly all the work; the head's few matrix products stay float,
+                # where quantising them would cost precision and save nothing.
+                op_types_to_quantize=["Conv"],
+                calibrate_method=CalibrationMethod.Percentile,
+                extra_options={"CalibPercentile": 99.99, "CalibStridedMinMax": 1},  # 1 batch at a time
+            )
+        log.debug("calibration: %s", chatter.getvalue().strip())
