@@ -133,12 +133,15 @@ def framed_images(
     detect: bool = False,
     detector: str = "auto",
     detector_model: Path | None = None,
+    batch_size: int = 64,
     num_workers: int = 2,
     skip_bad_images: bool = False,
-) -> tuple[pd.DataFrame, AgeDataset]:
+    device: torch.device | None = None,
+) -> tuple[pd.DataFrame, DataLoader]:
     """The images of `table` (paths under `root`) framed as the model of `metadata` was trained: with
     `detect`, or always for a model trained on aligned faces, each image's subject face is found first
-    and the table gains `face_found` and `head_pose`. Returns that table and the dataset."""
+    and the table gains `face_found` and `head_pose`. Returns that table and a loader of its images in
+    order (uint8 batches for `device`)."""
     faces = None
     if is_aligned(metadata) and not detect:
         log.info("the model was trained on aligned faces: detecting the landmarks of every image")
@@ -154,7 +157,10 @@ def framed_images(
             face_found=[f is not None for f in faces], head_pose=[head_pose(f) for f in faces]
         )
     images = FileImages(root, table["path"].tolist(), image_size_of(metadata), faces, framing_of(metadata))
-    return table, AgeDataset(images, table["age"].to_numpy(), skip_bad_images=skip_bad_images)
+    dataset = AgeDataset(images, table["age"].to_numpy(), skip_bad_images=skip_bad_images)
+    device = device or torch.device("cpu")
+    loader = make_loader(dataset, batch_size=batch_size, train=False, num_workers=num_workers, device=device)
+    return table, loader
 
 
 def predict_images(
@@ -174,23 +180,31 @@ def predict_images(
     """The model's outputs on the images of `table`, framed as it was trained (`framed_images`).
     Returns the table (with `face_found` and `head_pose` where faces were detected) and the predictions."""
     device = device or torch.device("cpu")
-    table, dataset = framed_images(
+    table, loader = framed_images(
         age_model.metadata,
         table,
         root,
         detect=detect,
         detector=detector,
         detector_model=detector_model,
+        batch_size=batch_size,
         num_workers=num_workers,
         skip_bad_images=skip_bad_images,
+        device=device,
     )
-    loader = make_loader(dataset, batch_size=batch_size, train=False, num_workers=num_workers, device=device)
+    return table, model_predictions(age_model, loader, device=device, tta=tta)
+
+
+def model_predictions(
+    age_model: AgeModel, loader: DataLoader, *, device: torch.device, tta: bool = False
+) -> Predictions:
+    """A PyTorch model over every readable image of `loader` (bf16 where the hardware has it)."""
     autocast = autocast_factory(device, resolve_precision("auto", device))
     age_model = age_model.to(memory_format=torch.channels_last)
     _, predictions = evaluate(
         age_model, loader, device=device, autocast=autocast, tta_flip=tta, desc="evaluate"
     )
-    return table, predictions
+    return predictions
 
 
 def run_backend(
@@ -253,8 +267,8 @@ def evaluate_model(
     or the bundle's (`backends.load_runner`), framed and reported like the PyTorch model. Raises
     ConfigError and the errors of loading the model, the data or the detector."""
     model_path = Path(model)
+    torch_device = select_device(device) if backend == "torch" else torch.device("cpu")
     if backend == "torch":
-        torch_device = select_device(device)
         age_model = checkpoint.load_model(model_path, torch_device)
         metadata = age_model.metadata
     else:
@@ -281,37 +295,24 @@ def evaluate_model(
     # person_id too: the error of two photos of one person is one draw for the groups' intervals
     by = list(by)
     by_columns_kept = [*by, "person_id"] if by else []
+    table, loader = framed_images(
+        metadata,
+        table,
+        root,
+        detect=detect,
+        detector=detector,
+        detector_model=detector_model,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skip_bad_images=skip_bad_images,
+        device=torch_device,
+    )
     if backend == "torch":
-        table, predictions = predict_images(
-            age_model,
-            table,
-            root,
-            detect=detect,
-            detector=detector,
-            detector_model=detector_model,
-            tta=tta,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            skip_bad_images=skip_bad_images,
-            device=torch_device,
-        )
+        predictions = model_predictions(age_model, loader, device=torch_device, tta=tta)
         indices = predictions.indices
         frame = prediction_frame(table, predictions, age_model, extra_columns=by_columns_kept)
         head = age_model.head
     else:
-        table, framed = framed_images(
-            metadata,
-            table,
-            root,
-            detect=detect,
-            detector=detector,
-            detector_model=detector_model,
-            num_workers=num_workers,
-            skip_bad_images=skip_bad_images,
-        )
-        loader = make_loader(
-            framed, batch_size=batch_size, train=False, num_workers=num_workers, device=torch.device("cpu")
-        )
         indices, ages, readout = run_backend(runner, loader)
         frame = readout_frame(table, indices, ages, readout, extra_columns=by_columns_kept)
         head = export_head(metadata)
