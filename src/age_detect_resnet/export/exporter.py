@@ -201,12 +201,12 @@ def export_model(
     return metadata
 
 
-def bundled_export(fmt: str = "onnx") -> Path:
-    """The bundled age model exported to `fmt`: made once (about half a minute for ONNX on 2 CPU cores)
-    into `bundled.cache_dir()`, named by the bundle's checksum, and reused while it is valid (its file
-    matches its metadata, which names this bundle); a damaged or stale copy is made again."""
-    source = bundled.bundled_model_path()  # checks the bundle's own checksum
-    digest = bundled.AGE_MODEL_SHA256 or file_digest(source)
+def bundled_export(fmt: str = "onnx") -> tuple[Path, dict[str, Any]]:
+    """The bundled age model exported to `fmt`, and its metadata: made once (about half a minute for
+    ONNX on 2 CPU cores) into `bundled.cache_dir()`, named by the bundle's checksum, and reused while it
+    is valid (its file matches its metadata, which names this bundle); a damaged or stale copy is made
+    again. The metadata comes checked against the file, so the caller need not read it again."""
+    digest = bundled.AGE_MODEL_SHA256 or file_digest(bundled.bundled_model_path())
     suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
     out = bundled.cache_dir() / f"age_model-{digest[:16]}{suffix}"
     if out.is_file():
@@ -216,11 +216,10 @@ def bundled_export(fmt: str = "onnx") -> Path:
             log.warning("%s; exporting the bundled model again", err)
         else:
             if metadata.get("model_format") == fmt and metadata.get("source", {}).get("sha256") == digest:
-                return out
+                return out, metadata
     log.info("exporting the bundled model to %s once (about half a minute), for later runs too: %s", fmt, out)
-    model = checkpoint.load_model(bundled.DEFAULT_MODEL_NAME, "cpu")
+    model = checkpoint.load_model(bundled.DEFAULT_MODEL_NAME, "cpu")  # checks the bundle's checksum
     if model.metadata.get("sha256") != digest:
-        raise ExportError(f"the bundled model's metadata does not name its weights file {source}; reinstall")
+        raise ExportError("the bundled model's metadata does not name its weights file; reinstall")
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, out, fmt, source=source)
-    return out
+    return out, export_model(model, out, fmt, source=bundled.AGE_MODEL)

@@ -130,7 +130,7 @@ def read_export_metadata(path: Path | str) -> dict[str, Any]:
     return metadata
 
 
-def _bundled_export(backend: str) -> Path:
+def _bundled_export(backend: str) -> tuple[Path, dict[str, Any]]:
     """`export.exporter.bundled_export`, with what a user can fix (no exporter installed, a failed
     export) as a `ModelFileError`."""
     from age_detect_resnet.export.exporter import bundled_export  # export/ imports this module
@@ -179,11 +179,11 @@ def load_runner(
             "pass it as --model"
         )
     if is_default(model):
-        path = _bundled_export(backend)
+        path, metadata = _bundled_export(backend)
     else:
         path = Path(model)
         path = RunFolder(path).export(backend) if path.is_dir() else path
-    metadata = read_export_metadata(path)
+        metadata = read_export_metadata(path)
     if metadata.get("model_format") != backend:
         raise checkpoint.ModelFileError(f"{path} is a {metadata.get('model_format')} export, not {backend}")
     if backend == "torchscript":
