@@ -171,12 +171,14 @@ def train_transform(
     `occlusion` > 0 (photo only) also hides a random patch of that many faces (RandomOcclusion);
     `low_resolution` (photo only) is the share of faces shrunk and scaled back (RandomLowResolution);
     `tight_cut` > 0 (photo only) shows that many faces as if cut close round them (RandomTightCut)."""
-    if occlusion and augment != "photo":
-        raise ValueError(f"occlusion is part of the photo augmentation, not of {augment!r}")
-    if tight_cut and augment != "photo":
-        raise ValueError(f"tight cuts are part of the photo augmentation, not of {augment!r}")
-    if low_resolution != LOW_RESOLUTION_SHARE and augment != "photo":
-        raise ValueError(f"low resolution is part of the photo augmentation, not of {augment!r}")
+    photo_settings = (
+        ("occlusion", occlusion, 0.0),
+        ("tight cuts", tight_cut, 0.0),
+        ("low resolution", low_resolution, LOW_RESOLUTION_SHARE),
+    )
+    for name, share, default in photo_settings:
+        if share != default and augment != "photo":
+            raise ValueError(f"{name}: a setting of the photo augmentation, not of {augment!r}")
     if augment == "none":
         return None
     if augment == "photo":
