@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 import torch
@@ -15,6 +16,7 @@ from age_detect_resnet.cli import export as export_cli
 from age_detect_resnet.data.dataset import to_input_tensor
 from age_detect_resnet.evaluation.evaluate import evaluate_model
 from age_detect_resnet.export.exporter import export_model
+from age_detect_resnet.export.quantize import image_convolutions
 from age_detect_resnet.export.verify import INT8_TOLERANCE_YEARS, int8_verdict
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import load_rgb
@@ -195,8 +197,36 @@ def test_int8_is_calibrated_on_validation_faces_and_judged_by_its_test_mae(
     assert check["count"] == (split["split"] == "test").sum()
     assert check["calibration_count"] == (split["split"] == "val").sum()
     assert check["age_mae_int8"] <= check["age_mae_float32"] + INT8_TOLERANCE_YEARS
+    graph = onnx.load(str(out)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    first = set(image_convolutions(graph))
+    assert first and all(n.input[1] not in dequantized for n in convs if n.name in first)  # kept float
+    assert all(n.input[1] in dequantized for n in convs if n.name not in first)  # the rest int8
     face = to_input_tensor(load_rgb(sorted(require(UTKFACE).glob("*.jpg"))[7]), 40)[None]
     assert OnnxRunner(out)(face)["age"].shape == (1,)
+
+
+def test_the_convolutions_that_read_the_image_are_found_through_any_other_operation():
+    """Each network's first convolution, past normalisation, a flip and a concatenation; none behind it."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Cast", ["image"], ["pixels"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["pixels", "scale"], ["x"]),
+        helper.make_node("Conv", ["x", "w1"], ["a"], name="first"),
+        helper.make_node("Relu", ["a"], ["b"]),
+        helper.make_node("Conv", ["b", "w2"], ["c"], name="second"),
+        helper.make_node("Slice", ["x", "start", "end", "axis", "step"], ["flipped"]),
+        helper.make_node("Concat", ["x", "flipped"], ["both"], axis=0),
+        helper.make_node("Conv", ["both", "w3"], ["d"], name="other network's first"),
+        helper.make_node("Add", ["c", "d"], ["e"]),
+        helper.make_node("Conv", ["e", "w4"], ["out"], name="after both"),
+    ]
+    image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 3, 8, 8])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "g", [image], [out])
+    assert sorted(image_convolutions(graph)) == ["first", "other network's first"]
 
 
 def test_the_int8_verdict_is_by_mae_with_ages_and_by_mean_change_without():
