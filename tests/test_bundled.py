@@ -124,9 +124,15 @@ def test_analyze_in_one_call(tiny_bundle):
     faces = analyze(path)
     assert len(faces) == 1
     face = faces[0]
-    assert set(face) == {"face_index", "box", "detector_score", "age", "age_interval"}
+    assert set(face) == {"face_index", "box", "detector_score", "age", "age_interval", "landmarks"}
     x1, y1, x2, y2 = face["box"]
     assert 0 <= x1 < x2 and 0 <= y1 < y2 and face["detector_score"] > 0.5
+    points = face["landmarks"]
+    assert list(points) == ["right_eye", "left_eye", "nose_tip", "mouth_right", "mouth_left"]
+    assert all(x1 <= x <= x2 and y1 <= y <= y2 for x, y in points.values())
+    # The person's right eye is on the image's left, and the eyes are above the nose and the mouth.
+    (rx, ry), (lx, ly), (_, nose_y), (mrx, _), (mlx, mouth_y) = points.values()
+    assert rx < lx and mrx < mlx and max(ry, ly) < nose_y < mouth_y
     # A PIL image and an array give the same answer as the path.
     image = Image.open(path).convert("RGB")
     assert analyze(image)[0]["age"] == face["age"] == analyze(np.asarray(image))[0]["age"]

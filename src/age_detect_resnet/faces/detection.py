@@ -107,6 +107,10 @@ LANDMARK_METHOD = (
 )
 
 
+# The five landmarks' names in YuNet's order; "right" is the person's own (on the image's left).
+LANDMARK_NAMES = ("right_eye", "left_eye", "nose_tip", "mouth_right", "mouth_left")
+
+
 class DetectorUnavailableError(RuntimeError):
     """No face detector could be set up; the message says how to provide one."""
 

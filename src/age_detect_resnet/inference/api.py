@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from age_detect_resnet.faces.detection import create_detector
+from age_detect_resnet.faces.detection import LANDMARK_NAMES, create_detector
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, load_predictor
 from age_detect_resnet.runtime import select_device
@@ -59,16 +59,21 @@ def analyze(
     tta: bool = False,
     backend: str = "torch",
 ) -> list[dict[str, Any]]:
-    """Every face in `image` (a path, PIL image or uint8 RGB array) with its box, detector score, age
-    and, for models that give one, its 80% age interval; largest-score face first. An empty list when
-    no face is found; `detector="none"` treats the whole image as one face crop. `backend="onnx"` runs
-    an exported model, or the bundled one's export (made once, `predict --backend onnx`), on ONNX
-    Runtime."""
+    """Every face in `image` (a path, PIL image or uint8 RGB array) with its box, detector score, age,
+    for models that give one its 80% age interval, and where the detector gives them its five landmarks
+    (eyes, nose tip, mouth corners; the person's own right and left); largest-score face first. An empty
+    list when no face is found; `detector="none"` treats the whole image as one face crop.
+    `backend="onnx"` runs an exported model, or the bundled one's export (made once, `predict --backend
+    onnx`), on ONNX Runtime."""
     predictor = _predictor(
         str(model), device, detector, str(detector_model) if detector_model else None, bool(tta), backend
     )
     faces = []
     for face in predictor.predict_image(_as_image(image)):
+        points = None
+        if face.landmarks:
+            named = zip(LANDMARK_NAMES, face.landmarks, strict=True)
+            points = {name: [round(x, 1), round(y, 1)] for name, (x, y) in named}
         faces.append(
             {
                 "face_index": face.face_index,
@@ -76,6 +81,7 @@ def analyze(
                 "detector_score": face.detector_score,
                 "age": round(face.age, 2),
                 "age_interval": [round(v, 2) for v in face.interval] if face.interval else None,
+                "landmarks": points,
             }
         )
     return faces

@@ -95,6 +95,8 @@ class FacePrediction:
     age: float
     interval: tuple[float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # the detector's five landmarks (x, y) in pixels, in LANDMARK_NAMES' order, where it gives them
+    landmarks: tuple[tuple[float, float], ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         row = {
@@ -232,6 +234,7 @@ class AgePredictor:
                         face.score if face else None,
                         float(outputs["age"][position]),
                         interval,
+                        landmarks=face.landmarks if face is not None else None,
                     )
                 )
                 position += 1
