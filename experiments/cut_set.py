@@ -1,0 +1,56 @@
+"""A labelled copy of a run's test split with every photo cut to its central share, for `evaluate`: the
+error of tight face crops (as some pre-aligned face sets are) by age group, where `rotation.py --crops`
+gives only how far each age moves.
+
+    python experiments/cut_set.py --test-of runs/ensemble-tight-cut --every 4 --share 0.55 --out /tmp/cut55
+    age-detect evaluate --model default --dataset csv --data-root /tmp/cut55/labels.csv --split all --detect
+
+Photos are cut as `rotation.py --crops` cuts them and written losslessly (PNG), so that no second JPEG
+compression is added to the change; `labels.csv` holds each copy's path and the split's age.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+from rotation import SHARED, cut  # the one cut of the robustness figures
+
+from age_detect_resnet.data.splits import load_split
+from age_detect_resnet.images import load_rgb
+from age_detect_resnet.run_folder import RunFolder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--photos", type=Path, default=SHARED / "data" / "utkface", help="the run's data root"
+    )
+    parser.add_argument(
+        "--test-of", type=Path, required=True, help="run folder whose split.csv names the test photos"
+    )
+    parser.add_argument("--every", type=int, default=1, help="keep every Nth test photo")
+    parser.add_argument("--share", type=float, required=True, help="central share of width and height kept")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the copies and labels.csv")
+    args = parser.parse_args(argv)
+    if not 0.1 <= args.share <= 1.0:
+        parser.error(f"--share must be between 0.1 and 1, got {args.share}")
+    split_file = RunFolder(args.test_of).split
+    if not split_file.is_file():
+        parser.error(f"{split_file} does not exist: --test-of needs a run folder with its split.csv")
+    test = load_split(split_file, args.photos).split("test").iloc[:: max(1, args.every)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path, age in zip(test["path"], test["age"], strict=True):
+        name = f"{Path(path).name}.png"
+        cut(load_rgb(args.photos / path), args.share)[0].save(args.out / name)
+        rows.append((name, float(age)))
+    pd.DataFrame(rows, columns=["path", "age"]).to_csv(args.out / "labels.csv", index=False)
+    print(f"{len(rows)} test photos of {args.test_of} cut to their central {args.share:g}: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
