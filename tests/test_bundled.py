@@ -289,3 +289,41 @@ def test_the_robustness_experiment_compares_the_same_person_in_a_group_photo():
         FacePrediction(1, (0, 0, 60, 60), (0, 0, 1, 1), 0.9, age=40.0),
     )
     assert tool.subject([corner, centre], (200, 200)) is centre  # as evaluate picks, not the surest
+
+
+def test_the_cut_set_holds_the_runs_test_faces_cut_with_their_ages(tiny_run, tmp_path, monkeypatch, capsys):
+    """experiments/cut_set.py: each test photo of the run, cut as the robustness experiment cuts it and
+    stored losslessly, with the split's age, ready for `evaluate --dataset csv`."""
+    import importlib.util
+    from pathlib import Path
+
+    import pandas as pd
+
+    from age_detect_resnet.data.splits import load_split
+    from age_detect_resnet.run_folder import RunFolder
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    monkeypatch.syspath_prepend(str(experiments))  # it takes its cut from rotation.py beside it
+    spec = importlib.util.spec_from_file_location("cut_set", experiments / "cut_set.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    root = Path(json.loads((tiny_run / "config.json").read_text())["data"]["data_root"])
+    out = tmp_path / "cut"
+    assert (
+        tool.main(["--photos", str(root), "--test-of", str(tiny_run), "--share", "0.5", "--out", str(out)])
+        == 0
+    )
+    test = load_split(RunFolder(tiny_run).split, root).split("test")
+    labels = pd.read_csv(out / "labels.csv")
+    assert len(labels) == len(test) > 0
+    assert sorted(labels["age"]) == sorted(float(a) for a in test["age"])
+    for name, source in zip(labels["path"], test["path"], strict=True):
+        original = Image.open(root / source)
+        copy = Image.open(out / name)
+        assert copy.format == "PNG" and copy.size == (round(original.width / 2), round(original.height / 2))
+        assert np.array_equal(
+            np.asarray(copy), np.asarray(rotation_experiment().cut(original.convert("RGB"), 0.5)[0])
+        )
+    with pytest.raises(SystemExit):
+        tool.main(["--photos", str(root), "--test-of", str(tmp_path), "--share", "0.5", "--out", str(out)])
+    assert "split.csv" in capsys.readouterr().err
