@@ -297,8 +297,6 @@ def test_the_cut_set_holds_the_runs_test_faces_cut_with_their_ages(tiny_run, tmp
     import importlib.util
     from pathlib import Path
 
-    import pandas as pd
-
     from age_detect_resnet.data.splits import load_split
     from age_detect_resnet.run_folder import RunFolder
 
