@@ -225,7 +225,12 @@ def test_the_convolutions_that_read_the_image_are_found_through_any_other_operat
     ]
     image = helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 3, 8, 8])
     out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
-    graph = helper.make_graph(nodes, "g", [image], [out])
+    weights = [helper.make_tensor(f"w{i}", TensorProto.FLOAT, [1], [1.0]) for i in range(1, 5)]
+    graph = helper.make_graph(nodes, "g", [image], [out], initializer=weights)
+    assert sorted(image_convolutions(graph)) == ["first", "other network's first"]
+    # Weights listed among the graph's inputs (as older exporters do) are not images.
+    as_inputs = [helper.make_tensor_value_info(w.name, TensorProto.FLOAT, [1]) for w in weights]
+    graph = helper.make_graph(nodes, "g", [image, *as_inputs], [out], initializer=weights)
     assert sorted(image_convolutions(graph)) == ["first", "other network's first"]
 
 

@@ -31,7 +31,9 @@ def image_convolutions(graph: Any) -> list[str]:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    found, seen, frontier = [], set(), [value.name for value in graph.input]
+    weights = {tensor.name for tensor in graph.initializer}  # older graphs list them as inputs too
+    found, seen = [], set()
+    frontier = [value.name for value in graph.input if value.name not in weights]
     while frontier:
         for node in consumers.get(frontier.pop(), []):
             if id(node) in seen:
