@@ -325,3 +325,32 @@ def test_the_cut_set_holds_the_runs_test_faces_cut_with_their_ages(tiny_run, tmp
     with pytest.raises(SystemExit):
         tool.main(["--photos", str(root), "--test-of", str(tmp_path), "--share", "0.5", "--out", str(out)])
     assert "split.csv" in capsys.readouterr().err
+
+
+def test_a_release_build_can_carry_the_checked_yunet_file(tmp_path, monkeypatch, capsys):
+    """scripts/bundle_yunet.py puts YuNet into the package's assets, refused unless it is the exact file;
+    the detector then finds it there with no download, no cache and no setting."""
+    import importlib.util
+    from pathlib import Path
+
+    from age_detect_resnet.digests import file_digest
+    from age_detect_resnet.faces.detection import YUNET_ENV, YUNET_SHA256, resolve_yunet_model
+
+    source = require(YUNET)
+    asset = tmp_path / "assets" / "face_detection_yunet.onnx"
+    asset.parent.mkdir()
+    monkeypatch.setattr(bundled, "YUNET_MODEL", asset)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv(YUNET_ENV, raising=False)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bundle_yunet.py"
+    spec = importlib.util.spec_from_file_location("bundle_yunet", script)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    other = tmp_path / "other.onnx"
+    other.write_bytes(b"not yunet")
+    assert tool.main([str(other)]) == 1
+    assert str(other) in capsys.readouterr().err and not asset.exists()
+    assert tool.main([str(source)]) == 0
+    assert file_digest(asset) == YUNET_SHA256
+    assert resolve_yunet_model(download=False) == asset

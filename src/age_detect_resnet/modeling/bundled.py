@@ -68,6 +68,29 @@ def bundled_yunet_path() -> Path | None:
     return YUNET_MODEL if YUNET_MODEL.is_file() else None
 
 
+def write_bundled_yunet(source: Path | None = None, out: Path | None = None) -> Path:
+    """Put the YuNet face detector into the package (maintainers, before building a release), so that
+    the installed package detects faces offline from the first run: `source`, else the file the
+    detector would use ($AGE_DETECT_YUNET_MODEL, the cached download, or a download now). Refused unless
+    it is the exact file the detector expects (its SHA-256). Returns where it was written."""
+    import shutil
+
+    from age_detect_resnet.atomic import atomic_path
+    from age_detect_resnet.faces.detection import YUNET_SHA256, resolve_yunet_model
+
+    out = Path(out) if out is not None else YUNET_MODEL
+    path = resolve_yunet_model(source)
+    if file_digest(path) != YUNET_SHA256:
+        raise BundledModelError(
+            f"{path} is not the YuNet model this release expects (SHA-256 {YUNET_SHA256[:16]}...); "
+            "pass the file from OpenCV's model zoo, or none to download it"
+        )
+    if path.resolve() != out.resolve():
+        with atomic_path(out) as tmp:
+            shutil.copyfile(path, tmp)
+    return out
+
+
 def write_bundled_model(run: Path, out: Path = AGE_MODEL) -> dict[str, Any]:
     """Copy the best model of `run` into the package as fp16 safetensors + metadata; returns the
     metadata (its `sha256` goes into AGE_MODEL_SHA256)."""
