@@ -4,9 +4,12 @@
     python benchmarks/bench_photos.py --model runs/NAME --photos FOLDER
 
 Paths (same model, same YuNet detector, same photos):
-* naive: one photo at a time through `AgePredictor.predict` with fp32 (a batch of one face per call);
+* naive: one photo at a time through `AgePredictor.predict` with fp32 (a batch of one face per call),
+  the model as trained (batch norms not folded);
 * project (default): `age-detect predict`'s `predict_photos` (faces of 16 photos share a model batch,
-  bf16 where the CPU has it);
+  bf16 where the CPU has it, batch norms folded into the convolutions);
+* project, batch norms not folded: the same with the model as trained (`TorchRunner(fold=False)`, the
+  default before): what folding saves;
 * project, YuNet on OpenCV: the same with YuNet's network run by OpenCV's DNN module (the engine before
   ONNX Runtime, faces/yunet.py; the same faces and landmarks): what ONNX Runtime saves;
 * project, second look at small faces only: the same with YuNet's settings before every face got a
@@ -88,16 +91,17 @@ def main() -> None:
     engine = f", YuNet on {detector.engine}" if hasattr(detector, "engine") else ""
     project_precision = resolve_precision(args.precision, torch.device("cpu"))  # auto: bf16 only where native
 
-    def project(detector: FaceDetector) -> AgePredictor:
-        runner = TorchRunner(model, precision=project_precision)
+    def project(detector: FaceDetector, *, fold: bool = True) -> AgePredictor:
+        runner = TorchRunner(model, precision=project_precision, fold=fold)
         return AgePredictor(runner=runner, metadata=model.metadata, detector=detector)
 
     naive = AgePredictor(
-        runner=TorchRunner(model, precision="fp32"), metadata=model.metadata, detector=detector
+        runner=TorchRunner(model, precision="fp32", fold=False), metadata=model.metadata, detector=detector
     )
     variants = {
         "naive: one photo at a time, fp32": naive,
         f"project (default): predict_photos (shared batches, {project_precision})": project(detector),
+        "project, batch norms not folded (before)": project(detector, fold=False),
     }
     if args.onnx is not None:
         runner, metadata = load_runner(args.onnx, backend="onnx")

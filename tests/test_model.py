@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -11,10 +12,12 @@ from torch import nn
 
 from age_detect_resnet.modeling.heads import BinsHead, DistributionHead, RegressionHead, create_head
 from age_detect_resnet.modeling.model import (
+    AgeModel,
     WeightsError,
     create_backbone,
     create_model,
     create_resnet50_regressor,
+    folded_for_inference,
     load_state_dict_file,
 )
 from conftest import TEST_IMAGES, WEIGHTS, require
@@ -169,3 +172,81 @@ def test_resnet50_v1_layout_fits_the_v1_weights():
 def test_resnet50_v1_has_no_download():
     with pytest.raises(WeightsError, match="--weights FILE"):
         create_backbone("resnet50_v1", pretrained=True)
+
+
+def _with_real_statistics(model: AgeModel) -> AgeModel:
+    """`model` with batch-norm statistics and scales far from the identity, so that folding them is
+    actually tested."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                for tensor, low, high in (
+                    (module.running_mean, -0.5, 0.5),
+                    (module.running_var, 0.5, 2.0),
+                    (module.weight, 0.5, 1.5),
+                    (module.bias, -0.2, 0.2),
+                ):
+                    tensor.copy_(torch.empty(tensor.shape).uniform_(low, high, generator=generator))
+    return model.eval()
+
+
+@pytest.mark.parametrize("backbone", ["resnet50_v1", "mobilenet_v2"])
+def test_folded_batch_norms_give_the_same_ages_and_leave_the_model_as_it_was(backbone):
+    from age_detect_resnet.modeling.ensemble import AgeEnsemble
+
+    torch.manual_seed(0)
+    single = _with_real_statistics(create_model(backbone, "distribution", pretrained=False))
+    ensemble = AgeEnsemble(
+        [single, _with_real_statistics(create_model("resnet18", "distribution", pretrained=False))],
+        [3, 1],
+        mirror=True,
+    )
+    images = torch.randint(
+        0, 256, (3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    for model in (single, ensemble.eval()):
+        keys = list(model.state_dict())
+        folded = folded_for_inference(model)
+        with torch.inference_mode():
+            expected, got = model.predict(images), folded.predict(images)
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-3)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        assert (
+            any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) and list(model.state_dict()) == keys
+        )
+
+
+def test_a_backbone_that_cannot_be_traced_is_kept_as_it_is():
+    class Branching(nn.Module):  # control flow on the data: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = self.norm(self.conv(x))
+            return (x if x.sum() > 0 else -x).mean(dim=(2, 3))
+
+    model = _with_real_statistics(
+        AgeModel(Branching(), create_head("regression", 4), backbone_name="branching")
+    )
+    folded = folded_for_inference(model)
+    assert isinstance(folded.backbone, Branching) and folded.backbone is not model.backbone
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded.predict_ages(images), model.predict_ages(images))
+
+
+def test_the_inference_runner_folds_a_copy():
+    from age_detect_resnet.inference.backends import TorchRunner
+
+    torch.manual_seed(0)
+    model = _with_real_statistics(create_model("mobilenet_v2", "distribution", pretrained=False))
+    images = torch.randint(
+        0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
+    folded, plain = TorchRunner(model, precision="fp32"), TorchRunner(model, precision="fp32", fold=False)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.model.modules())
+    assert plain.model is model and any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    np.testing.assert_allclose(folded(images)["age"], plain(images)["age"], atol=1e-3)

@@ -23,7 +23,7 @@ import torch
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.bundled import is_default
-from age_detect_resnet.modeling.model import AgeModel, raw_outputs
+from age_detect_resnet.modeling.model import AgeModel, folded_for_inference, raw_outputs
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.runtime import autocast_factory, onnx_session, resolve_precision
 
@@ -40,7 +40,9 @@ class AgeRunner(Protocol):
 
 class TorchRunner:
     """An `AgeModel` on batches: inference mode, bf16 autocast where the hardware has it,
-    channels_last, optional flip test-time augmentation."""
+    channels_last, optional flip test-time augmentation, and with `fold` (a runner kept for many
+    batches) a copy of the model with its batch norms folded into its convolutions
+    (`folded_for_inference`: a copy, so the caller's model is left as it is)."""
 
     def __init__(
         self,
@@ -49,8 +51,10 @@ class TorchRunner:
         *,
         precision: str = "auto",
         tta_flip: bool = False,
+        fold: bool = True,
     ) -> None:
         self.device = torch.device(device)
+        model = folded_for_inference(model) if fold else model
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))
         self.tta_flip = tta_flip

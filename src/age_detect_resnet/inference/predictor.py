@@ -59,7 +59,7 @@ def predict_age_for_image(
     is available."""
     image = load_rgb(path)
     batch = face_crop_input(image, model.metadata).unsqueeze(0)
-    age = TorchRunner(model, device)(batch)["age"][0]
+    age = TorchRunner(model, device, fold=False)(batch)["age"][0]  # one face: folding would cost more
     return float(age), image
 
 

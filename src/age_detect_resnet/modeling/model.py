@@ -228,3 +228,24 @@ def model_from_description(description: dict[str, Any]) -> AgeModel:
         mean=tuple(description.get("mean", IMAGENET_MEAN)),
         std=tuple(description.get("std", IMAGENET_STD)),
     )
+
+
+def folded_for_inference(model: AgeModel) -> AgeModel:
+    """A copy of `model` for inference (evaluation mode) in which every backbone's batch norms are
+    folded into the convolutions before them: the same function to float32 rounding, for about a
+    quarter less time per face on a CPU, whose batch norms are passes over memory of their own (README,
+    Speed). The model passed in is not changed, so it can still be trained or saved; a backbone that
+    torch.fx cannot trace is copied as it is."""
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    # An ensemble has no backbone of its own: its members' are folded.
+    owners = [m for m in folded.modules() if isinstance(getattr(m, "backbone", None), nn.Module)]
+    for owner in owners:
+        try:
+            from torch.fx.experimental.optimization import fuse
+
+            owner.backbone = fuse(owner.backbone)
+        except Exception as err:  # an optimisation only: the unfolded backbone gives the same ages
+            log.debug("batch norms of %s not folded: %s", owner.backbone_name, err)
+    return folded
