@@ -40,7 +40,7 @@ from age_detect_resnet.inference.backends import AgeRunner, load_runner
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.modeling.heads import AgeHead, create_head
-from age_detect_resnet.modeling.model import AgeModel, folded_for_inference
+from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
 from age_detect_resnet.training.config import ConfigError
@@ -198,10 +198,11 @@ def predict_images(
 def model_predictions(
     age_model: AgeModel, loader: DataLoader, *, device: torch.device, tta: bool = False
 ) -> Predictions:
-    """A PyTorch model over every readable image of `loader` (bf16 where the hardware has it), its
-    batch norms folded as `predict` runs it (`folded_for_inference`, a copy)."""
+    """A PyTorch model over every readable image of `loader` (bf16 where the hardware has it), as
+    trained: its batch norms are not folded as `predict` folds them, so that a run's test report is
+    reproduced to the last digit (folding changes bf16's rounding, not the function)."""
     autocast = autocast_factory(device, resolve_precision("auto", device))
-    age_model = folded_for_inference(age_model).to(memory_format=torch.channels_last)
+    age_model = age_model.to(memory_format=torch.channels_last)
     _, predictions = evaluate(
         age_model, loader, device=device, autocast=autocast, tta_flip=tta, desc="evaluate"
     )

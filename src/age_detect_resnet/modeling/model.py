@@ -232,9 +232,9 @@ def model_from_description(description: dict[str, Any]) -> AgeModel:
 
 def folded_for_inference(model: AgeModel) -> AgeModel:
     """A copy of `model` for inference (evaluation mode) in which every backbone's batch norms are
-    folded into the convolutions before them: the same function to float32 rounding, for about a
-    quarter less time per face on a CPU, whose batch norms are passes over memory of their own (README,
-    Speed). The model passed in is not changed, so it can still be trained or saved; a backbone that
+    folded into the convolutions before them: the same function to float32 rounding, without the batch
+    norms' own passes over memory (1.12x photos/s end to end in fp32 on 2 CPU cores: README, Speed).
+    The model passed in is not changed, so it can still be trained or saved; a backbone that
     torch.fx cannot trace is copied as it is."""
     import copy
 
