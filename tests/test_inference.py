@@ -22,7 +22,7 @@ from age_detect_resnet.faces.detection import (
     measure_framing,
 )
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
-from conftest import REPO, TEST_IMAGES, UTKFACE, require
+from conftest import REPO, TEST_IMAGES, UTKFACE, YUNET, require
 
 PHOTOS = ["astronaut.png", "obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"]
 
@@ -193,3 +193,23 @@ def test_check_your_age_prints_the_age_and_saves_the_annotated_photo(tiny_run, t
     )
     assert done.returncode == 0, done.stderr
     assert "you look" in done.stdout and out.is_file()
+
+
+def test_predict_json_gives_each_faces_landmarks_where_the_detector_finds_them(tiny_run, tmp_path):
+    photo = require(TEST_IMAGES) / "biden.jpg"
+    detector = ["--detector", "yunet", "--detector-model", str(require(YUNET))]
+    out = tmp_path / "ages.json"
+    assert predict_main(["--model", str(tiny_run), str(photo), *detector, "--output", str(out)]) == 0
+    (face,) = json.loads(out.read_text())[0]["faces"]
+    assert list(face["landmarks"]) == ["right_eye", "left_eye", "nose_tip", "mouth_right", "mouth_left"]
+    assert all(
+        face["x1"] <= x <= face["x2"] and face["y1"] <= y <= face["y2"] for x, y in face["landmarks"].values()
+    )
+    # Without a detector there are none, and the key is left out; the CSV keeps its columns.
+    assert predict_main(["--model", str(tiny_run), str(photo), "--no-detect", "--output", str(out)]) == 0
+    assert "landmarks" not in json.loads(out.read_text())[0]["faces"][0]
+    assert (
+        predict_main(["--model", str(tiny_run), str(photo), *detector, "--output", str(tmp_path / "a.csv")])
+        == 0
+    )
+    assert "landmarks" not in pd.read_csv(tmp_path / "a.csv").columns

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from age_detect_resnet.faces.detection import LANDMARK_NAMES, create_detector
+from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, load_predictor
 from age_detect_resnet.runtime import select_device
@@ -70,10 +70,6 @@ def analyze(
     )
     faces = []
     for face in predictor.predict_image(_as_image(image)):
-        points = None
-        if face.landmarks:
-            named = zip(LANDMARK_NAMES, face.landmarks, strict=True)
-            points = {name: [round(x, 1), round(y, 1)] for name, (x, y) in named}
         faces.append(
             {
                 "face_index": face.face_index,
@@ -81,7 +77,7 @@ def analyze(
                 "detector_score": face.detector_score,
                 "age": round(face.age, 2),
                 "age_interval": [round(v, 2) for v in face.interval] if face.interval else None,
-                "landmarks": points,
+                "landmarks": face.named_landmarks(),
             }
         )
     return faces

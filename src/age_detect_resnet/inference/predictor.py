@@ -28,6 +28,7 @@ from age_detect_resnet.data.dataset import pixels_to_input, to_input_tensor
 from age_detect_resnet.evaluation.plots import plot_prediction_grid
 from age_detect_resnet.faces.align import LandmarkFraming, framing_of
 from age_detect_resnet.faces.detection import (
+    LANDMARK_NAMES,
     DetectorUnavailableError,
     Face,
     FaceDetector,
@@ -111,6 +112,14 @@ class FacePrediction:
         if self.interval is not None:
             row["age_low"], row["age_high"] = round(self.interval[0], 2), round(self.interval[1], 2)
         return row
+
+    def named_landmarks(self) -> dict[str, list[float]] | None:
+        """The landmarks by name (`LANDMARK_NAMES`: the person's own right and left), [x, y] in pixels
+        to 0.1; None where the detector gives none (Haar, or no detector)."""
+        if not self.landmarks:
+            return None
+        named = zip(LANDMARK_NAMES, self.landmarks, strict=True)
+        return {name: [round(x, 1), round(y, 1)] for name, (x, y) in named}
 
 
 # One face ready for the model: the detection (None: the whole image), the crop's box in the image, the
