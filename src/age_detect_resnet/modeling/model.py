@@ -247,5 +247,5 @@ def folded_for_inference(model: AgeModel) -> AgeModel:
 
             owner.backbone = fuse(owner.backbone)
         except Exception as err:  # an optimisation only: the unfolded backbone gives the same ages
-            log.debug("batch norms of %s not folded: %s", owner.backbone_name, err)
+            log.debug("batch norms of %s not folded: %s", getattr(owner, "backbone_name", "a backbone"), err)
     return folded
