@@ -18,6 +18,7 @@ from age_detect_resnet.data.dataset import (
     make_loader,
     train_transform,
 )
+from age_detect_resnet.data.photo_shares import PhotoShares
 from age_detect_resnet.images import ImageReadError
 
 
@@ -83,12 +84,12 @@ def test_occlusion_is_a_setting_of_the_photo_augmentation_only():
     from age_detect_resnet.training.config import ConfigError, resolve_config
 
     torch.manual_seed(0)
-    photo = train_transform("photo", 32, occlusion=1.0)
+    photo = train_transform("photo", 32, PhotoShares(occlusion=1.0))
     assert isinstance(photo.transforms[-1], RandomOcclusion) and photo.transforms[-1].p == 1.0
     assert not any(isinstance(t, RandomOcclusion) for t in train_transform("photo", 32).transforms)
     assert photo(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)).shape == (3, 32, 32)
     with pytest.raises(ValueError, match="photo augmentation"):
-        train_transform("light", 32, occlusion=0.5)
+        train_transform("light", 32, PhotoShares(occlusion=0.5))
     assert resolve_config("cpu", {"occlusion": 0.5}).data.occlusion == 0.5
     with pytest.raises(ConfigError, match="add --augment photo"):
         resolve_config(None, {"occlusion": 0.5})
@@ -119,36 +120,36 @@ def test_a_tight_cut_repeats_the_edge_of_a_box_inside_the_crop_as_the_aligner_sh
 def test_tight_cuts_are_a_setting_of_the_photo_augmentation_only():
     from age_detect_resnet.training.config import ConfigError, resolve_config
 
-    photo = train_transform("photo", 32, tight_cut=0.3)
+    photo = train_transform("photo", 32, PhotoShares(tight_cut=0.3))
     assert isinstance(photo.transforms[0], RandomTightCut) and photo.transforms[0].p == 0.3
     assert not any(isinstance(t, RandomTightCut) for t in train_transform("photo", 32).transforms)
     assert photo(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)).shape == (3, 32, 32)
     with pytest.raises(ValueError, match="photo augmentation"):
-        train_transform("light", 32, tight_cut=0.3)
+        train_transform("light", 32, PhotoShares(tight_cut=0.3))
     assert resolve_config("cpu", {"tight_cut": 0.3}).data.tight_cut == 0.3
     with pytest.raises(ConfigError, match="add --augment photo"):
         resolve_config(None, {"tight_cut": 0.3})
 
 
 def test_the_share_of_low_resolution_faces_is_a_setting_of_the_photo_augmentation():
-    from age_detect_resnet.data.dataset import LOW_RESOLUTION_SHARE, RandomLowResolution
-    from age_detect_resnet.training import config
+    from age_detect_resnet.data.dataset import RandomLowResolution
+    from age_detect_resnet.data.photo_shares import LOW_RESOLUTION_SHARE
     from age_detect_resnet.training.config import ConfigError, resolve_config
 
-    assert config.LOW_RESOLUTION_SHARE == LOW_RESOLUTION_SHARE  # one default, mirrored without torch
+    assert RandomLowResolution().p == LOW_RESOLUTION_SHARE  # one default, read by the torch-free config too
 
     def share(transform):
         return next(t.p for t in transform.transforms if isinstance(t, RandomLowResolution))
 
     assert share(train_transform("photo", 32)) == LOW_RESOLUTION_SHARE
-    assert share(train_transform("photo", 32, low_resolution=0.5)) == 0.5
+    assert share(train_transform("photo", 32, PhotoShares(low_resolution=0.5))) == 0.5
     torch.manual_seed(0)
     face = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     shrunk = RandomLowResolution(p=1.0, min_side=8)(face)
     assert shrunk.shape == face.shape and not torch.equal(shrunk, face)
     assert torch.equal(RandomLowResolution(p=0.0, min_side=8)(face), face)
     with pytest.raises(ValueError, match="photo augmentation"):
-        train_transform("light", 32, low_resolution=0.5)
+        train_transform("light", 32, PhotoShares(low_resolution=0.5))
     assert resolve_config("cpu", {"low_resolution": 0.5}).data.low_resolution == 0.5
     assert resolve_config(None, {}).data.low_resolution == LOW_RESOLUTION_SHARE  # no augmentation: unused
     with pytest.raises(ConfigError, match="add --augment photo"):
@@ -223,3 +224,23 @@ def test_a_cached_batch_with_an_unreadable_image_falls_back_to_one_by_one(tmp_pa
     assert batch.kept.tolist() == [True, False, True] and batch.images.shape == (2, 3, 16, 16)
     with pytest.raises(ImageReadError, match=r"1\.jpg"):
         AgeDataset(cache, [1, 2, 3]).__getitems__([0, 1, 2])
+
+
+def test_the_config_and_the_transform_read_the_same_photo_shares():
+    """One owner (`PhotoShares`): every share is a field of the config's data section, under the same
+    name, whose default is the share's, and each is checked the same way."""
+    from dataclasses import fields
+
+    from age_detect_resnet.training.config import ConfigError, DataConfig, resolve_config
+
+    defaults = {f.name: f.default for f in fields(DataConfig)}
+    for f in fields(PhotoShares):
+        assert defaults[f.name] == f.default, f.name
+        option = PhotoShares.option(f.name)
+        with pytest.raises(ConfigError, match=f"--{option} is part of the photo augmentation"):
+            resolve_config(None, {f.name: 0.6})
+        with pytest.raises(ConfigError, match="between 0 and 1"):
+            resolve_config("cpu", {f.name: 1.5})
+        with pytest.raises(ValueError, match=f"--{option}: a setting of the photo augmentation"):
+            train_transform("light", 32, PhotoShares(**{f.name: 0.6}))
+    assert PhotoShares.of(resolve_config("cpu", {"tight_cut": 0.3}).data) == PhotoShares(tight_cut=0.3)

@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from age_detect_resnet.data.photo_shares import DEFAULT_SHARES, LOW_RESOLUTION_SHARE, PhotoShares
 from age_detect_resnet.images import ImageReadError, load_rgb
 
 if TYPE_CHECKING:
@@ -42,10 +43,6 @@ def to_input_tensor(image: Image.Image, size: int) -> torch.Tensor:
 def pixels_to_input(pixels: np.ndarray) -> torch.Tensor:
     """A (S, S, 3) uint8 array (an aligned or cropped face) as the model's uint8 (3, S, S) input."""
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
-
-
-# The photo augmentation's share of faces shown at a lower resolution (`--low-resolution`).
-LOW_RESOLUTION_SHARE = 0.25
 
 
 class RandomLowResolution:
@@ -158,32 +155,24 @@ class RandomTightCut:
 
 
 def train_transform(
-    augment: str,
-    image_size: int,
-    occlusion: float = 0.0,
-    low_resolution: float = LOW_RESOLUTION_SHARE,
-    tight_cut: float = 0.0,
+    augment: str, image_size: int, shares: PhotoShares = DEFAULT_SHARES
 ) -> v2.Transform | None:
     """Augmentation on uint8 (3, S', S') tensors; None for the seed's plain resize.
 
     `photo` takes the aligned crop with its context border (S' > S, see cache.py) and ends with the
     centre (S, S): shifts, scaling and rotation then show real surroundings, not black corners.
-    `occlusion` > 0 (photo only) also hides a random patch of that many faces (RandomOcclusion);
-    `low_resolution` (photo only) is the share of faces shrunk and scaled back (RandomLowResolution);
-    `tight_cut` > 0 (photo only) shows that many faces as if cut close round them (RandomTightCut)."""
-    photo_settings = (
-        ("occlusion", occlusion, 0.0),
-        ("tight cuts", tight_cut, 0.0),
-        ("low resolution", low_resolution, LOW_RESOLUTION_SHARE),
-    )
-    for name, share, default in photo_settings:
-        if share != default and augment != "photo":
-            raise ValueError(f"{name}: a setting of the photo augmentation, not of {augment!r}")
+    `shares` (photo only) are the shares of faces with a random patch hidden (RandomOcclusion), shrunk
+    and scaled back (RandomLowResolution) and shown as if cut close round them (RandomTightCut)."""
+    if augment != "photo" and shares.changed():
+        name = shares.changed()[0]
+        raise ValueError(
+            f"--{PhotoShares.option(name)}: a setting of the photo augmentation, not of {augment!r}"
+        )
     if augment == "none":
         return None
     if augment == "photo":
-        occluder = [RandomOcclusion(p=occlusion)] if occlusion else []
-        cutter = [RandomTightCut(p=tight_cut, image_size=image_size)] if tight_cut else []
+        occluder = [RandomOcclusion(p=shares.occlusion)] if shares.occlusion else []
+        cutter = [RandomTightCut(p=shares.tight_cut, image_size=image_size)] if shares.tight_cut else []
         return v2.Compose(
             [
                 *cutter,  # first: the photo is cut before the aligner's jitter below
@@ -195,7 +184,7 @@ def train_transform(
                     [v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)], p=0.8
                 ),
                 v2.RandomGrayscale(p=0.1),
-                RandomLowResolution(p=low_resolution, min_side=max(16, image_size // 4)),
+                RandomLowResolution(p=shares.low_resolution, min_side=max(16, image_size // 4)),
                 v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.15),
                 RandomJpeg(p=0.3, quality=(30, 95)),
                 *occluder,
@@ -376,9 +365,7 @@ def build_datasets(
     *,
     image_size: int,
     augment: str = "none",
-    occlusion: float = 0.0,
-    low_resolution: float = LOW_RESOLUTION_SHARE,
-    tight_cut: float = 0.0,
+    shares: PhotoShares = DEFAULT_SHARES,
     skip_bad_images: bool = False,
 ) -> dict[str, AgeDataset]:
     """One dataset per split; only `train` is augmented."""
@@ -386,9 +373,7 @@ def build_datasets(
         split: AgeDataset(
             images_for[split],
             frame["age"].to_numpy(),
-            transform=train_transform(augment, image_size, occlusion, low_resolution, tight_cut)
-            if split == "train"
-            else None,
+            transform=train_transform(augment, image_size, shares) if split == "train" else None,
             skip_bad_images=skip_bad_images,
         )
         for split, frame in frames.items()

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from age_detect_resnet.data.photo_shares import LOW_RESOLUTION_SHARE, PhotoShares
+
 DATASETS = ("imdb-wiki", "utkface", "csv")
 BACKBONES = (
     "resnet18",
@@ -31,7 +33,6 @@ HEADS = ("regression", "bins", "distribution")
 LABEL_SPREADS = ("fixed", "proportional", "capped")  # heads.LABEL_SPREADS (this module does not import torch)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALIGNMENT_VERSIONS = (1, 2)  # faces.align.ALIGNMENT_VERSIONS (this module does not import OpenCV)
-LOW_RESOLUTION_SHARE = 0.25  # data.dataset.LOW_RESOLUTION_SHARE (this module does not import torch)
 
 
 class ConfigError(ValueError):
@@ -277,17 +278,20 @@ def _merge(values: dict[str, dict[str, Any]], incoming: dict[str, Any], *, sourc
         values[group][name] = value
 
 
-def _check_photo_share(option: str, share: float, default: float, augment: str) -> None:
-    """A setting of the photo augmentation that is a share of the training faces (`--occlusion`,
-    `--low-resolution`, `--tight-cut`): between 0 and 1, and left at its default by the other
+def _check_photo_shares(data: DataConfig) -> None:
+    """The photo augmentation's shares of the training faces (`PhotoShares`: `--occlusion`,
+    `--low-resolution`, `--tight-cut`): between 0 and 1, and left at their defaults by the other
     augmentations."""
-    if not 0 <= share <= 1:
+    shares = PhotoShares.of(data)
+    if shares.out_of_range():
+        name, share = shares.out_of_range()[0]
         raise ConfigError(
-            f"{option.replace('-', ' ')} is a share of the training faces, between 0 and 1; got {share}"
+            f"{name.replace('_', ' ')} is a share of the training faces, between 0 and 1; got {share}"
         )
-    if share != default and augment != "photo":
+    if data.augment != "photo" and shares.changed():
         raise ConfigError(
-            f"--{option} is part of the photo augmentation: add --augment photo (not {augment})"
+            f"--{PhotoShares.option(shares.changed()[0])} is part of the photo augmentation: add --augment "
+            f"photo (not {data.augment})"
         )
 
 
@@ -316,9 +320,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("--align prepares the aligned faces once, in the image cache: add --cache")
     if data.alignment != 1 and not data.align:
         raise ConfigError(f"--alignment {data.alignment} chooses the aligner of --align: add --align")
-    _check_photo_share("occlusion", data.occlusion, 0.0, data.augment)
-    _check_photo_share("low-resolution", data.low_resolution, LOW_RESOLUTION_SHARE, data.augment)
-    _check_photo_share("tight-cut", data.tight_cut, 0.0, data.augment)
+    _check_photo_shares(data)
     if not 0 < config.model.interval < 1:
         raise ConfigError(f"interval must be between 0 and 1, got {config.model.interval}")
     optim = config.optim

@@ -11,6 +11,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from age_detect_resnet.data.cache import CacheAlignment, prepare_cache
 from age_detect_resnet.data.dataset import FileImages, ImageSource, ShardSampler, build_datasets, make_loader
+from age_detect_resnet.data.photo_shares import PhotoShares
 from age_detect_resnet.data.splits import PreparedData
 from age_detect_resnet.faces.align import Aligner
 from age_detect_resnet.training.config import Config, ConfigError
@@ -67,9 +68,7 @@ def build_loaders(
         image_sources(prepared, config, dist),
         image_size=data.image_size,
         augment=data.augment,
-        occlusion=data.occlusion,
-        low_resolution=data.low_resolution,
-        tight_cut=data.tight_cut,
+        shares=PhotoShares.of(data),
         skip_bad_images=data.skip_bad_images,
     )
     per_process = max(1, train.batch_size // dist.world)
