@@ -244,3 +244,30 @@ def test_the_config_and_the_transform_read_the_same_photo_shares():
         with pytest.raises(ValueError, match=f"--{option}: a setting of the photo augmentation"):
             train_transform("light", 32, PhotoShares(**{f.name: 0.6}))
     assert PhotoShares.of(resolve_config("cpu", {"tight_cut": 0.3}).data) == PhotoShares(tight_cut=0.3)
+
+
+def test_a_yaw_pulls_one_side_in_and_shortens_it_and_leaves_the_other():
+    from age_detect_resnet.data.dataset import RandomYaw
+
+    image = torch.full((3, 40, 40), 200, dtype=torch.uint8)
+    torch.manual_seed(0)
+    sides = set()
+    for _ in range(20):
+        turned = RandomYaw(p=1.0, strength=0.3)(image)
+        assert turned.shape == image.shape
+        left_gone, right_gone = bool((turned[:, 0, 0] == 0).all()), bool((turned[:, 0, -1] == 0).all())
+        assert not (left_gone and right_gone)  # one far side at most (none: a turn under a pixel)
+        if not (left_gone or right_gone):
+            continue
+        near = 38 if left_gone else 1  # the edge pixel itself is blended with the empty outside
+        assert (turned[:, 2:-2, near] == 200).all()
+        # The far side moves in by less than a tenth of the width: the context border cache.py keeps.
+        inside = 4 if left_gone else 35
+        assert (turned[:, 20, inside] >= 190).all()
+        sides.add(left_gone)
+    assert sides == {True, False}
+    assert torch.equal(RandomYaw(p=0.0)(image), image)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        RandomYaw(p=1.5)
+    photo = train_transform("photo", 32, PhotoShares(yaw=0.3))
+    assert any(isinstance(t, RandomYaw) and t.p == 0.3 for t in photo.transforms)

@@ -114,6 +114,35 @@ class RandomOcclusion:
         return out
 
 
+class RandomYaw:
+    """With probability `p`, the face as if turned a little about its vertical axis: one side of the
+    image pulled in by up to `strength` x 0.3 of its width and shortened by up to `strength` x 0.5 of
+    its height (a perspective warp). The aligner undoes a turn in the photo's plane, not this one, so
+    the faces of photos that look past the camera reach the model like this.
+
+    Works on the aligned crop with its context border (cache.py: a quarter of the crop wider), which the
+    pulled-in side's empty margin stays within at the default strength."""
+
+    def __init__(self, *, p: float, strength: float = 0.3) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"yaw probability must be between 0 and 1, got {p}")
+        self.p, self.strength = p, strength
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, H, W) uint8
+        if torch.rand(()) >= self.p:
+            return image
+        height, width = image.shape[-2:]
+        amount = float(torch.empty(()).uniform_(0.0, self.strength))
+        dx, dy = amount * 0.3 * width, amount * 0.25 * height  # each far corner moves by dy
+        right, bottom = width - 1, height - 1
+        start = [[0, 0], [right, 0], [right, bottom], [0, bottom]]
+        if torch.rand(()) < 0.5:  # the right side turned away
+            end = [[0, 0], [right - dx, dy], [right - dx, bottom - dy], [0, bottom]]
+        else:
+            end = [[dx, dy], [right, 0], [right, bottom], [dx, bottom - dy]]
+        return v2.functional.perspective(image, start, end, interpolation=v2.InterpolationMode.BILINEAR)
+
+
 class RandomTightCut:
     """With probability `p`, show the face as if its photo had been cut close around it, as pre-aligned
     face sets are: outside a random box the pixels repeat the box's edge, which is what the aligner's
@@ -162,7 +191,8 @@ def train_transform(
     `photo` takes the aligned crop with its context border (S' > S, see cache.py) and ends with the
     centre (S, S): shifts, scaling and rotation then show real surroundings, not black corners.
     `shares` (photo only) are the shares of faces with a random patch hidden (RandomOcclusion), shrunk
-    and scaled back (RandomLowResolution) and shown as if cut close round them (RandomTightCut)."""
+    and scaled back (RandomLowResolution), shown as if cut close round them (RandomTightCut) and as if
+    turned a little about the vertical axis (RandomYaw)."""
     if augment != "photo" and shares.changed():
         name = shares.changed()[0]
         raise ValueError(
@@ -173,9 +203,11 @@ def train_transform(
     if augment == "photo":
         occluder = [RandomOcclusion(p=shares.occlusion)] if shares.occlusion else []
         cutter = [RandomTightCut(p=shares.tight_cut, image_size=image_size)] if shares.tight_cut else []
+        turner = [RandomYaw(p=shares.yaw)] if shares.yaw else []
         return v2.Compose(
             [
                 *cutter,  # first: the photo is cut before the aligner's jitter below
+                *turner,
                 v2.RandomHorizontalFlip(),
                 # Landmark alignment leaves a few degrees and percent of jitter on real photos; cover it.
                 v2.RandomAffine(degrees=10, translate=(0.04, 0.04), scale=(0.9, 1.1)),

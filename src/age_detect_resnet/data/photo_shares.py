@@ -1,5 +1,5 @@
 """The photo augmentation's optional parts, each given as the share of training faces it is applied to
-(`--occlusion`, `--low-resolution`, `--tight-cut`): one owner for their names, defaults and checks,
+(`--occlusion`, `--low-resolution`, `--tight-cut`, `--yaw`): one owner for their names, defaults and checks,
 read by the training config (which does not import torch) and by `dataset.train_transform`. A new part
 is a field here, a field of the config's data section with the same name, and its transform."""
 
@@ -17,6 +17,7 @@ class PhotoShares:
     occlusion: float = 0.0  # a random patch hidden, as a hand or a cup hides part of a face
     low_resolution: float = LOW_RESOLUTION_SHARE  # shrunk and scaled back, as small faces look
     tight_cut: float = 0.0  # shown as if the photo were cut close round the face
+    yaw: float = 0.0  # as if turned a little about the vertical axis (a perspective warp)
 
     @classmethod
     def of(cls, settings: Any) -> PhotoShares:

@@ -85,6 +85,11 @@ class DataConfig:
         "(the edge repeated outside a box up to a quarter inside the crop), as pre-aligned face sets are; "
         "0 = off",
     )
+    yaw: float = _setting(
+        0.0,
+        "--augment photo: share of training faces shown as if turned a little about the vertical axis "
+        "(one side pulled in and shortened), as the alignment leaves a turned head; 0 = off",
+    )
     cache: bool = _setting(False, "decode and resize every image once into a memory-mapped cache")
     align: bool = _setting(
         False, "detect and align every training face by its landmarks, as at inference (needs --cache)"
