@@ -285,7 +285,7 @@ def _merge(values: dict[str, dict[str, Any]], incoming: dict[str, Any], *, sourc
 
 def _check_photo_shares(data: DataConfig) -> None:
     """The photo augmentation's shares of the training faces (`PhotoShares`: `--occlusion`,
-    `--low-resolution`, `--tight-cut`): between 0 and 1, and left at their defaults by the other
+    `--low-resolution`, `--tight-cut`, `--yaw`): between 0 and 1, and left at their defaults by the other
     augmentations."""
     shares = PhotoShares.of(data)
     if shares.out_of_range():
