@@ -117,8 +117,9 @@ class RandomOcclusion:
 class RandomYaw:
     """With probability `p`, the face as if turned a little about its vertical axis: one side of the
     image pulled in by up to `strength` x 0.3 of its width and shortened by up to `strength` x 0.5 of
-    its height (a perspective warp). The aligner undoes a turn in the photo's plane, not this one, so
-    the faces of photos that look past the camera reach the model like this.
+    its height (a perspective warp): the aligner undoes a turn in the photo's plane, not this one. As a
+    stand-in for people looking past the camera it made every real-photo set worse (README, Tight cuts),
+    so `--yaw` is off unless asked for.
 
     Works on the aligned crop with its context border (cache.py: a quarter of the crop wider), which the
     pulled-in side's empty margin stays within at the default strength."""
