@@ -194,10 +194,10 @@ def train_transform(
     `shares` (photo only) are the shares of faces with a random patch hidden (RandomOcclusion), shrunk
     and scaled back (RandomLowResolution), shown as if cut close round them (RandomTightCut) and as if
     turned a little about the vertical axis (RandomYaw)."""
-    if augment != "photo" and shares.changed():
-        name = shares.changed()[0]
+    changed = shares.changed()
+    if changed and augment != "photo":
         raise ValueError(
-            f"--{PhotoShares.option(name)}: a setting of the photo augmentation, not of {augment!r}"
+            f"--{PhotoShares.option(changed[0])}: a setting of the photo augmentation, not of {augment!r}"
         )
     if augment == "none":
         return None

@@ -288,15 +288,17 @@ def _check_photo_shares(data: DataConfig) -> None:
     `--low-resolution`, `--tight-cut`, `--yaw`): between 0 and 1, and left at their defaults by the other
     augmentations."""
     shares = PhotoShares.of(data)
-    if shares.out_of_range():
-        name, share = shares.out_of_range()[0]
+    outside = shares.out_of_range()
+    if outside:
+        name, share = outside[0]
         raise ConfigError(
             f"{name.replace('_', ' ')} is a share of the training faces, between 0 and 1; got {share}"
         )
-    if data.augment != "photo" and shares.changed():
+    changed = shares.changed()
+    if changed and data.augment != "photo":
         raise ConfigError(
-            f"--{PhotoShares.option(shares.changed()[0])} is part of the photo augmentation: add --augment "
-            f"photo (not {data.augment})"
+            f"--{PhotoShares.option(changed[0])} is part of the photo augmentation: add --augment photo "
+            f"(not {data.augment})"
         )
 
 
