@@ -38,14 +38,29 @@ def test_yunet_finds_exactly_one_face_in_each_real_photo(name):
     assert 0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height and faces[0].score > 0.7
 
 
-def test_haar_fallback_finds_the_face_where_opencv_ships_it():
-    try:
-        detector = HaarDetector()
-    except Exception as err:  # opencv >= 5 has no cascades
-        pytest.skip(f"no Haar cascades in this OpenCV: {err}")
+def test_offline_without_yunet_auto_falls_back_to_haar_which_finds_the_face(monkeypatch, caplog):
+    """What a fresh offline install does before YuNet is downloaded or given: the package asks for
+    opencv < 5, which ships the cascades, so `auto` must still detect."""
+    from age_detect_resnet.faces import detection
     from age_detect_resnet.images import load_rgb
 
+    def unavailable(_path=None):
+        raise detection.DetectorUnavailableError("could not download the YuNet face detector (offline)")
+
+    monkeypatch.setattr(detection, "resolve_yunet_model", unavailable)
+    with caplog.at_level(logging.WARNING):
+        detector = create_detector("auto")
+    assert isinstance(detector, HaarDetector) and "Falling back to the Haar cascade" in caplog.text
     assert len(detector.detect(load_rgb(require(TEST_IMAGES) / "obama.jpg"))) >= 1
+
+
+def test_an_opencv_without_cascades_gets_an_error_that_says_what_to_do(monkeypatch):
+    from age_detect_resnet.faces import detection
+
+    monkeypatch.delattr(detection.cv2, "CascadeClassifier")
+    with pytest.raises(detection.DetectorUnavailableError) as err:
+        HaarDetector()
+    assert all(hint in str(err.value) for hint in ("--detector-model", "opencv-python-headless<5", "--no-detect"))
 
 
 def test_crop_is_the_box_enlarged_by_the_margins_and_clipped_at_the_borders():

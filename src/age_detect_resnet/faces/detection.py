@@ -434,7 +434,11 @@ class HaarDetector:
         self.max_side = max_side
         data = getattr(cv2, "data", None)
         if data is None or not hasattr(cv2, "CascadeClassifier"):
-            raise DetectorUnavailableError("this OpenCV build has no Haar cascades (opencv-python >= 5)")
+            raise DetectorUnavailableError(
+                f"OpenCV {cv2.__version__} has no Haar cascades (opencv-python >= 5 dropped them), so no face "
+                "detector can run: give YuNet with --detector-model FILE (or $AGE_DETECT_YUNET_MODEL), "
+                "install 'opencv-python-headless<5' as this package asks, or pass --no-detect"
+            )
         self._cascade = cv2.CascadeClassifier(
             str(Path(data.haarcascades) / "haarcascade_frontalface_default.xml")
         )
