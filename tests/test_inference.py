@@ -60,7 +60,8 @@ def test_an_opencv_without_cascades_gets_an_error_that_says_what_to_do(monkeypat
     monkeypatch.delattr(detection.cv2, "CascadeClassifier")
     with pytest.raises(detection.DetectorUnavailableError) as err:
         HaarDetector()
-    assert all(hint in str(err.value) for hint in ("--detector-model", "opencv-python-headless<5", "--no-detect"))
+    hints = ("--detector-model", "opencv-python-headless<5", "--no-detect")
+    assert all(hint in str(err.value) for hint in hints)
 
 
 def test_crop_is_the_box_enlarged_by_the_margins_and_clipped_at_the_borders():

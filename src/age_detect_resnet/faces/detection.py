@@ -435,9 +435,10 @@ class HaarDetector:
         data = getattr(cv2, "data", None)
         if data is None or not hasattr(cv2, "CascadeClassifier"):
             raise DetectorUnavailableError(
-                f"OpenCV {cv2.__version__} has no Haar cascades (opencv-python >= 5 dropped them), so no face "
-                "detector can run: give YuNet with --detector-model FILE (or $AGE_DETECT_YUNET_MODEL), "
-                "install 'opencv-python-headless<5' as this package asks, or pass --no-detect"
+                f"OpenCV {cv2.__version__} has no Haar cascades (opencv-python >= 5 dropped them), so "
+                "no face detector can run: give YuNet with --detector-model FILE (or "
+                "$AGE_DETECT_YUNET_MODEL), install 'opencv-python-headless<5' as this package asks, or pass "
+                "--no-detect"
             )
         self._cascade = cv2.CascadeClassifier(
             str(Path(data.haarcascades) / "haarcascade_frontalface_default.xml")
