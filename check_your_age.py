@@ -55,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"face {face.face_index + 1}: you look {age_label(face)} years old")
     out = args.out or args.photo.with_name(f"{args.photo.stem}_ages.jpg")
     annotated = draw_predictions(image, faces)
-    annotated.save(out, quality=92)
+    try:
+        annotated.save(out, quality=92)
+    except (OSError, ValueError) as err:  # a read-only folder, a full disk, an unknown extension
+        print(f"error: could not save the annotated photo to {out} ({err}); pass --out FILE", file=sys.stderr)
+        return 2
     print(f"annotated photo: {out}")
     if args.show:
         annotated.show()

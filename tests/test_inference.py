@@ -211,6 +211,24 @@ def test_check_your_age_prints_the_age_and_saves_the_annotated_photo(tiny_run, t
     assert "you look" in done.stdout and out.is_file()
 
 
+def test_check_your_age_says_where_the_annotated_photo_could_not_go_after_printing_the_age(
+    tiny_run, tmp_path
+):
+    from check_your_age import main as check_main
+
+    photo = require(TEST_IMAGES) / "biden.jpg"
+    blocked = tmp_path / "a file, not a folder"
+    blocked.write_text("")
+    args = [str(photo), "--model", str(tiny_run), "--no-detect", "--out", str(blocked / "me_ages.jpg")]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "check_your_age.py"), *args], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "you look" in done.stdout, done.stderr
+    assert "could not save the annotated photo" in done.stderr and "--out FILE" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert check_main([*args[:-1], str(tmp_path / "me.unknown-extension")]) == 2
+
+
 def test_predict_json_gives_each_faces_landmarks_where_the_detector_finds_them(tiny_run, tmp_path):
     photo = require(TEST_IMAGES) / "biden.jpg"
     detector = ["--detector", "yunet", "--detector-model", str(require(YUNET))]
