@@ -88,6 +88,13 @@ def test_real_photo_gives_one_boxed_face_with_an_age(client):
     assert 0 <= face["y1"] < face["y2"] <= body["image"]["height"]
     assert face["detector_score"] > 0.5 and 0 < face["age"] < 120
     assert body["model"]["backbone"] == "mobilenet_v2" and body["model"]["detector"] == "yunet"
+    # YuNet's five landmarks by name, inside the box, the eyes above the mouth, as `predict`'s JSON
+    (right_eye, left_eye, nose, mouth_right, mouth_left) = face["landmarks"].values()
+    assert list(face["landmarks"]) == ["right_eye", "left_eye", "nose_tip", "mouth_right", "mouth_left"]
+    assert all(
+        face["x1"] <= x <= face["x2"] and face["y1"] <= y <= face["y2"] for x, y in face["landmarks"].values()
+    )
+    assert max(right_eye[1], left_eye[1]) < nose[1] < min(mouth_right[1], mouth_left[1])
 
 
 def test_upload_over_the_limit_is_refused_with_413(client):

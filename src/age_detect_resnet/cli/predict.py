@@ -39,7 +39,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import torch
@@ -153,18 +152,12 @@ VIDEO_COLUMNS = (
 TRACK_COLUMNS = "path track_id first_time last_time frames age age_low age_high".split()
 
 
-def json_face(face: FacePrediction) -> dict[str, Any]:
-    """A photo's face in the JSON output: the CSV row's fields, and its landmarks where there are some."""
-    landmarks = face.named_landmarks()
-    return {**face.as_dict(), "landmarks": landmarks} if landmarks else face.as_dict()
-
-
 def write_output(results: Sequence[PhotoResult], out: Path, *, videos: Sequence[VideoEntry] = ()) -> None:
     """`out` (.csv or .json) with the photos' and videos' faces; for videos in a CSV also
     `<stem>_tracks.csv` (see the module docstring)."""
     if out.suffix.lower() == ".json":
         document = [
-            {"path": str(r.path), "faces": [json_face(f) for f in r.faces], "error": r.error} for r in results
+            {"path": str(r.path), "faces": [f.as_json() for f in r.faces], "error": r.error} for r in results
         ] + [video_document(v) for v in videos]
         write_text_atomic(out, json.dumps(document, indent=2) + "\n")
     elif out.suffix.lower() == ".csv":

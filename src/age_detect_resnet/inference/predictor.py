@@ -113,6 +113,12 @@ class FacePrediction:
             row["age_low"], row["age_high"] = round(self.interval[0], 2), round(self.interval[1], 2)
         return row
 
+    def as_json(self) -> dict[str, Any]:
+        """The face in JSON answers (`predict --output x.json`, the web API): `as_dict`'s fields (the
+        CSV row's), and `landmarks` by name where the detector gives them."""
+        landmarks = self.named_landmarks()
+        return {**self.as_dict(), "landmarks": landmarks} if landmarks else self.as_dict()
+
     def named_landmarks(self) -> dict[str, list[float]] | None:
         """The landmarks by name (`LANDMARK_NAMES`: the person's own right and left), [x, y] in pixels
         to 0.1; None where the detector gives none (Haar, or no detector)."""

@@ -4,8 +4,10 @@
     curl -F file=@photo.jpg http://127.0.0.1:8000/api/predict
 
 POST /api/predict takes the photo in the multipart field `file` and answers
-  200  {"faces": [{face_index, x1, y1, x2, y2, detector_score, age[, age_low, age_high]}, ...],
-        "image": {"width", "height"}, "model": {...}}
+  200  {"faces": [{face_index, x1, y1, x2, y2, detector_score, age[, age_low, age_high][, landmarks]},
+        ...], "image": {"width", "height"}, "model": {...}}; landmarks: {"right_eye": [x, y], "left_eye",
+        "nose_tip", "mouth_right", "mouth_left"} in pixels (the person's own sides), where the detector
+        gives them (YuNet; not the Haar cascade)
   413  the upload is over --max-upload-mb, or the image is over the decoder's pixel limit
   415  the file is not an image this server can read: text, truncated, unknown format, or empty (0 bytes)
   422  the field `file` is missing, or no face was found in the photo
@@ -450,7 +452,7 @@ def create_app(
         if not faces:
             raise HTTPException(HTTPStatus.UNPROCESSABLE_ENTITY, NO_FACE)
         return {
-            "faces": [face.as_dict() for face in faces],
+            "faces": [face.as_json() for face in faces],
             "image": {"width": width, "height": height},
             "model": summary,
         }
