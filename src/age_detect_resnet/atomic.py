@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _new_temporary(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file in `folder`, created with the permissions any new file gets there (0666 less
+    the umask). tempfile.mkstemp would make it 0600, and the rename would pass that on: checkpoints,
+    exports and reports that no one else on the machine (a serving account, a colleague) could read."""
+    while True:
+        tmp = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
 
 
 @contextlib.contextmanager
@@ -15,9 +28,7 @@ def atomic_path(path: Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     ends the temporary name, for writers that choose the format by it (OpenCV's video writer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temporary(path.parent, f".{path.name}.", suffix)
     try:
         yield tmp
         with tmp.open("rb+") as handle:
