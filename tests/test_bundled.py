@@ -141,6 +141,32 @@ def test_analyze_in_one_call(tiny_bundle):
         analyze(np.zeros((10, 10), dtype=np.float32))
 
 
+def test_analyze_reads_opencv_bgr_grey_and_alpha_arrays_as_their_colours(tiny_bundle):
+    from age_detect_resnet import analyze
+    from age_detect_resnet.inference.api import _predictor
+
+    _predictor.cache_clear()
+    require(YUNET)
+    rgb = np.asarray(Image.open(require(TEST_IMAGES / "obama.jpg")).convert("RGB"))
+    age = analyze(rgb)[0]["age"]
+    bgr = np.ascontiguousarray(rgb[..., ::-1])  # what cv2.imread gives
+    assert analyze(bgr, channels="bgr")[0]["age"] == age
+    assert analyze(bgr)[0]["age"] != age  # read as RGB, the colours are swapped: the reason for `channels`
+    alpha = np.full((*rgb.shape[:2], 1), 255, dtype=np.uint8)
+    assert analyze(np.concatenate([rgb, alpha], axis=2))[0]["age"] == age
+    assert analyze(np.concatenate([bgr, alpha], axis=2), channels="bgr")[0]["age"] == age
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    assert (
+        analyze(grey)[0]["age"]
+        == analyze(grey[..., None])[0]["age"]
+        == analyze(Image.fromarray(grey))[0]["age"]
+    )
+    with pytest.raises(ValueError, match="'rgb' or 'bgr'"):
+        analyze(rgb, channels="BGRA")
+    with pytest.raises(ValueError, match=r"uint8 RGB.*\(2, 2, 5\)"):
+        analyze(np.zeros((2, 2, 5), dtype=np.uint8))
+
+
 def test_analyze_can_run_the_bundle_on_onnx_runtime(tiny_bundle, tmp_path, monkeypatch):
     from age_detect_resnet import analyze
     from age_detect_resnet.inference.api import _predictor

@@ -39,14 +39,27 @@ def _predictor(
     )
 
 
-def _as_image(image: ImageInput) -> Image.Image:
+CHANNEL_ORDERS = ("rgb", "bgr")
+
+
+def _as_image(image: ImageInput, channels: str = "rgb") -> Image.Image:
+    """A PIL RGB image from a path, a PIL image or a uint8 array: (H, W) or (H, W, 1) grey, (H, W, 3)
+    colour or (H, W, 4) colour with alpha (dropped), its colours in `channels` order."""
+    if channels not in CHANNEL_ORDERS:
+        raise ValueError(f"channels must be 'rgb' or 'bgr' (OpenCV's cv2.imread order), not {channels!r}")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"an array image must be uint8 RGB (H, W, 3), got {image.dtype} {image.shape}")
-        return Image.fromarray(image)
-    return load_rgb(image)
+    if not isinstance(image, np.ndarray):
+        return load_rgb(image)
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+        raise ValueError(
+            "an array image must be uint8 RGB (H, W, 3), or grey (H, W), or with alpha (H, W, 4), got "
+            f"{image.dtype} {image.shape}; a float image in 0-1: (image * 255).round().astype(np.uint8)"
+        )
+    if image.ndim == 2 or image.shape[2] == 1:
+        return Image.fromarray(image.reshape(image.shape[:2])).convert("RGB")
+    colour = image[..., :3]
+    return Image.fromarray(np.ascontiguousarray(colour[..., ::-1] if channels == "bgr" else colour))
 
 
 def analyze(
@@ -58,18 +71,22 @@ def analyze(
     detector_model: str | Path | None = None,
     tta: bool = False,
     backend: str = "torch",
+    channels: str = "rgb",
 ) -> list[dict[str, Any]]:
-    """Every face in `image` (a path, PIL image or uint8 RGB array) with its box, detector score, age,
+    """Every face in `image` (a path, PIL image or uint8 array) with its box, detector score, age,
     for models that give one its 80% age interval, and where the detector gives them its five landmarks
     (eyes, nose tip, mouth corners; the person's own right and left); largest-score face first. An empty
     list when no face is found; `detector="none"` treats the whole image as one face crop.
     `backend="onnx"` runs an exported model, or the bundled one's export (made once, `predict --backend
-    onnx`), on ONNX Runtime."""
+    onnx`), on ONNX Runtime. An array is read as RGB; pass `channels="bgr"` for OpenCV's `cv2.imread`
+    order, as deepface and InsightFace take it (colours read in the wrong order change the age by
+    years); a PIL image is always RGB."""
+    image = _as_image(image, channels)
     predictor = _predictor(
         str(model), device, detector, str(detector_model) if detector_model else None, bool(tta), backend
     )
     faces = []
-    for face in predictor.predict_image(_as_image(image)):
+    for face in predictor.predict_image(image):
         faces.append(
             {
                 "face_index": face.face_index,
