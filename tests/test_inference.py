@@ -247,3 +247,76 @@ def test_predict_json_gives_each_faces_landmarks_where_the_detector_finds_them(t
         == 0
     )
     assert "landmarks" not in pd.read_csv(tmp_path / "a.csv").columns
+
+
+def test_an_interrupted_batch_keeps_its_photos_and_resume_predicts_only_the_rest(
+    tiny_run, tmp_path, monkeypatch, caplog
+):
+    import shutil
+
+    from age_detect_resnet.cli import predict as predict_cli
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("biden.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg"):
+        shutil.copy(require(TEST_IMAGES) / name, photos / name)
+    out = tmp_path / "ages.csv"
+    journal = tmp_path / "ages.csv.partial"
+    args = ["--model", str(tiny_run), str(photos), "--no-detect", "--output", str(out)]
+    assert predict_main([*args[:-1], str(tmp_path / "whole.csv")]) == 0
+    whole = pd.read_csv(tmp_path / "whole.csv")
+
+    monkeypatch.setattr(predict_cli, "FILES_PER_CHUNK", 1)
+    predicted = []
+    original = AgePredictor.predict_images
+
+    def stopped_at_the_third(self, images):
+        if len(predicted) == 2:
+            raise KeyboardInterrupt
+        predicted.append(len(images))
+        return original(self, images)
+
+    monkeypatch.setattr(AgePredictor, "predict_images", stopped_at_the_third)
+    with caplog.at_level(logging.ERROR):
+        assert predict_main(args) == 130
+    assert "--resume" in caplog.text and not out.exists()
+    assert len(journal.read_text().splitlines()) == 1 + 2  # the options, then the two photos
+
+    # Without --resume, or with other options, the kept photos are not thrown away.
+    caplog.clear()
+    assert predict_main(args) == 2 and "--resume" in caplog.text
+    assert predict_main([*args, "--resume", "--tta"]) == 2 and "tta False then, True now" in caplog.text
+    assert predict_main(["--model", str(tiny_run), str(photos), "--resume"]) == 2
+    assert len(journal.read_text().splitlines()) == 3
+
+    # A line cut off by the kill is dropped, and only the photos not kept are predicted.
+    with journal.open("a") as handle:
+        handle.write('{"path": "half a li')
+    predicted.clear()
+    monkeypatch.setattr(
+        AgePredictor, "predict_images", lambda self, images: predicted.append(1) or original(self, images)
+    )
+    assert predict_main([*args, "--resume"]) == 0
+    assert len(predicted) == 2 and not journal.exists()
+    pd.testing.assert_frame_equal(pd.read_csv(out), whole)
+
+
+def test_resume_refuses_a_journal_damaged_before_its_last_line(tiny_run, tmp_path, caplog):
+    out = tmp_path / "ages.json"
+    journal = tmp_path / "ages.json.partial"
+    journal.write_text('{"settings": {}}\nnot json\n{"path": "a.jpg", "faces": []}\n')
+    photo = str(require(TEST_IMAGES) / "obama.jpg")
+    settings = ["--model", str(tiny_run), photo, "--no-detect", "--output", str(out), "--resume"]
+    with caplog.at_level(logging.ERROR):
+        assert predict_main(settings) == 2
+    assert "other options" in caplog.text  # the header is checked first
+    import argparse
+
+    from age_detect_resnet.cli.predict import add_arguments, journal_settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    header = json.dumps({"settings": journal_settings(parser.parse_args(settings))})
+    journal.write_text(header + '\nnot json\n{"path": "a.jpg", "faces": []}\n')
+    caplog.clear()
+    assert predict_main(settings) == 2 and "line 2 is damaged" in caplog.text

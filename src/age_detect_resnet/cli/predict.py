@@ -23,6 +23,12 @@ The terminal shows one line per track. Outputs:
   sampled_fps, sampled_frames}, "tracks": [...], "faces": [per-frame rows], "error"}.
 * `--annotate DIR`: `DIR/<stem>_ages.mp4`, the sampled frames with boxes, track ids and steady ages.
 
+A long batch loses nothing when it stops: with `--output`, each photo's faces are also appended, as it
+is predicted, to `<output>.partial` (JSON lines), which is removed once the output is written. After an
+interruption (Ctrl-C, a crash, a full disk), the same command with `--resume` predicts only the photos not
+in it; without `--resume` the command refuses to start over it. Photos that failed and videos are
+predicted again.
+
 Each face is detected, cropped with the model's training margins and predicted in batches. A file that
 cannot be used (missing, not an image or video, truncated, empty, too large) or has no face is reported by
 name and skipped; the exit status is 1 when any file failed, 0 otherwise. --max-file-mb applies to photos
@@ -39,6 +45,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -78,6 +85,95 @@ class VideoEntry:
     path: Path
     result: VideoResult | None = None
     error: str | None = None
+
+
+class JournalError(ValueError):
+    """An interrupted run's journal that this run cannot use as asked; the message says what to do."""
+
+
+class PredictionJournal:
+    """The photos of a batch predicted so far, kept beside `--output` while it runs (see the module
+    docstring): a header line with the options that decide the ages, then one JSON line per photo."""
+
+    def __init__(self, out: Path, settings: dict[str, Any], *, resume: bool) -> None:
+        self.path = out.with_name(f"{out.name}.partial")
+        self.done: dict[str, PhotoResult] = {}
+        if self.path.exists():
+            if not resume:
+                raise JournalError(
+                    f"{self.path} holds the photos an interrupted run of this command predicted: pass "
+                    "--resume to go on from them, or delete it to start over"
+                )
+            self.done = self._read(settings)
+            self._file = self.path.open("a", encoding="utf-8")
+        else:
+            if resume:
+                log.info("no interrupted run to resume (no %s): predicting every photo", self.path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w", encoding="utf-8")
+            self._write({"settings": settings})
+
+    def _read(self, settings: dict[str, Any]) -> dict[str, PhotoResult]:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            header = json.loads(lines[0])["settings"] if lines else None
+        except (ValueError, KeyError, TypeError):
+            header = None
+        if header is None:
+            raise JournalError(
+                f"{self.path} is not a journal of `age-detect predict`; delete it to start over"
+            )
+        if header != settings:
+            changed = ", ".join(
+                f"{key} {header.get(key)!r} then, {value!r} now"
+                for key, value in settings.items()
+                if header.get(key) != value
+            )
+            raise JournalError(
+                f"{self.path} was written with other options ({changed}): --resume with the same options, "
+                "or delete it to start over"
+            )
+        done = {}
+        for number, line in enumerate(lines[1:], start=2):
+            try:
+                entry = json.loads(line)
+                faces = [FacePrediction.from_record(face) for face in entry["faces"]]
+            except (ValueError, KeyError, TypeError, IndexError):
+                if number == len(lines):  # the line being written when the run was stopped
+                    continue
+                raise JournalError(f"{self.path} line {number} is damaged; delete it to start over") from None
+            done[entry["path"]] = PhotoResult(Path(entry["path"]), faces)
+        return done
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def record(self, result: PhotoResult) -> None:
+        """Keep a predicted photo (failed ones are left to be tried again)."""
+        if result.error is None:
+            self._write({"path": str(result.path), "faces": [face.as_record() for face in result.faces]})
+
+    def close(self) -> None:
+        self._file.close()
+
+    def finish(self) -> None:
+        """The output is written: the journal is no longer needed."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def journal_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that decide a photo's ages: a resumed run must use the same."""
+    model = Path(args.model)
+    return {
+        "model": str(model.resolve()) if model.exists() else str(args.model),
+        "backend": args.backend,
+        "tta": bool(args.tta),
+        "detector": "none" if args.no_detect else args.detector,
+        "detector_model": str(Path(args.detector_model).resolve()) if args.detector_model else None,
+        "max_file_mb": args.max_file_mb,
+    }
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -310,6 +406,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output and Path(args.output).suffix.lower() not in (".csv", ".json"):
         log.error("--output %s must end in .csv or .json", args.output)
         return 2
+    if args.resume and not args.output:
+        log.error("--resume goes on from an interrupted run's --output; pass the same --output FILE")
+        return 2
     if (args.every is not None and args.every < 1) or (args.fps is not None and not args.fps > 0):
         log.error("--every must be at least 1 and --fps above 0")
         return 2
@@ -322,29 +421,65 @@ def run(args: argparse.Namespace) -> int:
     for problem in problems:
         log.error("%s", problem)
     videos = [p for p in paths if is_video(p)]
-    results = []
-    for result in predict_photos(
-        predictor, [p for p in paths if not is_video(p)], max_file_mb=args.max_file_mb
-    ):
-        results.append(result)
-        if result.error:
-            log.error("%s", result.error)
-            continue
-        for face in result.faces:
-            x1, y1, x2, y2 = face.box
-            print(f"{result.path}\tface {face.face_index}\tbox {x1},{y1},{x2},{y2}\tage {age_label(face)}")
-        if args.annotate:
-            annotate_to(result, Path(args.annotate))
-    entries = []
-    for entry in predict_videos(predictor, videos, args):
-        entries.append(entry)
-        if entry.error:
-            log.error("%s", entry.error)
-            continue
-        for track in entry.result.tracks:
-            print(track_line(entry.path, track))
-    if args.output:
+    photos = [p for p in paths if not is_video(p)]
+    try:
+        journal = (
+            PredictionJournal(Path(args.output), journal_settings(args), resume=args.resume)
+            if args.output
+            else None
+        )
+    except (JournalError, OSError) as err:
+        log.error("%s", err)
+        return 2
+    done = journal.done if journal else {}
+    todo = [p for p in photos if str(p) not in done]
+    if len(todo) < len(photos):
+        log.info(
+            "resuming: %d of %d photos were predicted before (%s)",
+            len(photos) - len(todo),
+            len(photos),
+            journal.path,
+        )
+    new: dict[str, PhotoResult] = {}
+    try:
+        for result in predict_photos(predictor, todo, max_file_mb=args.max_file_mb):
+            new[str(result.path)] = result
+            if journal:
+                journal.record(result)
+            if result.error:
+                log.error("%s", result.error)
+                continue
+            for face in result.faces:
+                x1, y1, x2, y2 = face.box
+                print(
+                    f"{result.path}\tface {face.face_index}\tbox {x1},{y1},{x2},{y2}\tage {age_label(face)}"
+                )
+            if args.annotate:
+                annotate_to(result, Path(args.annotate))
+        entries = []
+        for entry in predict_videos(predictor, videos, args):
+            entries.append(entry)
+            if entry.error:
+                log.error("%s", entry.error)
+                continue
+            for track in entry.result.tracks:
+                print(track_line(entry.path, track))
+    except KeyboardInterrupt:
+        if journal is None:
+            raise
+        journal.close()
+        log.error(
+            "interrupted after %d of %d photos; they are kept in %s: run the same command with --resume "
+            "to go on",
+            len(done) + sum(r.error is None for r in new.values()),
+            len(photos),
+            journal.path,
+        )
+        return 130
+    results = [new.get(str(p)) or done[str(p)] for p in photos]
+    if journal:
         write_output(results, Path(args.output), videos=entries)
+        journal.finish()
     failed = (
         len(problems) + sum(r.error is not None for r in results) + sum(e.error is not None for e in entries)
     )
@@ -362,6 +497,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--annotate",
         help="save each photo (and video, as <stem>_ages.mp4) with boxes and ages into this folder",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from an interrupted run with the same --output: photos in <output>.partial are not "
+        "predicted again",
     )
     parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB, help="skip larger photos")
     stride = parser.add_mutually_exclusive_group()

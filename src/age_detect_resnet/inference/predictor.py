@@ -15,7 +15,7 @@ import os
 import queue
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -95,7 +95,6 @@ class FacePrediction:
     detector_score: float | None
     age: float
     interval: tuple[float, float] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     # the detector's five landmarks (x, y) in pixels, in LANDMARK_NAMES' order, where it gives them
     landmarks: tuple[tuple[float, float], ...] | None = None
 
@@ -112,6 +111,31 @@ class FacePrediction:
         if self.interval is not None:
             row["age_low"], row["age_high"] = round(self.interval[0], 2), round(self.interval[1], 2)
         return row
+
+    def as_record(self) -> dict[str, Any]:
+        """Every field, JSON-ready, for `from_record` to read back (predict's resume journal)."""
+        return {
+            "face_index": self.face_index,
+            "box": list(self.box),
+            "crop_box": list(self.crop_box),
+            "detector_score": self.detector_score,
+            "age": self.age,
+            "interval": list(self.interval) if self.interval is not None else None,
+            "landmarks": [list(point) for point in self.landmarks] if self.landmarks else None,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> FacePrediction:
+        interval, landmarks = record["interval"], record["landmarks"]
+        return cls(
+            face_index=int(record["face_index"]),
+            box=tuple(int(v) for v in record["box"]),
+            crop_box=tuple(int(v) for v in record["crop_box"]),
+            detector_score=record["detector_score"],
+            age=float(record["age"]),
+            interval=(float(interval[0]), float(interval[1])) if interval is not None else None,
+            landmarks=tuple((float(x), float(y)) for x, y in landmarks) if landmarks else None,
+        )
 
     def as_json(self) -> dict[str, Any]:
         """The face in JSON answers (`predict --output x.json`, the web API): `as_dict`'s fields (the
