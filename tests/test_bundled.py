@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from age_detect_resnet.export import exporter
+from age_detect_resnet.images import ImageReadError
 from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, load_runner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.modeling import bundled, checkpoint
@@ -141,11 +142,11 @@ def test_analyze_in_one_call(tiny_bundle):
         analyze(np.zeros((10, 10), dtype=np.float32))
 
 
-def test_analyze_reads_opencv_bgr_grey_and_alpha_arrays_as_their_colours(tiny_bundle):
+def test_analyze_reads_opencv_bgr_grey_and_alpha_arrays_as_their_colours(tiny_bundle, monkeypatch):
     from age_detect_resnet import analyze
-    from age_detect_resnet.inference.api import _predictor
+    from age_detect_resnet.inference import api
 
-    _predictor.cache_clear()
+    api._predictor.cache_clear()
     require(YUNET)
     rgb = np.asarray(Image.open(require(TEST_IMAGES / "obama.jpg")).convert("RGB"))
     age = analyze(rgb)[0]["age"]
@@ -165,6 +166,50 @@ def test_analyze_reads_opencv_bgr_grey_and_alpha_arrays_as_their_colours(tiny_bu
         analyze(rgb, channels="BGRA")
     with pytest.raises(ValueError, match=r"uint8 RGB.*\(2, 2, 5\)"):
         analyze(np.zeros((2, 2, 5), dtype=np.uint8))
+    monkeypatch.setattr(api, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(ImageReadError, match="11x10 pixels, over the"):
+        analyze(np.zeros((10, 11, 3), dtype=np.uint8))
+
+
+def test_analyze_a_list_gives_each_photos_faces_as_alone(tiny_bundle, monkeypatch):
+    from age_detect_resnet import analyze
+    from age_detect_resnet.inference import api
+
+    api._predictor.cache_clear()
+    require(YUNET)
+    paths = [require(TEST_IMAGES / name) for name in ("obama.jpg", "biden.jpg", "obama2.jpg")]
+    alone = [analyze(path) for path in paths]
+    grey = Image.new("RGB", (200, 200), (128, 128, 128))
+    monkeypatch.setattr(api, "PHOTOS_PER_BATCH", 2)  # two batches
+    together = analyze([*paths, grey])
+    assert len(together) == 4 and together[3] == []
+    for one, other in zip(alone, together[:3], strict=True):
+        assert [f["box"] for f in one] == [f["box"] for f in other]
+        assert [f["age"] for f in one] == pytest.approx([f["age"] for f in other], abs=0.05)  # batch rounding
+    assert analyze(()) == []
+
+
+def test_analyze_downloads_a_photo_from_an_address_or_says_why_not(tiny_bundle, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    from age_detect_resnet import analyze
+    from age_detect_resnet.inference.api import _predictor
+
+    _predictor.cache_clear()
+    require(YUNET)
+    shutil.copy(require(TEST_IMAGES / "obama.jpg"), tmp_path / "obama.jpg")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"http://127.0.0.1:{server.server_port}"
+        assert analyze(f"{address}/obama.jpg") == analyze(tmp_path / "obama.jpg")
+        with pytest.raises(ImageReadError, match=r"could not download .*/missing.jpg .*404.*pass its file"):
+            analyze(f"{address}/missing.jpg")
+    finally:
+        server.shutdown()
 
 
 def test_analyze_can_run_the_bundle_on_onnx_runtime(tiny_bundle, tmp_path, monkeypatch):
