@@ -71,3 +71,33 @@ def test_dataset_kind_is_recognised_from_the_folder(tmp_path):
     assert guess_dataset(csv) == "csv"
     with pytest.raises(DatasetNotFoundError, match=r"imdb_crop\.tar"):
         guess_dataset(tmp_path / "nothing-here")
+
+
+def test_train_and_evaluate_read_a_data_root_by_its_kind_when_no_dataset_is_named(tmp_path, caplog):
+    import argparse
+    import logging
+
+    from age_detect_resnet.cli.train import add_arguments, config_for_run
+    from age_detect_resnet.evaluation.evaluate import evaluation_table
+
+    csv = tmp_path / "faces.csv"
+    csv.write_text("path,age\na.jpg,30\n")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def dataset(*argv: str) -> str:
+        return config_for_run(parser.parse_args([*argv, "--out", str(tmp_path / "run")])).data.dataset
+
+    with caplog.at_level(logging.INFO):
+        assert dataset("--data-root", str(csv)) == "csv"  # the default dataset is imdb-wiki
+    assert "reading it as --dataset csv" in caplog.text
+    assert dataset("--data-root", str(require(UTKFACE)), "--config", "seed-cpu") == "utkface"
+    # Named, or unrecognisable, the dataset is left as set: its adapter then says what is wrong.
+    assert dataset("--data-root", str(csv), "--dataset", "utkface") == "utkface"
+    assert dataset("--data-root", str(tmp_path / "nothing-here")) == "imdb-wiki"
+    assert dataset("--data-root", str(csv), "--meta", str(csv)) == "imdb-wiki"
+
+    table, root, kind = evaluation_table(
+        None, dataset=None, data_root=csv, meta=None, split="all", by=(), min_age=0, max_age=100, limit=None
+    )
+    assert kind == "csv" and root == tmp_path and table["age"].tolist() == [30]

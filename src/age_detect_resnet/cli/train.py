@@ -7,8 +7,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from age_detect_resnet.cli.common import command_main, user_errors
+from age_detect_resnet.data.sources import dataset_at
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.training.config import (
     Config,
@@ -29,6 +31,11 @@ def config_for_run(args: argparse.Namespace) -> Config:
     defaults and file, so a continued run keeps its settings (command-line values still apply)."""
     overrides = overrides_from_args(args)
     config = resolve_config(args.config, overrides)
+    if "data_root" in overrides and "dataset" not in overrides and config.data.meta is None:
+        found = dataset_at(Path(config.data.data_root), config.data.dataset)
+        if found != config.data.dataset:
+            overrides["dataset"] = found
+            config = resolve_config(args.config, overrides)
     saved = RunFolder(config.run_dir()).config
     if args.resume and saved.is_file():
         config = resolve_config(saved, overrides)

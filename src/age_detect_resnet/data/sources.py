@@ -47,6 +47,18 @@ def guess_dataset(data_root: Path) -> str:
     raise DatasetNotFoundError(dataset_help(data_root))
 
 
+def dataset_at(data_root: Path, otherwise: str | None) -> str | None:
+    """The kind of dataset `data_root` holds where `guess_dataset` recognises it, else `otherwise` (whose
+    adapter then says what is missing). For commands given --data-root without --dataset."""
+    try:
+        found = guess_dataset(data_root)
+    except DatasetNotFoundError:
+        return otherwise
+    if otherwise is not None and found != otherwise:
+        log.info("%s holds a %s dataset: reading it as --dataset %s", data_root, found, found)
+    return found
+
+
 def image_root(dataset: str, data_root: Path) -> Path:
     """The folder a dataset's relative image paths start from (a CSV's paths: the CSV's folder)."""
     return Path(data_root).parent if dataset == "csv" else Path(data_root)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from age_detect_resnet.data.dataset import AgeDataset, FileImages, make_loader
-from age_detect_resnet.data.sources import image_root, load_table
+from age_detect_resnet.data.sources import dataset_at, image_root, load_table
 from age_detect_resnet.data.splits import PreparedData, load_split
 from age_detect_resnet.evaluation.groups import group_errors
 from age_detect_resnet.evaluation.report import (
@@ -67,6 +67,8 @@ def evaluation_table(
 ) -> tuple[pd.DataFrame, Path, str]:
     """The images to evaluate, their root folder, and the dataset's name (the run's where not given)."""
     saved = run.data_settings if run else {}
+    if dataset is None and data_root is not None and meta is None:
+        dataset = dataset_at(Path(data_root), saved.get("dataset"))
     dataset = dataset or saved.get("dataset")
     data_root = Path(data_root or saved.get("data_root", "data/raw"))
     if dataset is None:
