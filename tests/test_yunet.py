@@ -111,3 +111,34 @@ def test_a_file_that_is_not_yunet_is_refused_by_name(tmp_path, engine, monkeypat
     monkeypatch.setenv(yunet.ENGINE_ENV, "tensorrt")
     with pytest.raises(DetectorUnavailableError, match="unknown YuNet engine 'tensorrt'"):
         YuNetDetector(require(YUNET))
+
+
+def test_a_failed_download_is_tried_once_a_while_not_at_every_ask(tmp_path, monkeypatch):
+    """Offline, each try can wait for the timeout; one command asks several times."""
+    import urllib.error
+
+    from age_detect_resnet.faces import detection
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv(detection.YUNET_ENV, raising=False)
+    monkeypatch.setattr(detection, "bundled_yunet_path", lambda: None)
+    monkeypatch.setattr(detection, "_yunet_download_failure", None)
+    tries = []
+
+    def offline(url, timeout):
+        tries.append(url)
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(detection.urllib.request, "urlopen", offline)
+    clock = [1000.0]
+    monkeypatch.setattr(detection.time, "monotonic", lambda: clock[0])
+    for _ in range(3):
+        with pytest.raises(
+            DetectorUnavailableError, match=r"could not download .*no network.*--detector-model"
+        ):
+            detection.resolve_yunet_model()
+    assert len(tries) == 1
+    clock[0] += detection.YUNET_RETRY_AFTER_S + 1
+    with pytest.raises(DetectorUnavailableError):
+        detection.resolve_yunet_model()
+    assert len(tries) == 2

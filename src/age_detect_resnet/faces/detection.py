@@ -18,6 +18,7 @@ import copy
 import hashlib
 import logging
 import os
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -203,6 +204,13 @@ def with_max_side(detector: FaceDetector, max_side: int | None) -> FaceDetector:
     return scaled
 
 
+# When and why this process last failed to download YuNet: offline, each try can wait for the timeout,
+# and one command may ask several times (the model's framing, then the photos' detector), so a failure
+# is answered from here until YUNET_RETRY_AFTER_S have passed.
+YUNET_RETRY_AFTER_S = 300
+_yunet_download_failure: tuple[float, str] | None = None
+
+
 def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True) -> Path:
     """The YuNet ONNX file: `path`, else $AGE_DETECT_YUNET_MODEL, else the copy bundled with the
     package (where the build includes it), else the cached download (made once, checksum verified)."""
@@ -217,14 +225,21 @@ def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True
             return candidate
     if not download:
         raise DetectorUnavailableError("the YuNet face detector is not downloaded yet")
-    try:
-        with urllib.request.urlopen(YUNET_URL, timeout=30) as response:
-            payload = response.read()
-    except OSError as err:
-        raise DetectorUnavailableError(
-            f"could not download the YuNet face detector ({err}); download {YUNET_URL} yourself and pass "
-            f"--detector-model FILE (or set {YUNET_ENV}), or pass --no-detect to use whole images"
-        ) from err
+    global _yunet_download_failure
+    failed_at, message = _yunet_download_failure or (None, "")
+    if failed_at is None or time.monotonic() - failed_at > YUNET_RETRY_AFTER_S:
+        try:
+            with urllib.request.urlopen(YUNET_URL, timeout=30) as response:
+                payload = response.read()
+            _yunet_download_failure = None
+        except OSError as err:
+            message = (
+                f"could not download the YuNet face detector ({err}); download {YUNET_URL} yourself and "
+                f"pass --detector-model FILE (or set {YUNET_ENV}), or pass --no-detect to use whole images"
+            )
+            _yunet_download_failure = (time.monotonic(), message)
+    if _yunet_download_failure is not None:
+        raise DetectorUnavailableError(message)
     if hashlib.sha256(payload).hexdigest() != YUNET_SHA256:
         raise DetectorUnavailableError(
             f"the file downloaded from {YUNET_URL} does not have the expected checksum"
