@@ -279,7 +279,7 @@ def test_an_interrupted_batch_keeps_its_photos_and_resume_predicts_only_the_rest
     monkeypatch.setattr(AgePredictor, "predict_images", stopped_at_the_third)
     with caplog.at_level(logging.ERROR):
         assert predict_main(args) == 130
-    assert "--resume" in caplog.text and not out.exists()
+    assert "interrupted after 2 of 4 photos" in caplog.text and "--resume" in caplog.text and not out.exists()
     assert len(journal.read_text().splitlines()) == 1 + 2  # the options, then the two photos
 
     # Without --resume, or with other options, the kept photos are not thrown away.

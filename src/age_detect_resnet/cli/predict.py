@@ -97,7 +97,8 @@ class PredictionJournal:
 
     def __init__(self, out: Path, settings: dict[str, Any], *, resume: bool) -> None:
         self.path = out.with_name(f"{out.name}.partial")
-        self.done: dict[str, PhotoResult] = {}
+        self.done: dict[str, PhotoResult] = {}  # kept by the interrupted run
+        self.recorded = 0  # kept by this one
         if self.path.exists():
             if not resume:
                 raise JournalError(
@@ -153,6 +154,7 @@ class PredictionJournal:
         """Keep a predicted photo (failed ones are left to be tried again)."""
         if result.error is None:
             self._write({"path": str(result.path), "faces": [face.as_record() for face in result.faces]})
+            self.recorded += 1
 
     def close(self) -> None:
         self._file.close()
@@ -444,8 +446,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         for result in predict_photos(predictor, todo, max_file_mb=args.max_file_mb):
             new[str(result.path)] = result
-            if journal:
-                journal.record(result)
             if result.error:
                 log.error("%s", result.error)
                 continue
@@ -456,6 +456,8 @@ def run(args: argparse.Namespace) -> int:
                 )
             if args.annotate:
                 annotate_to(result, Path(args.annotate))
+            if journal:  # last: a photo kept is one whose every output is written
+                journal.record(result)
         entries = []
         for entry in predict_videos(predictor, videos, args):
             entries.append(entry)
@@ -471,7 +473,7 @@ def run(args: argparse.Namespace) -> int:
         log.error(
             "interrupted after %d of %d photos; they are kept in %s: run the same command with --resume "
             "to go on",
-            len(done) + sum(r.error is None for r in new.values()),
+            len(journal.done) + journal.recorded,
             len(photos),
             journal.path,
         )
