@@ -54,6 +54,24 @@ def test_offline_without_yunet_auto_falls_back_to_haar_which_finds_the_face(monk
     assert len(detector.detect(load_rgb(require(TEST_IMAGES) / "obama.jpg"))) >= 1
 
 
+def test_haar_finds_faces_that_fill_the_photo_and_keeps_their_boxes_inside_it(monkeypatch):
+    """Face crops (UTKFace, pre-aligned sets) leave the cascade no room round the face: the photo's
+    edge is repeated around it first (HAAR_BORDER)."""
+    from age_detect_resnet.faces import detection
+    from age_detect_resnet.images import load_rgb
+
+    crops = [load_rgb(path) for path in sorted(require(UTKFACE).glob("3*_*.jpg"))[:40]]
+    found = [detection.HaarDetector().detect(crop) for crop in crops]
+    assert sum(bool(faces) for faces in found) >= 34
+    for crop, faces in zip(crops, found, strict=True):
+        for face in faces:
+            x1, y1, x2, y2 = face.box
+            assert 0 <= x1 < x2 <= crop.width and 0 <= y1 < y2 <= crop.height
+            assert (x2 - x1) * (y2 - y1) > 0.2 * crop.width * crop.height  # the face, not a detail
+    monkeypatch.setattr(detection, "HAAR_BORDER", 0.0)
+    assert sum(bool(detection.HaarDetector().detect(crop)) for crop in crops) < 34
+
+
 def test_an_opencv_without_cascades_gets_an_error_that_says_what_to_do(monkeypatch):
     from age_detect_resnet.faces import detection
 
