@@ -304,6 +304,13 @@ def test_an_interrupted_batch_keeps_its_photos_and_resume_predicts_only_the_rest
     caplog.clear()
     assert predict_main(args) == 2 and "--resume" in caplog.text
     assert predict_main([*args, "--resume", "--tta"]) == 2 and "tta False then, True now" in caplog.text
+    detected = [a for a in args if a != "--no-detect"] + [
+        "--detector",
+        "yunet",
+        "--detector-model",
+        str(YUNET),
+    ]
+    assert predict_main([*detected, "--resume"]) == 2 and "detector 'none' then, 'yunet' now" in caplog.text
     assert predict_main(["--model", str(tiny_run), str(photos), "--resume"]) == 2
     assert len(journal.read_text().splitlines()) == 3
 
@@ -334,7 +341,7 @@ def test_resume_refuses_a_journal_damaged_before_its_last_line(tiny_run, tmp_pat
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    header = json.dumps({"settings": journal_settings(parser.parse_args(settings))})
+    header = json.dumps({"settings": journal_settings(parser.parse_args(settings), "none")})
     journal.write_text(header + '\nnot json\n{"path": "a.jpg", "faces": []}\n')
     caplog.clear()
     assert predict_main(settings) == 2 and "line 2 is damaged" in caplog.text

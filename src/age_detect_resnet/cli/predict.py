@@ -165,14 +165,15 @@ class PredictionJournal:
         self.path.unlink(missing_ok=True)
 
 
-def journal_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The options that decide a photo's ages: a resumed run must use the same."""
+def journal_settings(args: argparse.Namespace, detector: str) -> dict[str, Any]:
+    """What decides a photo's ages, `detector` being the one in use (`auto` may have fallen back to the
+    Haar cascade): a resumed run must have the same."""
     model = Path(args.model)
     return {
         "model": str(model.resolve()) if model.exists() else str(args.model),
         "backend": args.backend,
         "tta": bool(args.tta),
-        "detector": "none" if args.no_detect else args.detector,
+        "detector": detector,
         "detector_model": str(Path(args.detector_model).resolve()) if args.detector_model else None,
         "max_file_mb": args.max_file_mb,
     }
@@ -426,7 +427,11 @@ def run(args: argparse.Namespace) -> int:
     photos = [p for p in paths if not is_video(p)]
     try:
         journal = (
-            PredictionJournal(Path(args.output), journal_settings(args), resume=args.resume)
+            PredictionJournal(
+                Path(args.output),
+                journal_settings(args, predictor.detector.name if predictor.detector else "none"),
+                resume=args.resume,
+            )
             if args.output
             else None
         )
