@@ -33,3 +33,19 @@ def test_auto_precision_on_a_cpu_is_bf16_only_with_native_bf16(
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
     assert runtime.resolve_precision("auto", torch.device("cpu")) == expected
     assert runtime.resolve_precision("fp32", torch.device("cpu")) == "fp32"  # asked for: kept
+
+
+def test_version_names_the_package_the_bundled_model_and_the_libraries(capsys):
+    import cv2
+    import torch
+
+    import age_detect_resnet
+    from age_detect_resnet.cli import main
+    from age_detect_resnet.modeling.bundled import AGE_MODEL_SHA256
+
+    for flag in ("--version", "-V"):
+        assert main([flag]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line.startswith(f"age-detect {age_detect_resnet.__version__} ")
+        assert AGE_MODEL_SHA256[:12] in line and torch.__version__ in line and cv2.__version__ in line
+    assert age_detect_resnet.__version__ != "0+unknown"  # the tests run on the installed package

@@ -32,9 +32,34 @@ COMMANDS = {
 }
 
 
+def versions() -> str:
+    """What a bug report needs: this package's version, the bundled model's and the libraries' that
+    decide the ages."""
+    import cv2
+    import onnxruntime
+    import torch
+
+    from age_detect_resnet import __version__
+    from age_detect_resnet.modeling.bundled import AGE_MODEL_SHA256
+    from age_detect_resnet.runtime import resolve_precision
+
+    precision = resolve_precision("auto", torch.device("cpu"))
+    return (
+        f"age-detect {__version__} (bundled model {AGE_MODEL_SHA256[:12]}; python {sys.version.split()[0]}, "
+        f"torch {torch.__version__} ({precision} on this CPU), opencv {cv2.__version__}, "
+        f"onnxruntime {onnxruntime.__version__})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(versions())
+        return 0
     parser = argparse.ArgumentParser(prog="age-detect", description="Age estimation from face photos.")
+    parser.add_argument(
+        "-V", "--version", action="store_true", help="print the versions of the package, model and libraries"
+    )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         subparsers.add_parser(name, help=help_text, add_help=False)
