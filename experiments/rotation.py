@@ -10,23 +10,26 @@ figures.
     python experiments/rotation.py --photos DIR --angles --scales 0.5 --same-landmarks
     python experiments/rotation.py --photos DIR --angles --crops 0.7 0.55   # tighter face crops
     python experiments/rotation.py --photos DIR --test-of RUN --angles --crops 0.7   # its test split only
+    python experiments/rotation.py --photos DIR --angles --grey --jpeg 20   # old scans, web copies
 
 Each photo is predicted upright and turned by +-ANGLES degrees (bilinear, the canvas grown to hold it,
 grey corners), shrunk to each of SCALES of its width and height (Lanczos), and cut to the central CROPS
-of its width and height (a face crop made tighter, as pre-aligned face sets are), through `AgePredictor`
-with YuNet: the photo's subject (the face `evaluate` predicts for a labelled photo, `subject_face`) and,
-in each changed copy, the face found where the subject's centre went (none found there: not counted), so
-that a photo of several people compares one person's ages.
+of its width and height (a face crop made tighter, as pre-aligned face sets are), made grey (`--grey`, as
+old scans are) and saved as JPEG at each of QUALITIES (`--jpeg`, as copies passed round the web are),
+through `AgePredictor` with YuNet: the photo's subject (the face `evaluate` predicts for a labelled
+photo, `subject_face`) and, in each changed copy, the face found where the subject's centre went (none
+found there: not counted), so that a photo of several people compares one person's ages.
 Prints, per photo (up to 12), the ages and their spread (highest minus lowest), and per change over all
 photos (turns together, each scale alone) the mean, 90th percentile and largest |age(changed) -
-age(original)|. With `--same-landmarks` a shrunk copy is aligned with the original photo's face and
-landmarks scaled down instead of those the detector finds on the copy: what the pixels alone change, so
-that the rest of the change is the landmarks'.
+age(original)|, and the mean signed change (> 0: older). With `--same-landmarks` a shrunk copy is aligned
+with the original photo's face and landmarks scaled down instead of those the detector finds on the copy:
+what the pixels alone change, so that the rest of the change is the landmarks'.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import sys
 from collections.abc import Callable
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--crops", type=float, nargs="*", default=[], help="central shares of the photo kept, e.g. 0.7 0.55"
     )
+    parser.add_argument("--grey", action="store_true", help="also the photo in greyscale")
+    parser.add_argument(
+        "--jpeg", type=int, nargs="*", default=[], help="JPEG qualities to save the photo at, e.g. 20"
+    )
     parser.add_argument(
         "--same-landmarks",
         action="store_true",
@@ -92,8 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         "--detector-model", type=Path, default=SHARED / "models" / "face_detection_yunet.onnx"
     )
     args = parser.parse_args(argv)
-    if not args.angles and not args.scales and not args.crops:
-        parser.error("nothing to change: give --angles, --scales and/or --crops")
+    if not args.angles and not args.scales and not args.crops and not args.grey and not args.jpeg:
+        parser.error("nothing to change: give --angles, --scales, --crops, --grey and/or --jpeg")
+    if any(not 1 <= quality <= 95 for quality in args.jpeg):
+        parser.error("--jpeg qualities are between 1 and 95")
     if any(not 0 < share < 1 for share in args.scales + args.crops):
         parser.error("--scales and --crops are shares of the photo's size, between 0 and 1")
     if not args.detector_model.is_file():
@@ -125,6 +134,13 @@ def main(argv: list[str] | None = None) -> int:
             f"cut to the central {share:g} of their size": [lambda image, share=share: cut(image, share)]
             for share in args.crops
         },
+        "in greyscale": [lambda image: (image.convert("L").convert("RGB"), lambda x, y: (x, y))]
+        if args.grey
+        else [],
+        **{
+            f"saved as JPEG at quality {quality}": [lambda image, quality=quality: jpeg(image, quality)]
+            for quality in args.jpeg
+        },
     }
     changes = {name: functions for name, functions in changes.items() if functions}
     moves: dict[str, list[float]] = {name: [] for name in changes}
@@ -152,17 +168,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(f"{path.name}: no face in the original or in any changed copy")
             continue
         for name, per in changed.items():
-            moves[name] += [abs(a - base) for a in per if a is not None]
+            moves[name] += [a - base for a in per if a is not None]
         rows.append(
             f"{path.name}: ages {', '.join(f'{a:.1f}' for a in known)}; spread {max(known) - min(known):.2f}"
         )
     print("\n".join(rows[:12] + ([f"... {len(rows) - 12} more"] if len(rows) > 12 else [])))
-    for name, found in moves.items():
-        if found:
+    for name, signed in moves.items():
+        if signed:
+            found = np.abs(signed)
             print(
                 f"{len(photos)} photos {name} ({args.detector} detector): |age change| mean "
                 f"{np.mean(found):.2f}, 90th percentile {np.percentile(found, 90):.2f}, "
-                f"largest {max(found):.2f} years"
+                f"largest {max(found):.2f} years; signed mean {np.mean(signed):+.2f}"
             )
     return 0
 
@@ -188,6 +205,13 @@ def shrink(image: Image.Image, scale: float) -> Changed:
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     sx, sy = size[0] / image.width, size[1] / image.height
     return image.resize(size, Image.Resampling.LANCZOS), lambda x, y: (x * sx, y * sy)
+
+
+def jpeg(image: Image.Image, quality: int) -> Changed:
+    """The photo saved as JPEG at `quality` and read back."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), lambda x, y: (x, y)
 
 
 def test_photos(photos: list, root: Path, run: Path, parser: argparse.ArgumentParser) -> list:
