@@ -258,6 +258,55 @@ def test_aligned_cache_counts_faceless_images_and_serves_centre_crops(tmp_path):
     assert index["alignment"]["faces_found"] == len(names)
 
 
+@pytest.mark.parametrize("aligned", [False, True])
+def test_a_stopped_cache_preparation_goes_on_from_its_last_saved_block(tmp_path, monkeypatch, aligned):
+    """Preparing IMDB-WIKI's faces takes long: a stop (Ctrl-C, the end of a session) loses at most one
+    block, and the finished cache is byte for byte the one an unbroken preparation makes."""
+    from age_detect_resnet.data import cache as cache_module
+
+    source = require(UTKFACE)
+    folder = tmp_path / "img"
+    folder.mkdir()
+    names = sorted(p.name for p in source.glob("*.jpg"))[::3000][:7]
+    for name in names:
+        shutil.copy(source / name, folder / name)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    paths = sorted([*names, "broken.jpg"])
+    framing = CacheAlignment(Aligner(), detector_model=str(require(YUNET))) if aligned else None
+
+    def prepare(cache_dir):
+        return prepare_cache(folder, paths, image_size=32, cache_dir=cache_dir, workers=1, framing=framing)
+
+    whole = prepare(tmp_path / "whole")
+    monkeypatch.setattr(cache_module, "SAVE_EVERY", 3)
+    real_progress, seen = cache_module.progress, []
+
+    def stopped_at_the_fifth(iterable, **kwargs):
+        for item in real_progress(iterable, **kwargs):
+            if len(seen) == 4:
+                raise KeyboardInterrupt
+            seen.append(item)
+            yield item
+
+    monkeypatch.setattr(cache_module, "progress", stopped_at_the_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "stopped")
+    (partial_folder,) = (tmp_path / "stopped").iterdir()
+    assert json.loads((partial_folder / "progress.json").read_text())["done"] == 3  # one block saved
+    assert not (partial_folder / "index.json").exists()
+
+    seen.clear()
+    monkeypatch.setattr(
+        cache_module, "progress", lambda iterable, **kwargs: (seen.append(1) or x for x in iterable)
+    )
+    resumed = prepare(tmp_path / "stopped")
+    assert len(seen) == len(paths) - 3  # only the rows not saved
+    assert sorted(p.name for p in resumed.folder.iterdir()) == ["images.u8", "index.json"]
+    assert (resumed.folder / "images.u8").read_bytes() == (whole.folder / "images.u8").read_bytes()
+    assert (resumed.folder / "index.json").read_text() == (whole.folder / "index.json").read_text()
+    assert resumed.errors == whole.errors and len(resumed.errors) == 1
+
+
 def test_photo_augmentation_turns_the_context_crop_into_the_model_input():
     torch.manual_seed(0)
     transform = train_transform("photo", 48)

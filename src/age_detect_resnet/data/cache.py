@@ -17,15 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from age_detect_resnet.atomic import atomic_path, write_text_atomic
+from age_detect_resnet.atomic import write_text_atomic
 from age_detect_resnet.data.dataset import to_input_tensor
 from age_detect_resnet.data.sources import DataError
 from age_detect_resnet.faces import detection as faces
@@ -184,6 +185,95 @@ def _align(job: tuple[str, int, list | None]) -> tuple[np.ndarray | str | None, 
     return framing.aligner.warp(image, points, size, context=framing.context), normalised
 
 
+# Images prepared between two saves of an unfinished cache's progress: a preparation stopped part way
+# (Ctrl-C, a crash, the end of a session) goes on from its last save when the same cache is asked for.
+SAVE_EVERY = 4096
+
+
+class _PartialCache:
+    """A cache being prepared: its images (and, when aligning, each image's landmarks, NaN where no face
+    was found) in memory maps beside `progress.json`, which says how many rows are done and which failed.
+    `finish` turns it into the cache's `images.u8` and `index.json`."""
+
+    def __init__(self, folder: Path, n: int, stored: int, *, aligned: bool) -> None:
+        self.folder, self.n, self.stored = folder, n, stored
+        self.progress_file = folder / "progress.json"
+        images, landmarks = folder / "images.u8.partial", folder / "landmarks.f64.partial"
+        self.done, self.errors = 0, {}
+        shape = (n, stored, stored, 3)
+        saved = self._saved()
+        resume = (
+            saved is not None
+            and saved.get("n") == n
+            and saved.get("stored") == stored
+            and images.is_file()
+            and images.stat().st_size == int(np.prod(shape))
+            and (not aligned or (landmarks.is_file() and landmarks.stat().st_size == n * 10 * 8))
+        )
+        if resume:
+            self.done, self.errors = int(saved["done"]), dict(saved["errors"])
+        mode = "r+" if resume else "w+"
+        self.images = np.memmap(images, dtype=np.uint8, mode=mode, shape=shape)
+        self.landmarks = None
+        if aligned:
+            self.landmarks = np.memmap(landmarks, dtype=np.float64, mode=mode, shape=(n, 5, 2))
+            if not resume:
+                self.landmarks[:] = np.nan
+
+    def _saved(self) -> dict | None:
+        try:
+            return json.loads(self.progress_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def save(self, done: int) -> None:
+        self.images.flush()
+        if self.landmarks is not None:
+            self.landmarks.flush()
+        self.done = done
+        progress_json = {"n": self.n, "stored": self.stored, "done": done, "errors": self.errors}
+        write_text_atomic(self.progress_file, json.dumps(progress_json))
+
+    def fill(
+        self,
+        files: Sequence[str],
+        run: Callable[[Sequence[str]], Iterable[Any]],
+        desc: str,
+        keep: Callable[[int, Any], None],
+    ) -> None:
+        """`keep(row, result)` for each file from the first row not yet done, `run` mapping a block of
+        files to their results; the progress is saved after each block."""
+        if self.done:
+            log.info(
+                "going on with the image cache %s from image %d of %d", self.folder, self.done + 1, self.n
+            )
+        results = (
+            (start + offset, result)
+            for start in range(self.done, self.n, SAVE_EVERY)
+            for offset, result in enumerate(self._block(run, files, start))
+        )
+        for row, result in progress(results, total=self.n - self.done, desc=desc, unit="img"):
+            keep(row, result)
+
+    def _block(
+        self, run: Callable[[Sequence[str]], Iterable[Any]], files: Sequence[str], start: int
+    ) -> Iterator[Any]:
+        """The results of one block of files, the progress saved once they are all kept."""
+        end = min(start + SAVE_EVERY, self.n)
+        yield from run(files[start:end])
+        # Reached when the consumer asks for the next block, i.e. after it kept this block's last row.
+        self.save(end)
+
+    def finish(self, index: dict) -> None:
+        self.images.flush()
+        del self.images
+        (self.folder / "images.u8.partial").replace(self.folder / "images.u8")
+        write_text_atomic(self.folder / "index.json", json.dumps(index))
+        self.progress_file.unlink(missing_ok=True)
+        self.landmarks = None
+        (self.folder / "landmarks.f64.partial").unlink(missing_ok=True)
+
+
 def prepare_cache(
     root: Path,
     paths: Sequence[str],
@@ -195,7 +285,8 @@ def prepare_cache(
 ) -> CachedImages:
     """Build (or reuse) the cache of `paths` under `root` at `image_size`; unreadable images are
     recorded, not fatal (the dataset raises or skips them as configured). With `framing`, faces are
-    detected and aligned, and the stored images carry its context border (see the module docstring)."""
+    detected and aligned, and the stored images carry its context border (see the module docstring).
+    A preparation that was stopped goes on from its last saved block (`SAVE_EVERY`)."""
     if not paths:
         raise ValueError("no images to prepare")
     folder = Path(cache_dir) / cache_key(root, paths, image_size, framing)
@@ -206,79 +297,80 @@ def prepare_cache(
         faces.create_detector("yunet", framing.detector_model)  # fail here with the detector's message
     folder.mkdir(parents=True, exist_ok=True)
     stored = framing.aligner.output_size(image_size, framing.context) if framing else image_size
-    n, errors, alignment = len(paths), {}, None
     files = [str(Path(root) / p) for p in paths]
-    with atomic_path(folder / "images.u8") as tmp:
-        array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(n, stored, stored, 3))
-        if framing is None:
-            with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-                results = pool.map(_decode, [(f, image_size) for f in files], chunksize=_CHUNK)
-                for row, result in enumerate(
-                    progress(results, total=n, desc="preparing image cache", unit="img")
-                ):
-                    if isinstance(result, str):
-                        errors[str(row)] = result
-                    else:
-                        array[row] = result
-        else:
-            alignment = _prepare_aligned(array, files, image_size, framing, errors, workers)
-        array.flush()
-        del array
-    write_text_atomic(
-        folder / "index.json",
-        json.dumps(
-            {
-                "format": CACHE_FORMAT,
-                "image_size": image_size,
-                "stored_size": stored,
-                "root": str(root),
-                "paths": list(paths),
-                "errors": errors,
-                "alignment": alignment,
-            }
-        ),
-    )
-    if errors:
-        log.warning("%d of %d images could not be decoded while preparing the cache", len(errors), n)
+    partial = _PartialCache(folder, len(files), stored, aligned=framing is not None)
+    alignment = None
+    if framing is None:
+        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+
+            def keep(row: int, result: np.ndarray | str) -> None:
+                if isinstance(result, str):
+                    partial.errors[str(row)] = result
+                else:
+                    partial.images[row] = result
+
+            partial.fill(
+                files,
+                lambda block: pool.map(_decode, [(f, image_size) for f in block], chunksize=_CHUNK),
+                "preparing image cache",
+                keep,
+            )
+    else:
+        alignment = _prepare_aligned(partial, files, image_size, framing, workers)
+    index = {
+        "format": CACHE_FORMAT,
+        "image_size": image_size,
+        "stored_size": stored,
+        "root": str(root),
+        "paths": list(paths),
+        "errors": partial.errors,
+        "alignment": alignment,
+    }
+    partial.finish(index)
+    if partial.errors:
+        log.warning(
+            "%d of %d images could not be decoded while preparing the cache", len(partial.errors), len(files)
+        )
     return CachedImages(folder)
 
 
 def _prepare_aligned(
-    array: np.ndarray,
-    files: list[str],
-    image_size: int,
-    framing: CacheAlignment,
-    errors: dict[str, str],
-    workers: int,
+    partial: _PartialCache, files: list[str], image_size: int, framing: CacheAlignment, workers: int
 ) -> dict:
-    """Detect + align every file into `array`; a second pass aligns the faceless ones by the median
+    """Detect + align every file into the cache; a second pass aligns the faceless ones by the median
     landmarks. Returns the counts for the index (and the run report)."""
-    found: list[list] = []
-    missing: list[int] = []
+    landmarks = partial.landmarks
+
+    def keep(row: int, job_result: tuple[np.ndarray | str | None, list | None]) -> None:
+        result, points = job_result
+        if isinstance(result, str):
+            partial.errors[str(row)] = result
+        elif result is not None:
+            partial.images[row] = result
+            landmarks[row] = points
+
     with ProcessPoolExecutor(
         max_workers=max(1, workers), initializer=_init_aligning_worker, initargs=(framing,)
     ) as pool:
-        results = pool.map(_align, [(f, image_size, None) for f in files], chunksize=32)
-        for row, (result, landmarks) in enumerate(
-            progress(results, total=len(files), desc="detecting and aligning faces", unit="img")
-        ):
-            if isinstance(result, str):
-                errors[str(row)] = result
-            elif result is None:
-                missing.append(row)
-            else:
-                array[row] = result
-                found.append(landmarks)
-        if missing and not found:
+        partial.fill(
+            files,
+            lambda block: pool.map(_align, [(f, image_size, None) for f in block], chunksize=32),
+            "detecting and aligning faces",
+            keep,
+        )
+        has_face = ~np.isnan(np.asarray(landmarks)).any(axis=(1, 2))
+        found = np.asarray(landmarks)[has_face]
+        missing = [r for r in np.flatnonzero(~has_face).tolist() if str(r) not in partial.errors]
+        if missing and not len(found):
             raise DataError(
                 f"no face was found in any of the {len(files)} training images (e.g. {files[0]}); "
                 "train without --align, or check the images"
             )
-        median = np.median(np.asarray(found), axis=0).tolist() if found else None
+        median = np.median(found, axis=0).tolist() if len(found) else None
         if missing:
             redo = pool.map(_align, [(files[r], image_size, median) for r in missing], chunksize=32)
             for row, (result, _) in zip(missing, redo, strict=True):
-                array[row] = result
+                partial.images[row] = result
     if missing:
         log.warning(
             "no face found in %d of %d training images; they are aligned with the median landmarks of the "
@@ -287,7 +379,7 @@ def _prepare_aligned(
             len(files),
         )
     return {
-        "faces_found": len(found),
+        "faces_found": int(has_face.sum()),
         "no_face_median_landmarks": len(missing),
         "no_face_examples": [files[r] for r in missing[:20]],
         "median_landmarks": median,
