@@ -185,6 +185,37 @@ def test_the_cache_is_rebuilt_when_inputs_or_size_change(tmp_path):
     assert rebuilt.load(0).sum() == 0
 
 
+def test_runs_started_together_prepare_their_shared_cache_once(tmp_path, monkeypatch):
+    import threading
+
+    from age_detect_resnet.data import cache as cache_module
+
+    paths = make_images(tmp_path / "img", 12)
+    prepared, real_progress = [], cache_module.progress
+
+    def counted(iterable, **kwargs):
+        for item in real_progress(iterable, **kwargs):
+            prepared.append(threading.get_ident())
+            yield item
+
+    monkeypatch.setattr(cache_module, "progress", counted)
+    folders = []
+
+    def run():
+        cache = prepare_cache(tmp_path / "img", paths, image_size=16, cache_dir=tmp_path / "cache", workers=1)
+        folders.append((cache.folder, cache.load(5)))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(prepared) == len(paths) and len(set(prepared)) == 1  # one of them prepared every image
+    assert len({folder for folder, _ in folders}) == 1 and len(folders) == 3
+    assert all(torch.equal(image, folders[0][1]) for _, image in folders)
+    assert sorted(p.name for p in folders[0][0].iterdir()) == ["images.u8", "index.json"]
+
+
 def test_unreadable_images_in_the_cache_raise_when_used(tmp_path):
     paths = make_images(tmp_path / "img", 2)
     (tmp_path / "img" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")

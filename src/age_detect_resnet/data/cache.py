@@ -14,6 +14,7 @@ counted in the cache's index.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +35,11 @@ from age_detect_resnet.faces.align import Aligner
 from age_detect_resnet.faces.detection import LANDMARK_METHOD, largest_face
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.progress import progress
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +302,36 @@ def prepare_cache(
     if framing is not None:
         faces.create_detector("yunet", framing.detector_model)  # fail here with the detector's message
     folder.mkdir(parents=True, exist_ok=True)
+    with _preparing(folder):
+        if (folder / "index.json").is_file():  # another process prepared it while this one waited
+            log.info("using the prepared image cache %s", folder)
+            return CachedImages(folder)
+        return _prepare(folder, root, paths, image_size, workers, framing)
+
+
+@contextlib.contextmanager
+def _preparing(folder: Path) -> Iterator[None]:
+    """One process at a time prepares a cache (runs of a sweep started together share it): the others
+    wait, then find it ready. Where the OS has no file locks (fcntl), no waiting."""
+    lock = folder / "prepare.lock"
+    with lock.open("a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if (folder / "index.json").is_file():
+                lock.unlink(missing_ok=True)  # later processes find index.json before they lock
+
+
+def _prepare(
+    folder: Path,
+    root: Path,
+    paths: Sequence[str],
+    image_size: int,
+    workers: int,
+    framing: CacheAlignment | None,
+) -> CachedImages:
     stored = framing.aligner.output_size(image_size, framing.context) if framing else image_size
     files = [str(Path(root) / p) for p in paths]
     partial = _PartialCache(folder, len(files), stored, aligned=framing is not None)
