@@ -131,6 +131,26 @@ def test_tight_cuts_are_a_setting_of_the_photo_augmentation_only():
         resolve_config(None, {"tight_cut": 0.3})
 
 
+def test_the_share_of_greyscale_faces_is_a_setting_of_the_photo_augmentation():
+    from torchvision.transforms import v2
+
+    from age_detect_resnet.data.photo_shares import GREYSCALE_SHARE
+    from age_detect_resnet.training.config import ConfigError, resolve_config
+
+    def share(transform):
+        return next(t.p for t in transform.transforms if isinstance(t, v2.RandomGrayscale))
+
+    assert share(train_transform("photo", 32)) == GREYSCALE_SHARE == 0.1  # the bundled model's recipe
+    every = train_transform("photo", 32, PhotoShares(greyscale=1.0))
+    torch.manual_seed(0)
+    face = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8)
+    grey = every(face)
+    assert grey.shape == (3, 32, 32) and torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    assert resolve_config("cpu", {"greyscale": 0.3}).data.greyscale == 0.3
+    with pytest.raises(ConfigError, match="add --augment photo"):
+        resolve_config(None, {"greyscale": 0.3})
+
+
 def test_the_share_of_low_resolution_faces_is_a_setting_of_the_photo_augmentation():
     from age_detect_resnet.data.dataset import RandomLowResolution
     from age_detect_resnet.data.photo_shares import LOW_RESOLUTION_SHARE

@@ -192,8 +192,8 @@ def train_transform(
     `photo` takes the aligned crop with its context border (S' > S, see cache.py) and ends with the
     centre (S, S): shifts, scaling and rotation then show real surroundings, not black corners.
     `shares` (photo only) are the shares of faces with a random patch hidden (RandomOcclusion), shrunk
-    and scaled back (RandomLowResolution), shown as if cut close round them (RandomTightCut) and as if
-    turned a little about the vertical axis (RandomYaw)."""
+    and scaled back (RandomLowResolution), made grey, shown as if cut close round them (RandomTightCut)
+    and as if turned a little about the vertical axis (RandomYaw)."""
     changed = shares.changed()
     if changed and augment != "photo":
         raise ValueError(
@@ -216,7 +216,7 @@ def train_transform(
                 v2.RandomApply(
                     [v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03)], p=0.8
                 ),
-                v2.RandomGrayscale(p=0.1),
+                v2.RandomGrayscale(p=shares.greyscale),
                 RandomLowResolution(p=shares.low_resolution, min_side=max(16, image_size // 4)),
                 v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.5))], p=0.15),
                 RandomJpeg(p=0.3, quality=(30, 95)),

@@ -1,21 +1,24 @@
 """The photo augmentation's optional parts, each given as the share of training faces it is applied to
-(`--occlusion`, `--low-resolution`, `--tight-cut`, `--yaw`): one owner for their names, defaults and checks,
-read by the training config (which does not import torch) and by `dataset.train_transform`. A new part
-is a field here, a field of the config's data section with the same name, and its transform."""
+(`--occlusion`, `--low-resolution`, `--greyscale`, `--tight-cut`, `--yaw`): one owner for their names,
+defaults and checks, read by the training config (which does not import torch) and by
+`dataset.train_transform`. A new part is a field here, a field of the config's data section with the same
+name, and its transform."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from typing import Any
 
-# The share of faces shown at a lower resolution: on by default, the only part that is.
+# The shares on by default: faces shown at a lower resolution, and in greyscale.
 LOW_RESOLUTION_SHARE = 0.25
+GREYSCALE_SHARE = 0.1
 
 
 @dataclass(frozen=True)
 class PhotoShares:
     occlusion: float = 0.0  # a random patch hidden, as a hand or a cup hides part of a face
     low_resolution: float = LOW_RESOLUTION_SHARE  # shrunk and scaled back, as small faces look
+    greyscale: float = GREYSCALE_SHARE  # in shades of grey, as old prints and scans are
     tight_cut: float = 0.0  # shown as if the photo were cut close round the face
     yaw: float = 0.0  # as if turned a little about the vertical axis (a perspective warp)
 

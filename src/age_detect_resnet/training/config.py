@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from age_detect_resnet.data.photo_shares import LOW_RESOLUTION_SHARE, PhotoShares
+from age_detect_resnet.data.photo_shares import GREYSCALE_SHARE, LOW_RESOLUTION_SHARE, PhotoShares
 
 DATASETS = ("imdb-wiki", "utkface", "csv")
 BACKBONES = (
@@ -78,6 +78,10 @@ class DataConfig:
         LOW_RESOLUTION_SHARE,
         "--augment photo: share of training faces shrunk to a random smaller size (down to a quarter) "
         "and scaled back, as small faces in photos look",
+    )
+    greyscale: float = _setting(
+        GREYSCALE_SHARE,
+        "--augment photo: share of training faces shown in greyscale, as old prints and scanned photos are",
     )
     tight_cut: float = _setting(
         0.0,
@@ -285,8 +289,8 @@ def _merge(values: dict[str, dict[str, Any]], incoming: dict[str, Any], *, sourc
 
 def _check_photo_shares(data: DataConfig) -> None:
     """The photo augmentation's shares of the training faces (`PhotoShares`: `--occlusion`,
-    `--low-resolution`, `--tight-cut`, `--yaw`): between 0 and 1, and left at their defaults by the other
-    augmentations."""
+    `--low-resolution`, `--greyscale`, `--tight-cut`, `--yaw`): between 0 and 1, and left at their
+    defaults by the other augmentations."""
     shares = PhotoShares.of(data)
     outside = shares.out_of_range()
     if outside:
