@@ -1,8 +1,9 @@
-"""A labelled copy of a run's test split with every photo cut to its central share, for `evaluate`: the
-error of tight face crops (as some pre-aligned face sets are) by age group, where `rotation.py --crops`
-gives only how far each age moves.
+"""A labelled copy of a run's test (or validation) split with every photo cut to its central share, and
+made grey with `--grey`, for `evaluate`: the error of tight face crops (as some pre-aligned face sets are)
+or of greyscale photos (old scans) by age group, where `rotation.py` gives only how far each age moves.
 
     python experiments/cut_set.py --test-of runs/ensemble-tight-cut --every 4 --share 0.55 --out /tmp/cut55
+    python experiments/cut_set.py --test-of runs/ensemble-tight-cut --share 1 --grey --out /tmp/grey
     age-detect evaluate --model default --dataset csv --data-root /tmp/cut55/labels.csv --split all --detect
 
 Photos are cut as `rotation.py --crops` cuts them and written losslessly (PNG), so that no second JPEG
@@ -31,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--test-of", type=Path, required=True, help="run folder whose split.csv names the test photos"
     )
-    parser.add_argument("--every", type=int, default=1, help="keep every Nth test photo")
+    parser.add_argument(
+        "--split", choices=("test", "val"), default="test", help="the run's split whose photos are copied"
+    )
+    parser.add_argument("--every", type=int, default=1, help="keep every Nth photo")
     parser.add_argument("--share", type=float, required=True, help="central share of width and height kept")
+    parser.add_argument("--grey", action="store_true", help="also turn each copy grey (as old scans are)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the copies and labels.csv")
     args = parser.parse_args(argv)
     if not 0.1 <= args.share <= 1.0:
@@ -40,15 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     split_file = RunFolder(args.test_of).split
     if not split_file.is_file():
         parser.error(f"{split_file} does not exist: --test-of needs a run folder with its split.csv")
-    test = load_split(split_file, args.photos).split("test").iloc[:: max(1, args.every)]
+    test = load_split(split_file, args.photos).split(args.split).iloc[:: max(1, args.every)]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path, age in zip(test["path"], test["age"], strict=True):
         name = f"{Path(path).name}.png"
-        cut(load_rgb(args.photos / path), args.share)[0].save(args.out / name)
+        copy = cut(load_rgb(args.photos / path), args.share)[0]
+        (copy.convert("L").convert("RGB") if args.grey else copy).save(args.out / name)
         rows.append((name, float(age)))
     pd.DataFrame(rows, columns=["path", "age"]).to_csv(args.out / "labels.csv", index=False)
-    print(f"{len(rows)} test photos of {args.test_of} cut to their central {args.share:g}: {args.out}")
+    grey = ", in greyscale" if args.grey else ""
+    print(
+        f"{len(rows)} {args.split} photos of {args.test_of} cut to their central {args.share:g}{grey}: "
+        f"{args.out}"
+    )
     return 0
 
 

@@ -393,6 +393,16 @@ def test_the_cut_set_holds_the_runs_test_faces_cut_with_their_ages(tiny_run, tmp
         assert np.array_equal(
             np.asarray(copy), np.asarray(rotation_experiment().cut(original.convert("RGB"), 0.5)[0])
         )
+    # The validation split, whole and grey: what `evaluate` needs for the error on greyscale photos.
+    grey = tmp_path / "grey"
+    args = ["--photos", str(root), "--test-of", str(tiny_run), "--split", "val", "--share", "1", "--grey"]
+    assert tool.main([*args, "--out", str(grey)]) == 0
+    val = load_split(RunFolder(tiny_run).split, root).split("val")
+    labels = pd.read_csv(grey / "labels.csv")
+    assert sorted(labels["age"]) == sorted(float(a) for a in val["age"]) and len(labels) > 0
+    for name, source in zip(labels["path"], val["path"], strict=True):
+        expected = Image.open(root / source).convert("L").convert("RGB")
+        assert np.array_equal(np.asarray(Image.open(grey / name)), np.asarray(expected))
     with pytest.raises(SystemExit):
         tool.main(["--photos", str(root), "--test-of", str(tmp_path), "--share", "0.5", "--out", str(out)])
     assert "split.csv" in capsys.readouterr().err
