@@ -251,3 +251,36 @@ def test_an_unusable_model_file_is_refused_with_its_name(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a model")
     with pytest.raises(checkpoint.ModelFileError, match=r"model\.safetensors"):
         load_trained_model(tmp_path / "model.safetensors")
+
+
+def test_the_quick_start_pipeline_builds_the_metadata_and_trains_with_the_packaged_recipe(
+    tmp_path, monkeypatch, caplog
+):
+    """Quick start 1 (`age-detect pipeline --data-root ...`) on an IMDB-WIKI tree, shrunk to seconds: the
+    kind is recognised, the metadata built where the README says, the CPU recipe chosen, and the run
+    finished with its report and prediction grid."""
+    import json
+    import logging
+
+    from age_detect_resnet.cli.pipeline import main as pipeline_main
+    from conftest import MOBILENET, REPLICA, YUNET, require
+
+    replica = require(REPLICA)
+    monkeypatch.chdir(tmp_path)  # data/processed/meta.csv and data/cache land in the working folder
+    small = (
+        f"--backbone mobilenet_v2 --image-size 40 --epochs 1 --batch-size 8 --num-workers 0 --limit 96 "
+        f"--no-progress --grid-size 4 --no-tensorboard --weights {require(MOBILENET)} "
+        f"--detector-model {require(YUNET)}"
+    ).split()
+    with caplog.at_level(logging.INFO):
+        assert pipeline_main(["--data-root", str(replica), *small, "--out", "runs/quick"]) == 0
+    assert "--config cpu" in caplog.text
+    assert (tmp_path / "data" / "processed" / "meta.csv").is_file()
+    run = tmp_path / "runs" / "quick"
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["dataset"] == "imdb-wiki" and config["data"]["align"] is True
+    assert config["data"]["augment"] == "photo" and config["model"]["head"] == "distribution"
+    report = (run / "report.md").read_text()
+    assert (run / "best.safetensors").is_file() and "## Test split (best model)" in report
+    assert "faces aligned by their detected landmarks: 96" in report  # every image of the --limit
+    assert (run / "plots" / "grid.png").is_file() and (run / "plots" / "mae.png").is_file()
