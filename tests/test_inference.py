@@ -326,6 +326,21 @@ def test_an_interrupted_batch_keeps_its_photos_and_resume_predicts_only_the_rest
     pd.testing.assert_frame_equal(pd.read_csv(out), whole)
 
 
+def test_the_journal_names_the_bundled_model_by_its_checksum():
+    """`--model default` after a package upgrade is another model: a resumed run must not mix the two."""
+    import argparse
+
+    from age_detect_resnet.cli.predict import add_arguments, journal_settings
+    from age_detect_resnet.modeling.bundled import AGE_MODEL_SHA256
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert (
+        journal_settings(parser.parse_args(["a.jpg"]), "yunet")["model"]
+        == f"default ({AGE_MODEL_SHA256[:12]})"
+    )
+
+
 def test_resume_refuses_a_journal_damaged_before_its_last_line(tiny_run, tmp_path, caplog):
     out = tmp_path / "ages.json"
     journal = tmp_path / "ages.json.partial"

@@ -56,6 +56,7 @@ from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageReadError, load_rgb
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_predictor
+from age_detect_resnet.modeling import bundled
 from age_detect_resnet.progress import progress as show_progress
 from age_detect_resnet.runtime import resolve_precision, select_device
 from age_detect_resnet.video.process import VideoResult, is_video, predict_video
@@ -169,8 +170,12 @@ def journal_settings(args: argparse.Namespace, detector: str) -> dict[str, Any]:
     """What decides a photo's ages, `detector` being the one in use (`auto` may have fallen back to the
     Haar cascade): a resumed run must have the same."""
     model = Path(args.model)
+    if bundled.is_default(args.model):  # the bundle a package upgrade may have changed
+        named = f"default ({bundled.AGE_MODEL_SHA256[:12]})"
+    else:
+        named = str(model.resolve()) if model.exists() else str(args.model)
     return {
-        "model": str(model.resolve()) if model.exists() else str(args.model),
+        "model": named,
         "backend": args.backend,
         "tta": bool(args.tta),
         "detector": detector,
