@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from age_detect_resnet.export import exporter
-from age_detect_resnet.images import ImageReadError
+from age_detect_resnet.images import ImageReadError, ImageTooLargeError
 from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, load_runner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.modeling import bundled, checkpoint
@@ -167,7 +167,7 @@ def test_analyze_reads_opencv_bgr_grey_and_alpha_arrays_as_their_colours(tiny_bu
     with pytest.raises(ValueError, match=r"uint8 RGB.*\(2, 2, 5\)"):
         analyze(np.zeros((2, 2, 5), dtype=np.uint8))
     monkeypatch.setattr(api, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(ImageReadError, match="11x10 pixels, over the"):
+    with pytest.raises(ImageTooLargeError, match="11x10 pixels, over the"):
         analyze(np.zeros((10, 11, 3), dtype=np.uint8))
 
 

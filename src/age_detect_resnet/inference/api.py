@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from age_detect_resnet.faces.detection import create_detector
-from age_detect_resnet.images import MAX_IMAGE_PIXELS, ImageReadError, load_rgb, to_rgb
+from age_detect_resnet.images import MAX_IMAGE_PIXELS, ImageReadError, ImageTooLargeError, load_rgb, to_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_predictor
 from age_detect_resnet.runtime import select_device
 
@@ -82,7 +82,7 @@ def _as_image(image: ImageInput, channels: str = "rgb") -> Image.Image:
             f"{image.dtype} {image.shape}; a float image in 0-1: (image * 255).round().astype(np.uint8)"
         )
     if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
-        raise ImageReadError(
+        raise ImageTooLargeError(
             f"the array is {image.shape[1]}x{image.shape[0]} pixels, over the "
             f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit; downscale it first"
         )
