@@ -226,20 +226,19 @@ def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True
     if not download:
         raise DetectorUnavailableError("the YuNet face detector is not downloaded yet")
     global _yunet_download_failure
-    failed_at, message = _yunet_download_failure or (None, "")
-    if failed_at is None or time.monotonic() - failed_at > YUNET_RETRY_AFTER_S:
-        try:
-            with urllib.request.urlopen(YUNET_URL, timeout=30) as response:
-                payload = response.read()
-            _yunet_download_failure = None
-        except OSError as err:
-            message = (
-                f"could not download the YuNet face detector ({err}); download {YUNET_URL} yourself and "
-                f"pass --detector-model FILE (or set {YUNET_ENV}), or pass --no-detect to use whole images"
-            )
-            _yunet_download_failure = (time.monotonic(), message)
-    if _yunet_download_failure is not None:
-        raise DetectorUnavailableError(message)
+    if _yunet_download_failure and time.monotonic() - _yunet_download_failure[0] <= YUNET_RETRY_AFTER_S:
+        raise DetectorUnavailableError(_yunet_download_failure[1])
+    try:
+        with urllib.request.urlopen(YUNET_URL, timeout=30) as response:
+            payload = response.read()
+    except OSError as err:
+        message = (
+            f"could not download the YuNet face detector ({err}); download {YUNET_URL} yourself and "
+            f"pass --detector-model FILE (or set {YUNET_ENV}), or pass --no-detect to use whole images"
+        )
+        _yunet_download_failure = (time.monotonic(), message)
+        raise DetectorUnavailableError(message) from err
+    _yunet_download_failure = None
     if hashlib.sha256(payload).hexdigest() != YUNET_SHA256:
         raise DetectorUnavailableError(
             f"the file downloaded from {YUNET_URL} does not have the expected checksum"
