@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +63,40 @@ def dataset_at(data_root: Path, otherwise: str | None) -> str | None:
 def image_root(dataset: str, data_root: Path) -> Path:
     """The folder a dataset's relative image paths start from (a CSV's paths: the CSV's folder)."""
     return Path(data_root).parent if dataset == "csv" else Path(data_root)
+
+
+# Columns of every table that are no attribute of the person in the image.
+NOT_ATTRIBUTES = frozenset({"path", "age", "split", "source", "sha1", "face_found"})
+
+
+def check_columns(names: Sequence[str], available: set[str], data_root: Path, option: str = "--by") -> None:
+    """Refuse label column `names` (given by `option`) that the dataset lacks, naming those it has."""
+    unknown = [name for name in names if name not in available]
+    if not unknown:
+        return
+    usable = sorted(available - NOT_ATTRIBUTES)
+    hint = f"available: {', '.join(usable)}" if usable else "it has no columns besides path and age"
+    raise DataError(f"{option} {', '.join(unknown)}: no such column in the dataset at {data_root}; {hint}")
+
+
+def with_columns(
+    table: pd.DataFrame,
+    names: Sequence[str],
+    dataset: str,
+    data_root: Path,
+    meta: str | Path | None,
+    option: str = "--by",
+) -> pd.DataFrame:
+    """`table` (rows of the dataset, by `path`) with the label columns `names` it lacks joined from the
+    dataset's own table: a saved split keeps only path, age, person_id and split (for UTKFace the
+    columns are parsed from the file names again)."""
+    lacking = [name for name in names if name not in table.columns]
+    if not lacking:
+        return table
+    full, _ = load_table(dataset, Path(data_root), meta=Path(meta) if meta else None)
+    check_columns(names, set(table.columns) | set(full.columns), data_root, option)
+    attributes = full.drop_duplicates("path").set_index("path")[lacking]
+    return table.join(attributes, on="path")
 
 
 def load_table(

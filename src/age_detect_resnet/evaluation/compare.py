@@ -52,7 +52,9 @@ def comparison_table(runs: Sequence[dict[str, Any]]) -> str:
         cells = [
             r["name"],
             c["model"]["backbone"],
-            c["model"]["head"] + (" + age weights" if c["optim"]["age_weighting"] else ""),
+            c["model"]["head"]
+            + (" + age weights" if c["optim"]["age_weighting"] else "")
+            + (f" + balanced by {c['data']['balance_by']}" if c["data"].get("balance_by") else ""),
             str(c["data"]["image_size"]),
             str(info["epochs_run"]),
             f"{info['wall_time'] / 60:.0f} min",

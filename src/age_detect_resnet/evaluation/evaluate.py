@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from age_detect_resnet.data.dataset import AgeDataset, FileImages, make_loader
-from age_detect_resnet.data.sources import dataset_at, image_root, load_table
+from age_detect_resnet.data.sources import check_columns, dataset_at, image_root, load_table, with_columns
 from age_detect_resnet.data.splits import PreparedData, load_split
 from age_detect_resnet.evaluation.groups import group_errors
 from age_detect_resnet.evaluation.report import (
@@ -81,45 +81,19 @@ def evaluation_table(
                 "saved there as split.csv); for another dataset use --split all"
             )
         prepared: PreparedData = load_split(run.split, image_root(dataset, data_root))
-        images = with_attributes(prepared.split(split), by, dataset, data_root, meta)
+        images = with_columns(prepared.split(split), by, dataset, data_root, meta)
         return images, prepared.root, dataset
     table, root = load_table(dataset, data_root, meta=Path(meta) if meta else None)
-    check_by(by, set(table.columns), data_root)
+    check_columns(by, set(table.columns), data_root)
     table = table[table["age"].between(min_age, max_age)]
     if limit is not None:
         table = table.sample(min(limit, len(table)), random_state=0)
     return table.reset_index(drop=True), root, dataset
 
 
-# Columns of every table that are no attribute of the person in the image.
-NOT_ATTRIBUTES = frozenset({"path", "age", "split", "source", "sha1", "face_found"})
 # Attributes of each photo that detection finds rather than the labels give (`--by head_pose`):
 # "frontal" or "turned" sideways (faces/align.py: head_pose), empty where no landmarks were found.
 DETECTED_ATTRIBUTES = ("head_pose",)
-
-
-def with_attributes(
-    table: pd.DataFrame, by: Sequence[str], dataset: str, data_root: Path, meta: str | Path | None
-) -> pd.DataFrame:
-    """A saved split keeps only path, age, person_id and split: join the `--by` columns it lacks from
-    the dataset's own table (for UTKFace, parsed from the file names again)."""
-    lacking = [name for name in by if name not in table.columns]
-    if not lacking:
-        return table
-    full, _ = load_table(dataset, data_root, meta=Path(meta) if meta else None)
-    check_by(by, set(table.columns) | set(full.columns), data_root)
-    attributes = full.drop_duplicates("path").set_index("path")[lacking]
-    return table.join(attributes, on="path")
-
-
-def check_by(by: Sequence[str], available: set[str], data_root: Path) -> None:
-    """Refuse `--by` names that are no column of the dataset, naming the columns that are."""
-    unknown = [name for name in by if name not in available]
-    if not unknown:
-        return
-    usable = sorted(available - NOT_ATTRIBUTES)
-    hint = f"available: {', '.join(usable)}" if usable else "it has no columns besides path and age"
-    raise ConfigError(f"--by {', '.join(unknown)}: no such column in the dataset at {data_root}; {hint}")
 
 
 def is_aligned(metadata: dict[str, Any]) -> bool:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.norm_statistics import recompute_norm_statistics
@@ -25,6 +24,7 @@ from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.training.config import Config
 from age_detect_resnet.training.distributed import Distributed
 from age_detect_resnet.training.engine import evaluate
+from age_detect_resnet.training.loaders import EpochSampler
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def recompute_best_statistics(
     config: Config,
     run: RunFolder,
     loaders: dict[str, DataLoader],
-    train_sampler: DistributedSampler | None,
+    train_sampler: EpochSampler | None,
     dist: Distributed,
     autocast,
     *,

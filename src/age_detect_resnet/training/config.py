@@ -54,6 +54,12 @@ class DataConfig:
     min_age: int = _setting(0, "youngest age kept for training and evaluation (the seed: 10)")
     max_age: int = _setting(100, "oldest age kept for training and evaluation (the seed: 75)")
     max_per_age: int | None = _setting(5000, "at most this many images per age (balancing); none = no cap")
+    balance_by: str | None = _setting(
+        None,
+        "draw the training faces so that every value of this label column (e.g. ethnicity, gender) has "
+        "the training split's age distribution, not its own (data/balance.py); none = each face once an "
+        "epoch",
+    )
     val_fraction: float = _setting(0.1, "share of images (whole persons) in the validation split")
     test_fraction: float = _setting(0.1, "share of images (whole persons) in the test split")
     limit: int | None = _setting(None, "use at most N images (quick runs), sampled before splitting")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -9,15 +10,21 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from age_detect_resnet.data.balance import WeightedEpochSampler, balancing_weights
 from age_detect_resnet.data.cache import CacheAlignment, prepare_cache
 from age_detect_resnet.data.dataset import FileImages, ImageSource, ShardSampler, build_datasets, make_loader
 from age_detect_resnet.data.photo_shares import PhotoShares
+from age_detect_resnet.data.sources import with_columns
 from age_detect_resnet.data.splits import PreparedData
 from age_detect_resnet.faces.align import Aligner
 from age_detect_resnet.training.config import Config, ConfigError
 from age_detect_resnet.training.distributed import Distributed
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
+# The training loader's sampler where it has one, whose epoch is set before each epoch.
+EpochSampler = DistributedSampler | WeightedEpochSampler
 
 
 def image_sources(prepared: PreparedData, config: Config, dist: Distributed) -> dict[str, ImageSource]:
@@ -57,12 +64,36 @@ def cache_alignment(config: Config) -> CacheAlignment | None:
     return CacheAlignment(Aligner(version=config.data.alignment), detector_model=config.data.detector_model)
 
 
+def balanced_sampler(
+    prepared: PreparedData, config: Config, dist: Distributed
+) -> WeightedEpochSampler | None:
+    """With --balance-by COLUMN, the sampler that gives each of the column's values the training
+    split's age distribution (data/balance.py); None without it."""
+    column = config.data.balance_by
+    if not column:
+        return None
+    data = config.data
+    train = with_columns(
+        prepared.split("train"), [column], data.dataset, data.data_root, data.meta, option="--balance-by"
+    )
+    weights = balancing_weights(train["age"].to_numpy(), train[column].to_numpy())
+    log.info(
+        "--balance-by %s: training faces drawn with weights %.2f to %.2f (%d values)",
+        column,
+        weights.min(),
+        weights.max(),
+        train[column].nunique(dropna=False),
+    )
+    return WeightedEpochSampler(weights, seed=config.train.seed, rank=dist.rank, world=dist.world)
+
+
 def build_loaders(
     prepared: PreparedData, config: Config, dist: Distributed
-) -> tuple[dict[str, DataLoader], DistributedSampler | None]:
+) -> tuple[dict[str, DataLoader], EpochSampler | None]:
     """Train (shuffled, sharded across processes), val (sharded) and test (rank 0) loaders, and the
     training sampler to set the epoch on under DDP."""
     data, train = config.data, config.train
+    balanced = balanced_sampler(prepared, config, dist)
     datasets = build_datasets(
         {s: prepared.split(s) for s in SPLITS},
         image_sources(prepared, config, dist),
@@ -72,7 +103,7 @@ def build_loaders(
         skip_bad_images=data.skip_bad_images,
     )
     per_process = max(1, train.batch_size // dist.world)
-    train_sampler = (
+    train_sampler = balanced or (
         DistributedSampler(
             datasets["train"], num_replicas=dist.world, rank=dist.rank, seed=train.seed, drop_last=True
         )

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from age_detect_resnet.data.sources import image_root
 from age_detect_resnet.data.splits import PreparedData, load_split, prepare_splits, save_split
@@ -38,7 +37,7 @@ from age_detect_resnet.training.config import Config, save_config
 from age_detect_resnet.training.distributed import Distributed, setup_distributed
 from age_detect_resnet.training.ema import ModelEma
 from age_detect_resnet.training.engine import evaluate, train_one_epoch
-from age_detect_resnet.training.loaders import build_loaders
+from age_detect_resnet.training.loaders import EpochSampler, build_loaders
 from age_detect_resnet.training.models import build_model, model_metadata
 from age_detect_resnet.training.optim import (
     create_optimizer,
@@ -156,7 +155,7 @@ def fit(
     config: Config,
     state: TrainingState,
     loaders: dict[str, DataLoader],
-    train_sampler: DistributedSampler | None,
+    train_sampler: EpochSampler | None,
     run: RunFolder,
     dist: Distributed,
     autocast,
