@@ -292,7 +292,7 @@ def test_the_config_and_the_transform_read_the_same_photo_shares():
             resolve_config(None, {f.name: 0.6})
         with pytest.raises(ConfigError, match="between 0 and 1"):
             resolve_config("cpu", {f.name: 1.5})
-        with pytest.raises(ValueError, match=f"--{option}: a setting of the photo augmentation"):
+        with pytest.raises(ValueError, match=f"--{option} is part of the photo augmentation"):
             train_transform("light", 32, PhotoShares(**{f.name: 0.6}))
     assert PhotoShares.of(resolve_config("cpu", {"tight_cut": 0.3}).data) == PhotoShares(tight_cut=0.3)
 

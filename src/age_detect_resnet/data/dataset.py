@@ -194,11 +194,9 @@ def train_transform(
     `shares` (photo only) are the shares of faces with a random patch hidden (RandomOcclusion), shrunk
     and scaled back (RandomLowResolution), made grey, shown as if cut close round them (RandomTightCut)
     and as if turned a little about the vertical axis (RandomYaw)."""
-    changed = shares.changed()
-    if changed and augment != "photo":
-        raise ValueError(
-            f"--{PhotoShares.option(changed[0])}: a setting of the photo augmentation, not of {augment!r}"
-        )
+    unused = shares.unused_by(augment)
+    if unused:
+        raise ValueError(unused)
     if augment == "none":
         return None
     if augment == "photo":

@@ -36,6 +36,15 @@ class PhotoShares:
         """The names of the shares not at their default: settings only the photo augmentation reads."""
         return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
 
+    def unused_by(self, augment: str) -> str | None:
+        """Why these shares do not suit augmentation `augment` (a share changed, yet the augmentation is
+        not `photo`, the only one that reads them), or None where they do."""
+        changed = self.changed()
+        if not changed or augment == "photo":
+            return None
+        option = self.option(changed[0])
+        return f"--{option} is part of the photo augmentation: add --augment photo (not {augment})"
+
     def out_of_range(self) -> list[tuple[str, float]]:
         """(name, share) for every share outside [0, 1]."""
         return [(f.name, getattr(self, f.name)) for f in fields(self) if not 0 <= getattr(self, f.name) <= 1]

@@ -304,12 +304,9 @@ def _check_photo_shares(data: DataConfig) -> None:
         raise ConfigError(
             f"{name.replace('_', ' ')} is a share of the training faces, between 0 and 1; got {share}"
         )
-    changed = shares.changed()
-    if changed and data.augment != "photo":
-        raise ConfigError(
-            f"--{PhotoShares.option(changed[0])} is part of the photo augmentation: add --augment photo "
-            f"(not {data.augment})"
-        )
+    unused = shares.unused_by(data.augment)
+    if unused:
+        raise ConfigError(unused)
 
 
 def _validate(config: Config) -> None:
