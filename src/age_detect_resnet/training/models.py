@@ -62,12 +62,13 @@ def start_from_trained(config: Config, device: torch.device) -> AgeModel:
         )
         model = model.members[index]
     model = model.train()
+    val_mae = model.metadata.get("val_mae")
     log.info(
-        "starting from the trained model %s (%s + %s head, validation MAE %s)",
+        "starting from the trained model %s (%s + %s head%s)",
         config.model.init,
         model.backbone_name,
         model.head.kind,
-        model.metadata.get("val_mae", "?"),
+        f", validation MAE {val_mae:.2f} on its own split" if isinstance(val_mae, int | float) else "",
     )
     model.metadata = {}
     return model
