@@ -37,10 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
     args = parser.parse_args(argv)
     try:
+        image = load_rgb(args.photo)  # first: a wrong file is named before the model and detector load
         device = select_device("auto")
         model = load_trained_model(args.model, device)
         detector = None if args.no_detect else create_detector("auto", args.detector_model)
-        image = load_rgb(args.photo)
         faces = AgePredictor(model, device=device, detector=detector, tta_flip=True).predict_image(image)
     except (ModelFileError, DetectorUnavailableError, ImageReadError) as err:
         print(f"error: {err}", file=sys.stderr)

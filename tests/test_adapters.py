@@ -73,6 +73,15 @@ def test_dataset_kind_is_recognised_from_the_folder(tmp_path):
         guess_dataset(tmp_path / "nothing-here")
 
 
+def test_a_utkface_folder_without_utkface_images_says_what_to_put_there(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "named").mkdir()
+    (tmp_path / "named" / "holiday.jpg").write_bytes(b"not read: the name carries no age")
+    for folder in ("empty", "named"):
+        with pytest.raises(DatasetNotFoundError, match=r"(?s)holds no UTKFace images.*UTKFace\.tar\.gz"):
+            load_table("utkface", tmp_path / folder)
+
+
 def test_train_and_evaluate_read_a_data_root_by_its_kind_when_no_dataset_is_named(tmp_path, caplog):
     import argparse
     import logging

@@ -109,7 +109,13 @@ def load_table(
     if not data_root.exists():
         raise DatasetNotFoundError(dataset_help(data_root))
     if dataset == "utkface":
-        return load_utkface(data_root), data_root
+        table = load_utkface(data_root)
+        if table.empty:
+            raise DatasetNotFoundError(
+                f"{data_root} holds no UTKFace images (files named AGE_GENDER_RACE_DATE.jpg): "
+                + dataset_help(data_root)
+            )
+        return table, data_root
     if dataset == "csv":
         return load_csv_table(data_root), image_root(dataset, data_root)
     raise DataError(f"unknown dataset {dataset!r}; use imdb-wiki, utkface or csv")
