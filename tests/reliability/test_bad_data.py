@@ -434,3 +434,54 @@ def test_folders_of_scans_and_phone_photos_are_searched(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     found, problems = expand_inputs([str(tmp_path)])
     assert [p.name for p in found] == ["IMG_1.heic", "clip.gif", "scan.TIF", "scan2.tiff"] and not problems
+
+
+class _Unreadable(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        raise ImageReadError(f"photos/{index}.jpg does not exist or is not a file")
+
+
+def test_an_error_raised_in_a_data_loader_worker_is_reported_by_its_own_message():
+    from age_detect_resnet.cli.common import user_message
+
+    loader = torch.utils.data.DataLoader(_Unreadable(), batch_size=1, num_workers=1)
+    with pytest.raises(ImageReadError) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)  # what PyTorch hands the main process
+    assert user_message(caught.value) == "photos/0.jpg does not exist or is not a file"
+    plain = ImageReadError("a.jpg is empty (0 bytes)")
+    assert user_message(plain) == "a.jpg is empty (0 bytes)"
+
+
+def test_evaluate_names_a_missing_photo_in_one_line_not_a_worker_traceback(tmp_path, caplog):
+    from age_detect_resnet.cli.evaluate import main as evaluate_main
+    from conftest import TEST_IMAGES, YUNET, require
+
+    photo = require(TEST_IMAGES / "obama.jpg")
+    (tmp_path / "obama.jpg").write_bytes(photo.read_bytes())
+    (tmp_path / "labels.csv").write_text("path,age\nobama.jpg,51\ngone.jpg,30\n")
+    with caplog.at_level(logging.ERROR):
+        code = evaluate_main(
+            [
+                "--dataset",
+                "csv",
+                "--data-root",
+                str(tmp_path / "labels.csv"),
+                "--split",
+                "all",
+                "--detector-model",
+                str(require(YUNET)),
+                "--num-workers",
+                "2",
+                "--out",
+                str(tmp_path / "ev"),
+            ]
+        )
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        f"{tmp_path / 'gone.jpg'} does not exist or is not a file (pass --skip-bad-images to skip such files)"
+    ]

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors
+from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors, user_message
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             device=select_device(args.device),
         )
     except (*user_errors(), AveragingError) as err:
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     weights = ", ".join(f"{source['weight']:.2f}" for source in metadata["averaged_from"])
     recomputed = metadata["norm_statistics"]["recomputed_on_training_images"]

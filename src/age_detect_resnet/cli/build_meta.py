@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from age_detect_resnet.cli.common import command_main
+from age_detect_resnet.cli.common import command_main, user_message
 from age_detect_resnet.data.imdb_wiki import MetaError, build_meta, write_table
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         df, filters = build_meta(args.data_root, min_face_score=args.min_face_score)
     except MetaError as err:  # the message names the file and what to do
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     write_table(df, args.out)
     print(filters.summary(len(df)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
         DetectorUnavailableError,
         DeviceError,
     )
+
+
+# How PyTorch re-raises, in the main process, an error raised in a DataLoader worker: the same type,
+# its message replaced by "Caught X in DataLoader worker process N." and the worker's traceback.
+_WORKER_WRAPPER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
+
+
+def user_message(err: BaseException) -> str:
+    """The message of a user error for its one log line: for one raised in a DataLoader worker (an
+    image that cannot be read while evaluating), the original message, not the worker's traceback."""
+    text = str(err)
+    if not _WORKER_WRAPPER.match(text):
+        return text
+    original = list(re.finditer(rf"^(?:\w+\.)*{re.escape(type(err).__name__)}: ", text, flags=re.MULTILINE))
+    return text[original[-1].end() :].strip() if original else text
 
 
 def command_main(

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Sequence
 
 from age_detect_resnet.cli.average import add_combining_arguments
-from age_detect_resnet.cli.common import command_main, user_errors
+from age_detect_resnet.cli.common import command_main, user_errors, user_message
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             device=select_device(args.device),
         )
     except (*user_errors(), EnsembleError) as err:
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     weights = ", ".join(f"{source['weight']:.2f}" for source in metadata["ensemble_of"])
     print(

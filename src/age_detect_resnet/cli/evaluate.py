@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors
+from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors, user_message
 from age_detect_resnet.evaluation import evaluate
 from age_detect_resnet.training.config import DATASETS
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
         )
     except (*user_errors(), ValueError) as err:  # ValueError: a table or image it cannot use
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     print(f"MAE {metrics['mae']:.2f} years on {metrics['count']:,} images; report in {out / 'evaluation.md'}")
     return 0

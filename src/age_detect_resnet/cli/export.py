@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from age_detect_resnet.cli.common import command_main
+from age_detect_resnet.cli.common import command_main, user_message
 from age_detect_resnet.export.exporter import export_model
 from age_detect_resnet.export.graph import FORMATS, ExportError
 from age_detect_resnet.export.verify import (
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
             source=checkpoint.resolve_model_path(args.model),
         )
     except (checkpoint.ModelFileError, ExportError) as err:
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     print(
         f"wrote {out} and {metadata_path(out).name}: outputs {', '.join(metadata['outputs'])}; "

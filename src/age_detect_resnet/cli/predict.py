@@ -51,7 +51,7 @@ import pandas as pd
 import torch
 
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
-from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors
+from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors, user_message
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageReadError, load_rgb
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
@@ -423,7 +423,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictor = build_predictor(args)
     except predictor_errors() as err:
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     paths, problems = expand_inputs(args.paths)
     for problem in problems:
@@ -441,7 +441,7 @@ def run(args: argparse.Namespace) -> int:
             else None
         )
     except (JournalError, OSError) as err:
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     done = journal.done if journal else {}
     todo = [p for p in photos if str(p) not in done]

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from age_detect_resnet.cli.common import command_main
+from age_detect_resnet.cli.common import command_main, user_message
 from age_detect_resnet.cli.predict import add_predictor_arguments, build_predictor, predictor_errors
 from age_detect_resnet.web import app as web_app
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         predictor = build_predictor(args)
     except predictor_errors() as err:
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     app = web_app.create_app(
         predictor,

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from age_detect_resnet.cli.common import command_main, user_errors
+from age_detect_resnet.cli.common import command_main, user_errors, user_message
 from age_detect_resnet.data.sources import dataset_at
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.training.config import (
@@ -61,7 +61,7 @@ def run(
         )
         return 130
     except (*user_errors(), NonFiniteLossError) as err:
-        log.error("%s", err)
+        log.error("%s", user_message(err))
         return 2
     finally:
         cleanup_distributed()
