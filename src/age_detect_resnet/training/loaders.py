@@ -91,7 +91,7 @@ def build_loaders(
     prepared: PreparedData, config: Config, dist: Distributed
 ) -> tuple[dict[str, DataLoader], EpochSampler | None]:
     """Train (shuffled, sharded across processes), val (sharded) and test (rank 0) loaders, and the
-    training sampler to set the epoch on under DDP."""
+    training sampler to set the epoch on (under DDP, or drawing the faces by --balance-by)."""
     data, train = config.data, config.train
     balanced = balanced_sampler(prepared, config, dist)
     datasets = build_datasets(
@@ -103,13 +103,11 @@ def build_loaders(
         skip_bad_images=data.skip_bad_images,
     )
     per_process = max(1, train.batch_size // dist.world)
-    train_sampler = balanced or (
-        DistributedSampler(
+    train_sampler: EpochSampler | None = balanced
+    if balanced is None and dist.enabled:
+        train_sampler = DistributedSampler(
             datasets["train"], num_replicas=dist.world, rank=dist.rank, seed=train.seed, drop_last=True
         )
-        if dist.enabled
-        else None
-    )
     common = {"num_workers": data.num_workers, "device": dist.device}
     loaders = {
         "train": make_loader(
