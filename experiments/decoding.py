@@ -39,8 +39,9 @@ import torch
 from age_detect_resnet.data.sources import image_root
 from age_detect_resnet.data.splits import load_split
 from age_detect_resnet.evaluation.evaluate import evaluation_table, predict_images
-from age_detect_resnet.evaluation.metrics import age_group_label, age_group_order, interval_label_metrics
+from age_detect_resnet.evaluation.metrics import age_metrics, interval_label_metrics
 from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.heads import DistributionHead
 from age_detect_resnet.run_folder import RunFolder
 
 PHOTOS = Path("../shared/data/real_photos")
@@ -49,6 +50,7 @@ AGES = np.arange(101, dtype=np.float64)
 ALPHAS = (0.25, 0.5, 0.75, 1.0)
 PRIOR_SIGMA = 2.0
 FLAT_SHARE = 0.1
+MEDIAN_HEAD = DistributionHead(1)  # its quantiles alone: the readout of the models' intervals
 
 
 def training_prior(run: RunFolder) -> np.ndarray:
@@ -64,12 +66,9 @@ def training_prior(run: RunFolder) -> np.ndarray:
 
 
 def median(probs: np.ndarray) -> np.ndarray:
-    """The 0.5 quantile, class i spread evenly over [i - 0.5, i + 0.5] (as the head's intervals)."""
-    cdf = probs.cumsum(axis=1)
-    index = (cdf < 0.5).sum(axis=1).clip(max=100)
-    below = np.where(index > 0, cdf[np.arange(len(cdf)), (index - 1).clip(min=0)], 0.0)
-    mass = probs[np.arange(len(probs)), index].clip(min=1e-12)
-    return index - 0.5 + ((0.5 - below) / mass).clip(0, 1)
+    """The 0.5 quantile, class i spread evenly over [i - 0.5, i + 0.5], as the head's intervals are."""
+    logits = torch.from_numpy(np.log(probs.clip(min=1e-300)))
+    return MEDIAN_HEAD.quantiles(logits, torch.tensor([0.5]))[:, 0].double().numpy()
 
 
 def readouts(probs: np.ndarray, prior: np.ndarray) -> dict[str, np.ndarray]:
@@ -99,15 +98,13 @@ def outputs_of(
 
 
 def exact_scores(ages: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    groups = pd.Series([age_group_label(a) for a in ages])
-    errors = pd.Series(np.abs(predicted - ages))
-    per_group = errors.groupby(groups).mean()
-    per_group = per_group[sorted(per_group.index, key=age_group_order)]
+    metrics = age_metrics(ages, predicted)
+    per_group = {g: m["mae"] for g, m in metrics["groups"].items()}
     return {
-        "MAE": errors.mean(),
-        "balanced": per_group.mean(),
-        "signed": float(np.mean(predicted - ages)),
-        **{g: v for g, v in per_group.items()},
+        "MAE": metrics["mae"],
+        "balanced": float(np.mean(list(per_group.values()))),
+        "signed": metrics["mean_signed_error"],
+        **per_group,
     }
 
 

@@ -26,30 +26,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from age_detect_resnet.evaluation.metrics import age_group_label, age_group_order
+from age_detect_resnet.evaluation.metrics import age_metrics
 
 DEFAULT_VALUES = ("asian", "black", "indian", "white")
 
 
 def standardised(frame: pd.DataFrame, column: str, values: list[str]) -> pd.DataFrame:
     """Per value: faces, MAE, mean signed error and age-standardised signed error."""
-    frame = frame.assign(
-        group=[age_group_label(a) for a in frame["age"]], signed=frame["predicted"] - frame["age"]
-    )
-    shares = frame["group"].value_counts(normalize=True)
+    everyone = age_metrics(frame["age"], frame["predicted"])["groups"]
+    shares = {g: m["count"] / len(frame) for g, m in everyone.items()}
     rows = {}
     for value in values:
         part = frame[frame[column].astype(str) == value]
         if part.empty:
             continue
-        cells = part.groupby("group")["signed"].mean()
-        weights = shares[cells.index]
+        metrics = age_metrics(part["age"], part["predicted"])
+        cells = {g: m["mean_signed_error"] for g, m in metrics["groups"].items()}
+        weights = np.array([shares[g] for g in cells])
         rows[value] = {
             "faces": len(part),
-            "MAE": part["signed"].abs().mean(),
-            "signed": part["signed"].mean(),
-            "standardised signed": float(np.sum(cells * weights) / weights.sum()),
-            **{f"signed {g}": cells.get(g, np.nan) for g in sorted(shares.index, key=age_group_order)},
+            "MAE": metrics["mae"],
+            "signed": metrics["mean_signed_error"],
+            "standardised signed": float(np.dot(list(cells.values()), weights) / weights.sum()),
+            **{f"signed {g}": cells.get(g, np.nan) for g in shares},
         }
     return pd.DataFrame(rows).T
 
