@@ -2,7 +2,8 @@
 # Real-photo validation of a model (never training data): the shared studio portraits (exact ages) and
 # the in-the-wild FairFace sample (age groups), both uncropped, through the same detect -> align -> age
 # path as `predict`; plus the model's own UTKFace test split where it has a run folder. The photo sets'
-# errors are also broken down by head pose (frontal or turned sideways, from the detected landmarks).
+# errors are also broken down by head pose (frontal or turned sideways, from the detected landmarks), and
+# UTKFace's and the portraits' by gender and ethnicity (the portraits' also by expression).
 #   ./experiments/real_photos.sh MODEL OUT [extra evaluate options, e.g. --tta]
 # MODEL: a run folder, a .safetensors file or `default` (the bundled model). Reports land in OUT/.
 set -euo pipefail
@@ -13,9 +14,10 @@ shift 2
 photos=../shared/data/real_photos
 detector=(--detector yunet --detector-model ../shared/models/face_detection_yunet.onnx)
 if [ -f "$model/split.csv" ]; then
-    .venv/bin/age-detect evaluate --model "$model" --split test "${detector[@]}" --out "$out/utkface-test" "$@"
+    .venv/bin/age-detect evaluate --model "$model" --split test --by gender,ethnicity "${detector[@]}" \
+        --out "$out/utkface-test" "$@"
 fi
 .venv/bin/age-detect evaluate --model "$model" --dataset csv --data-root "$photos/portraits/labels.csv" \
-    --split all --detect --by head_pose "${detector[@]}" --out "$out/portraits" "$@"
+    --split all --detect --by head_pose,expression,gender,ethnicity "${detector[@]}" --out "$out/portraits" "$@"
 .venv/bin/age-detect evaluate --model "$model" --dataset csv --data-root "$photos/fairface/labels.csv" \
     --split all --detect --by head_pose "${detector[@]}" --out "$out/fairface" "$@"
