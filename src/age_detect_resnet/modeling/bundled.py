@@ -31,7 +31,7 @@ YUNET_MODEL = ASSETS / "face_detection_yunet.onnx"
 # The name that selects the bundled model wherever a model path is asked for.
 DEFAULT_MODEL_NAME = "default"
 # SHA-256 of the bundled age model's weights file (written by `write_bundled_model`).
-AGE_MODEL_SHA256 = "556efbbd1dacc3d0f133a1b5f31600933f41adbabac70d4451d6e6ace9716e87"
+AGE_MODEL_SHA256 = "d76be5fd17550e9eb0c0e4d69b50255c7595b34b70896a395f0333b294fe7dcd"
 
 
 class BundledModelError(RuntimeError):
