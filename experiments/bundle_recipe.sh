@@ -34,14 +34,16 @@ train() {
     fi
 }
 
+# kept RUN: true (and said) when OUT/RUN, made by `average` or `ensemble` in one go, is already there.
+kept() {
+    [ -f "$out/$1/best.json" ] && step "$out/$1: done, kept"
+}
+
 # average RUN A B WEIGHTS: A and B's weights averaged, batch-norm statistics recomputed, into OUT/RUN.
 average() {
-    if [ -f "$out/$1/best.json" ]; then
-        step "$out/$1: done, kept"
-    else
-        step "$out/$1: averaging $2 and $3 as $4"
-        "$cli" average "$out/$2" "$out/$3" --weights "$4" --detector-model "$yunet" --out "$out/$1"
-    fi
+    kept "$1" && return
+    step "$out/$1: averaging $2 and $3 as $4"
+    "$cli" average "$out/$2" "$out/$3" --weights "$4" --detector-model "$yunet" --out "$out/$1"
 }
 
 # third_stage NAME: 2 epochs in which 30% of the training faces are cut close round the face, from
@@ -69,13 +71,10 @@ for stage in "$@"; do
         third_stage mobilenet
         ;;
     ensemble)
-        if [ -f "$out/ensemble/best.json" ]; then
-            step "$out/ensemble: done, kept"
-        else
-            step "$out/ensemble: the two members 3:1 with mirror views"
-            "$cli" ensemble "$out/resnet-member" "$out/mobilenet-member" --weights 3,1 --mirror \
-                --detector yunet --detector-model "$yunet" --out "$out/ensemble"
-        fi
+        kept ensemble && continue
+        step "$out/ensemble: the two members 3:1 with mirror views"
+        "$cli" ensemble "$out/resnet-member" "$out/mobilenet-member" --weights 3,1 --mirror \
+            --detector yunet --detector-model "$yunet" --out "$out/ensemble"
         ;;
     *)
         echo "unknown stage '$stage': use resnet, mobilenet or ensemble" >&2
