@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+from age_detect_resnet import runtime
 from age_detect_resnet.cli import export as export_cli
 from age_detect_resnet.data.dataset import to_input_tensor
 from age_detect_resnet.evaluation.evaluate import evaluate_model
@@ -122,7 +123,7 @@ def test_onnx_predictor_finds_the_same_faces_and_ages_as_pytorch(onnx_file: Path
         assert abs(got[0].age - expected[0].age) < TOLERANCE, photo.name
 
 
-def test_distribution_model_exports_its_interval(utkface_sample: Path, tmp_path: Path):
+def test_distribution_model_exports_its_interval(utkface_sample: Path, tmp_path: Path, monkeypatch):
     weights = str(require(MOBILENET))
     run = train_tiny(
         utkface_sample,
@@ -150,14 +151,16 @@ def test_distribution_model_exports_its_interval(utkface_sample: Path, tmp_path:
     (reference,) = AgePredictor(runner=pytorch_fp32(model), metadata=model.metadata).predict_image(face)
     assert np.allclose(prediction.interval, reference.interval, atol=TOLERANCE, rtol=0)
 
-    # `evaluate --backend onnx` reports the export on the run's test split like the model itself.
+    # `evaluate --backend onnx` reports the export on the run's test split like the model itself. PyTorch
+    # in fp32 here: bf16 moves this 1-epoch model's interval bounds by up to ~0.9 years on some CPUs.
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
     as_model, _ = evaluate_model(run, split="test", out=tmp_path / "torch")
     as_export, report = evaluate_model(run, split="test", out=tmp_path / "onnx", backend="onnx")
     rows = [pd.read_csv(folder / "predictions.csv") for folder in (tmp_path / "torch", report)]
     assert rows[1]["path"].tolist() == rows[0]["path"].tolist() and len(rows[1]) == as_model["count"]
-    for column in ("predicted", "lower", "upper"):  # PyTorch evaluates in bf16 where the CPU has it
-        assert np.abs(rows[1][column] - rows[0][column]).max() < 0.5, column
-    assert as_export["mae"] == pytest.approx(as_model["mae"], abs=0.1)
+    for column in ("predicted", "lower", "upper"):  # the report rounds to 0.001 years
+        assert np.abs(rows[1][column] - rows[0][column]).max() < 0.02, column
+    assert as_export["mae"] == pytest.approx(as_model["mae"], abs=0.01)
     assert as_export["interval"]["nominal"] == as_model["interval"]["nominal"] == 0.8
     assert "on --backend onnx" in (report / "evaluation.md").read_text()
     with pytest.raises(ConfigError, match="--tta"):
