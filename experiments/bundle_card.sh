@@ -3,8 +3,9 @@
 # 25 min on 2 cores), so that a new bundle is measured on exactly what the one before was:
 #   ./experiments/bundle_card.sh MODEL RUN OUT
 # MODEL: what the photos go through, `default` (the bundled model) or a run folder.
-# RUN:   the float32 run folder MODEL was bundled from (or MODEL itself): its split.csv names UTKFace's test
-#        faces, which neither trained on; UTKFace's figures are RUN's, as the model card's are.
+# RUN:   the float32 run folder MODEL was bundled from (or MODEL itself; `default`: the bundle, whose run's
+#        split ships with it): its split names UTKFace's test faces, which neither trained on; UTKFace's
+#        figures are RUN's where MODEL has no split of its own (the bundle's are its own since 2026-12-07).
 # OUT:   reports land here, laid out as results/bundled-tight-cut (the bundle of 2026-12-06) is.
 # Speed is not measured here: it needs the machine to itself (`python benchmarks/bench_photos.py`).
 set -euo pipefail
@@ -23,8 +24,9 @@ step() { echo "== $(date +%H:%M:%S) $*" >&2; }
 
 step "accuracy: UTKFace's test split (RUN), the portraits and FairFace (MODEL)"
 ./experiments/real_photos.sh "$model" "$out"
-if [ ! -f "$model/split.csv" ]; then
-    "$cli" evaluate --model "$run" --split test --by gender,ethnicity "${detector[@]}" --out "$out/utkface-test"
+if [ ! -f "$model/split.csv" ] && [ "$model" != default ]; then
+    "$cli" evaluate --model "$run" --split test --data-root "$utkface" --by gender,ethnicity "${detector[@]}" \
+        --out "$out/utkface-test"
 fi
 "$py" experiments/ethnic_bias.py "UTKFace test=$out/utkface-test" > "$out/ethnic-bias-utkface-test.md"
 "$py" experiments/ethnic_bias.py "portraits=$out/portraits" --values white black east_asian west_asian \

@@ -21,7 +21,7 @@ from rotation import SHARED, cut  # the one cut of the robustness figures
 
 from age_detect_resnet.data.splits import load_split
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.run_folder import RunFolder
+from age_detect_resnet.run_folder import SavedSplit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         "--photos", type=Path, default=SHARED / "data" / "utkface", help="the run's data root"
     )
     parser.add_argument(
-        "--test-of", type=Path, required=True, help="run folder whose split.csv names the test photos"
+        "--test-of",
+        type=Path,
+        required=True,
+        help="run folder whose split.csv names the test photos, or default: the bundled model's",
     )
     parser.add_argument(
         "--split", choices=("test", "val"), default="test", help="the run's split whose photos are copied"
@@ -42,10 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.1 <= args.share <= 1.0:
         parser.error(f"--share must be between 0.1 and 1, got {args.share}")
-    split_file = RunFolder(args.test_of).split
-    if not split_file.is_file():
-        parser.error(f"{split_file} does not exist: --test-of needs a run folder with its split.csv")
-    test = load_split(split_file, args.photos).split(args.split).iloc[:: max(1, args.every)]
+    saved = SavedSplit.of(args.test_of)
+    if saved is None:
+        parser.error(
+            f"{args.test_of} saved no split: --test-of needs a run folder with a split.csv, or default"
+        )
+    test = load_split(saved.path, args.photos).split(args.split).iloc[:: max(1, args.every)]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path, age in zip(test["path"], test["age"], strict=True):

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     exact, val_rows = {}, {}
     for split in ("val", "test"):
         table, root, _ = evaluation_table(
-            run,
+            run.saved_split(),
             dataset=None,
             data_root=None,
             meta=None,

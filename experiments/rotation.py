@@ -40,7 +40,6 @@ from PIL import Image
 
 from age_detect_resnet.cli.predict import expand_inputs
 from age_detect_resnet.data.dataset import pixels_to_input
-from age_detect_resnet.data.splits import load_split
 from age_detect_resnet.faces.detection import (
     PREVIOUS_YUNET_SETTINGS,
     SMALL_FACES_LOOK_SETTINGS,
@@ -50,7 +49,7 @@ from age_detect_resnet.faces.detection import (
 )
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_trained_model
-from age_detect_resnet.run_folder import RunFolder
+from age_detect_resnet.run_folder import SavedSplit
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 DETECTORS = {
@@ -68,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--test-of",
         type=Path,
-        help="a run folder: only the photos of its test split (split.csv, paths relative to --photos), "
-        "which a model trained on that split has not seen",
+        help="a run folder, or default (the bundled model's split): only the photos of its test split "
+        "(split.csv, paths relative to --photos), which a model trained on that split has not seen",
     )
     parser.add_argument(
         "--angles", type=float, nargs="*", default=[20.0], help="degrees, each turned both ways"
@@ -214,15 +213,15 @@ def jpeg(image: Image.Image, quality: int) -> Changed:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), lambda x, y: (x, y)
 
 
-def test_photos(photos: list, root: Path, run: Path, parser: argparse.ArgumentParser) -> list:
-    """The photos listed in the test split of `run`'s split.csv (paths relative to `root`)."""
-    split_file = RunFolder(run).split
-    if not split_file.is_file():
-        parser.error(f"{split_file} does not exist: --test-of needs a run folder with its split.csv")
-    tested = {(root / path).resolve() for path in load_split(split_file, root).split("test")["path"]}
+def test_photos(photos: list, root: Path, model: Path, parser: argparse.ArgumentParser) -> list:
+    """The photos listed in the test split `model` was trained with (paths relative to `root`)."""
+    saved = SavedSplit.of(model)
+    if saved is None:
+        parser.error(f"{model} saved no split: --test-of needs a run folder with its split.csv, or default")
+    tested = {(root / path).resolve() for path in saved.paths("test")}
     kept = [photo for photo in photos if Path(photo).resolve() in tested]
     if not kept:
-        parser.error(f"none of the photos in {root} is in the test split of {split_file}")
+        parser.error(f"none of the photos in {root} is in the test split of {saved.owner}")
     return kept
 
 

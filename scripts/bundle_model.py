@@ -2,9 +2,10 @@
 
     .venv/bin/python scripts/bundle_model.py runs/utkface-aligned-dldl
 
-Writes src/age_detect_resnet/assets/age_model.safetensors (fp16 backbone weights) + .json, checks that
-the bundle gives the run's ages on its own validation faces, and prints the SHA-256 to pin as
-`AGE_MODEL_SHA256` in src/age_detect_resnet/bundled.py.
+Writes src/age_detect_resnet/assets/age_model.safetensors (fp16 backbone weights) + .json and the run's
+split beside it (age_model_split.csv.gz: the faces it never saw, for `evaluate --split test`), checks that
+the bundle gives the run's ages on its own validation faces, and prints the SHA-256s to pin as
+`AGE_MODEL_SHA256` and `AGE_MODEL_SPLIT_SHA256` in src/age_detect_resnet/modeling/bundled.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main(run: str) -> int:
     difference = np.abs(ages[0] - ages[1])
     size = bundled.AGE_MODEL.stat().st_size / 1e6
     print(f"{bundled.AGE_MODEL}: {size:.1f} MB, sha256 {metadata['sha256']}")
+    print(f"{bundled.AGE_MODEL_SPLIT}: sha256 {metadata['split_sha256']}")
     print(
         f"fp16 bundle vs the run on {len(batch)} validation faces: "
         f"mean |age diff| {difference.mean():.3f} y, "

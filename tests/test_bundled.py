@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,8 @@ def tiny_bundle(tiny_run, tmp_path, monkeypatch):
     metadata = bundled.write_bundled_model(tiny_run, target)
     monkeypatch.setattr(bundled, "AGE_MODEL", target)
     monkeypatch.setattr(bundled, "AGE_MODEL_SHA256", metadata["sha256"])
+    monkeypatch.setattr(bundled, "AGE_MODEL_SPLIT", bundled.split_file_of(target))
+    monkeypatch.setattr(bundled, "AGE_MODEL_SPLIT_SHA256", metadata["split_sha256"])
     return target
 
 
@@ -249,6 +252,90 @@ def test_init_starts_from_the_trained_model(tiny_run, utkface_sample, tmp_path):
     assert head and not all(np.allclose(trained[k].numpy(), started[k].numpy(), atol=1e-3) for k in head)
 
 
+def test_the_bundle_is_evaluated_on_the_faces_its_run_never_saw(tiny_run, tiny_bundle, tmp_path, caplog):
+    """The bundle carries its run's split: `evaluate --split test` judges it on the faces it never saw,
+    in the user's copy of the dataset; on the whole dataset a warning counts the faces it trained on."""
+    from age_detect_resnet.cli.evaluate import main as evaluate_main
+
+    root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
+    split = pd.read_csv(tiny_run / "split.csv")
+    common = ["--num-workers", "0", "--device", "cpu"]
+    assert evaluate_main(["--split", "test", *common]) == 2  # no folder given: say which dataset
+    assert "the bundled model was trained on utkface: pass --data-root" in caplog.text
+    caplog.clear()
+    assert evaluate_main(["--split", "test", "--data-root", str(tmp_path), *common]) == 2
+    held_out = int((split["split"] == "test").sum())
+    assert f"of the {held_out} test images of the bundled model are not in" in caplog.text
+    out = tmp_path / "test"
+    assert evaluate_main(["--split", "test", "--data-root", root, "--out", str(out), *common]) == 0
+    tested = pd.read_csv(out / "predictions.csv")
+    assert sorted(tested["path"]) == sorted(split.loc[split["split"] == "test", "path"])
+    run_mae = json.loads((tiny_run / "evaluation.json").read_text())["metrics"]["mae"]
+    mae = json.loads((out / "evaluation.json").read_text())["metrics"]["mae"]
+    assert mae == pytest.approx(run_mae, abs=0.5)  # fp16 weights
+    caplog.clear()
+    whole = tmp_path / "all"
+    args = ["--split", "all", "--dataset", "utkface", "--data-root", root, "--out", str(whole), *common]
+    assert evaluate_main(args) == 0
+    trained = int((split["split"] == "train").sum())
+    assert f"{trained} of the " in caplog.text
+    assert "images evaluated are ones the bundled model trained on" in caplog.text
+    document = json.loads((whole / "evaluation.json").read_text())
+    assert document["images the model trained on"] == trained
+
+
+def test_the_bundles_export_is_checked_on_its_held_out_faces(tiny_run, tiny_bundle, tmp_path):
+    pytest.importorskip("onnxscript")
+    from age_detect_resnet.cli.export import main as export_main
+
+    root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
+    split = pd.read_csv(tiny_run / "split.csv")
+    out = tmp_path / "bundle.onnx"
+    assert export_main(["--model", "default", "--out", str(out), "--data-root", root]) == 0
+    check = json.loads(out.with_suffix(".json").read_text())["check"]
+    assert check["images"] == "real" and check["count"] == (split["split"] == "test").sum()
+    assert export_main(["--model", "default", "--out", str(out)]) == 0  # no folder: random pixels
+    assert json.loads(out.with_suffix(".json").read_text())["check"]["images"] == "random"
+
+
+def test_a_damaged_bundled_split_is_refused(tiny_run, tiny_bundle, caplog):
+    from age_detect_resnet.cli.evaluate import main as evaluate_main
+
+    split = bundled.AGE_MODEL_SPLIT
+    split.write_bytes(split.read_bytes()[:-4] + b"\0\0\0\0")
+    root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
+    assert evaluate_main(["--split", "test", "--data-root", root, "--num-workers", "0"]) == 2
+    assert "reinstall" in caplog.text
+
+
+def test_an_ensemble_refuses_the_bundle_as_a_member_where_it_trained_on_the_held_out_faces(
+    tiny_run, tiny_bundle, tmp_path
+):
+    from age_detect_resnet.run_folder import RunFolder
+    from age_detect_resnet.training.combined_run import check_held_out
+    from age_detect_resnet.training.config import ConfigError
+
+    calibration = tmp_path / "calibration"
+    shutil.copytree(tiny_run, calibration)
+    check_held_out(["default"], RunFolder(calibration))  # the bundle's own split: nothing seen
+    split = pd.read_csv(calibration / "split.csv")
+    split.loc[split.index[split["split"] == "train"][:2], "split"] = "test"
+    split.to_csv(calibration / "split.csv", index=False)
+    with pytest.raises(ConfigError, match="default trained on 2 of the validation and test images"):
+        check_held_out(["default"], RunFolder(calibration))
+
+
+def test_init_warns_where_the_model_trained_on_the_new_runs_held_out_faces(tiny_run, tmp_path, caplog):
+    """Fine-tuning from a model on its own dataset: held-out faces it trained on would flatter the run's
+    MAE, so training says so; on the same split, nothing to say."""
+    root = Path(json.loads((tiny_run / "config.json").read_text())["data"]["data_root"])
+    warning = f"--init {tiny_run} trained on"
+    train_tiny(root, tmp_path / "same", "--init", str(tiny_run), "--epochs", "1")
+    assert warning not in caplog.text
+    train_tiny(root, tmp_path / "other", "--init", str(tiny_run), "--epochs", "1", "--split-seed", "1")
+    assert warning in caplog.text and "validation and test images" in caplog.text
+
+
 def test_the_shipped_bundle_is_pinned_and_loads():
     assert bundled.AGE_MODEL_SHA256, "bundled.py must pin the SHA-256 of the shipped model"
     assert bundled.AGE_MODEL.stat().st_size < 60e6  # the issue's size budget
@@ -261,6 +348,12 @@ def test_the_shipped_bundle_is_pinned_and_loads():
     faces = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
     with torch.inference_mode():
         torch.testing.assert_close(model.predict_ages(faces), model.predict_ages(faces.flip(-1)))
+    # its run's split ships with it: the UTKFace faces it trained on and the 2 x 2,309 it never saw
+    split = bundled.bundled_split()
+    assert split.dataset == model.metadata["dataset"] == "utkface"
+    assert len(split.paths("train")) == model.metadata["train_images"] == 18475
+    assert len(split.paths("val")) == len(split.paths("test")) == 2309
+    assert not split.paths("train") & split.paths("val", "test")
 
 
 @pytest.mark.parametrize("name", ["biden.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg", "astronaut.png"])
@@ -315,6 +408,7 @@ def test_the_crop_experiment_can_keep_to_a_runs_test_split(tiny_bundle, capsys, 
     assert "split.csv" in capsys.readouterr().err
     rows = [f"{names[0]},50,,test", f"{names[1]},50,,train"]
     (run / "split.csv").write_text("path,age,person_id,split\n" + "\n".join(rows) + "\n")
+    (run / "config.json").write_text(json.dumps({"data": {"dataset": "csv", "data_root": "x.csv"}}))
     assert tool.main(["--model", str(tiny_bundle), *photos, *changes]) == 0
     out = capsys.readouterr().out
     assert "1 photos cut to the central 0.7 of their size" in out, out  # the test photo alone

@@ -11,11 +11,14 @@
         age_model.onnx, age_model.torchscript.pt + .json   exports of `age-detect export`
 
 Training writes it; evaluate, export, predict and serve find a run's parts through `RunFolder.of`.
+`SavedSplit.of` finds which images a model trained on and which it never saw: its run's split.csv, or
+for the bundled model the copy of its run's split shipped beside it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,16 +119,62 @@ class RunFolder:
         """The [data] section of config.json ({} where it has none)."""
         return self.saved_config.get("data", {})
 
-    def load_split(self) -> PreparedData:
-        """The run's images with their splits, rooted where config.json says its data lives."""
-        from age_detect_resnet.data.sources import image_root
-        from age_detect_resnet.data.splits import load_split
-
+    def saved_split(self) -> SavedSplit:
+        """The run's split.csv, of the dataset config.json names (RunFolderError where either is missing)."""
         if not self.split.is_file():
             raise RunFolderError(f"{self.split} does not exist: the run saved no split")
         data = self.data_settings
         try:
-            root = image_root(data["dataset"], Path(data["data_root"]))
+            return SavedSplit(self.split, data["dataset"], Path(data["data_root"]), str(self.path))
         except KeyError as err:
             raise RunFolderError(f"{self.config} names no dataset and data root") from err
-        return load_split(self.split, root)
+
+    def load_split(self) -> PreparedData:
+        """The run's images with their splits, rooted where config.json says its data lives."""
+        return self.saved_split().load()
+
+
+@dataclass(frozen=True)
+class SavedSplit:
+    """Which images of a dataset a model trained on and which it never saw: a split.csv (path, age,
+    person_id, split; paths relative to the dataset's folder) and the dataset it is of. `data_root` is
+    where the images were, where known (a run's config.json); the bundled model's split travels without
+    one, so the user names the folder."""
+
+    path: Path
+    dataset: str
+    data_root: Path | None
+    owner: str  # the model it belongs to, for messages: a run folder, or "the bundled model"
+
+    @classmethod
+    def of(cls, model: Path | str | None) -> SavedSplit | None:
+        """The split `model` was trained with: its run's, the bundled model's (`default`), or None for a
+        loose file or a run that saved none."""
+        from age_detect_resnet.modeling.bundled import BundledModelError, bundled_split, is_default
+
+        if is_default(model):
+            try:
+                return bundled_split()
+            except BundledModelError as err:  # a damaged installation: a user error, said in one line
+                raise RunFolderError(str(err)) from err
+        run = RunFolder.of(model)
+        return run.saved_split() if run is not None and run.split.is_file() else None
+
+    def load(self, data_root: Path | str | None = None) -> PreparedData:
+        """Every image of the split with its split name, rooted at `data_root` (else where they were)."""
+        from age_detect_resnet.data.sources import image_root
+        from age_detect_resnet.data.splits import load_split
+
+        root = data_root if data_root is not None else self.data_root
+        if root is None:
+            raise RunFolderError(
+                f"{self.owner} was trained on {self.dataset}: pass --data-root with that dataset's folder"
+            )
+        return load_split(self.path, image_root(self.dataset, Path(root)))
+
+    def paths(self, *splits: str) -> set[str]:
+        """The images of the named splits, as paths relative to the dataset's folder."""
+        import pandas as pd
+
+        table = pd.read_csv(self.path, usecols=["path", "split"], dtype={"path": str})
+        return set(table.loc[table["split"].isin(splits), "path"])

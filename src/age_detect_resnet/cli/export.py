@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "calibrate) to check the export on (default: the run's test images where they are on this "
         "machine, int8 calibrated on its validation images; else random pixels)",
     )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        help="the folder of the dataset the model's split names (default: the run's; the bundled model's "
+        "split is of UTKFace: your copy of it), for the check on its test and validation faces",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,14 +77,19 @@ def run(args: argparse.Namespace) -> int:
         check_images = args.check_images
         calibration_images = None
         if not check_images:  # the run's held-out faces, labelled; int8 calibrates on validation faces
-            check_ages = run_split_images(args.model, "test", limit=INT8_CHECK_IMAGES if int8 else 32)
+            test_limit = INT8_CHECK_IMAGES if int8 else 32
+            check_ages = run_split_images(args.model, "test", limit=test_limit, data_root=args.data_root)
             check_images = list(check_ages)
             if int8:
-                calibration_images = list(run_split_images(args.model, "val", limit=INT8_CALIBRATION_IMAGES))
+                calibration = run_split_images(
+                    args.model, "val", limit=INT8_CALIBRATION_IMAGES, data_root=args.data_root
+                )
+                calibration_images = list(calibration)
         if not check_images:
             log.warning(
                 "checking the export on random pixels: the run's test images are not on this machine; "
-                "pass --check-images with a folder of face crops to check it on real faces"
+                "pass --check-images with a folder of face crops to check it on real faces (or, for the "
+                "bundled model, --data-root with your copy of UTKFace)"
             )
         metadata = export_model(
             model,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from age_detect_resnet.data.dataset import AgeDataset, FileImages, make_loader
 from age_detect_resnet.data.sources import check_columns, dataset_at, image_root, load_table, with_columns
-from age_detect_resnet.data.splits import PreparedData, load_split
+from age_detect_resnet.data.splits import PreparedData
 from age_detect_resnet.evaluation.groups import group_errors
 from age_detect_resnet.evaluation.report import (
     evaluation_metrics,
@@ -41,7 +41,7 @@ from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.modeling.heads import AgeHead, create_head
 from age_detect_resnet.modeling.model import AgeModel
-from age_detect_resnet.run_folder import RunFolder
+from age_detect_resnet.run_folder import RunFolder, SavedSplit
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
 from age_detect_resnet.training.config import ConfigError
 from age_detect_resnet.training.engine import Predictions, evaluate
@@ -54,7 +54,7 @@ SAVED_SPLITS = ("test", "val")
 
 
 def evaluation_table(
-    run: RunFolder | None,
+    saved: SavedSplit | None,
     *,
     dataset: str | None,
     data_root: str | Path | None,
@@ -65,30 +65,60 @@ def evaluation_table(
     max_age: float,
     limit: int | None,
 ) -> tuple[pd.DataFrame, Path, str]:
-    """The images to evaluate, their root folder, and the dataset's name (the run's where not given)."""
-    saved = run.data_settings if run else {}
+    """The images to evaluate, their root folder, and the dataset's name (the model's where not given).
+    `saved` is the split the model was trained with (`SavedSplit.of`): `split` test or val evaluates its
+    held-out images; with "all" on its own dataset, the images it trained on are counted in `trained_on`
+    of the table's attrs, and a warning says how many."""
     if dataset is None and data_root is not None and meta is None:
-        dataset = dataset_at(Path(data_root), saved.get("dataset"))
-    dataset = dataset or saved.get("dataset")
-    data_root = Path(data_root or saved.get("data_root", "data/raw"))
+        dataset = dataset_at(Path(data_root), saved.dataset if saved else None)
+    dataset = dataset or (saved.dataset if saved else None)
     if dataset is None:
         raise ConfigError("--dataset is needed: the model has no run folder to take it from")
+    own_dataset = saved is not None and dataset == saved.dataset
     if split in SAVED_SPLITS:
-        same_dataset = run is not None and dataset == saved.get("dataset")
-        if not same_dataset or not run.split.is_file():
+        if not own_dataset:
             raise ConfigError(
-                f"--split {split} needs the model's run folder and its own dataset (the run's splits are "
-                "saved there as split.csv); for another dataset use --split all"
+                f"--split {split} needs the split the model was trained with (a run folder's split.csv, or "
+                "the bundled model's) and its own dataset; for another dataset use --split all"
             )
-        prepared: PreparedData = load_split(run.split, image_root(dataset, data_root))
-        images = with_columns(prepared.split(split), by, dataset, data_root, meta)
+        prepared: PreparedData = saved.load(data_root)
+        data_root = data_root if data_root is not None else saved.data_root  # not None: load checked it
+        images = prepared.split(split)
+        missing = [path for path in images["path"] if not (prepared.root / path).is_file()]
+        if missing:
+            raise ConfigError(
+                f"{len(missing):,} of the {len(images):,} {split} images of {saved.owner} are not in "
+                f"{prepared.root} (e.g. {missing[0]}): pass --data-root with the {dataset} folder it "
+                "was trained on"
+            )
+        images = with_columns(images, by, dataset, Path(data_root), meta)
         return images, prepared.root, dataset
+    data_root = Path(data_root or (saved.data_root if own_dataset else None) or "data/raw")
     table, root = load_table(dataset, data_root, meta=Path(meta) if meta else None)
     check_columns(by, set(table.columns), data_root)
     table = table[table["age"].between(min_age, max_age)]
     if limit is not None:
         table = table.sample(min(limit, len(table)), random_state=0)
-    return table.reset_index(drop=True), root, dataset
+    table = table.reset_index(drop=True)
+    # The same dataset in the same folder (or, for the bundled model, whose folder is unknown, by name)
+    same_images = own_dataset and (
+        saved.data_root is None or image_root(dataset, saved.data_root).resolve() == root.resolve()
+    )
+    if same_images:
+        trained_on = int(table["path"].astype(str).isin(saved.paths("train")).sum())
+        table.attrs["trained_on"] = trained_on
+        if trained_on:
+            held_out = len(saved.paths("test"))
+            log.warning(
+                "%s of the %s images evaluated are ones %s trained on, so their errors flatter it: "
+                "--split test evaluates it on the %s %s images it never saw",
+                f"{trained_on:,}",
+                f"{len(table):,}",
+                saved.owner,
+                f"{held_out:,}",
+                dataset,
+            )
+    return table, root, dataset
 
 
 # Attributes of each photo that detection finds rather than the labels give (`--by head_pose`):
@@ -258,7 +288,7 @@ def evaluate_model(
     if detected and not (detect or is_aligned(metadata)):
         raise ConfigError(f"--by {', '.join(detected)} is found by the face detector: add --detect")
     table, root, dataset = evaluation_table(
-        run,
+        SavedSplit.of(model_path),
         dataset=dataset,
         data_root=data_root,
         meta=meta,
@@ -270,6 +300,7 @@ def evaluate_model(
     )
     if table.empty:
         raise ConfigError("no images to evaluate (check --data-root and the age range)")
+    trained_on = table.attrs.get("trained_on")
     # person_id too: the error of two photos of one person is one draw for the groups' intervals
     by = list(by)
     by_columns_kept = [*by, "person_id"] if by else []
@@ -304,6 +335,8 @@ def evaluate_model(
         "test-time flip": tta,
         "unreadable images skipped": len(table) - len(frame),
     }
+    if trained_on is not None:
+        extra["images the model trained on"] = trained_on
     if detect or is_aligned(metadata):
         found = table["face_found"].iloc[indices]
         frame["face_found"] = found.to_numpy()

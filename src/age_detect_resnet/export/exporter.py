@@ -136,7 +136,8 @@ def export_model(
     if quantize == "int8" and (fmt != "onnx" or not check_images):
         raise ExportError(
             "--quantize int8 needs --format onnx and real face crops to calibrate the quantisation and "
-            "check its ages: pass --check-images FOLDER (or export from a run whose test images are here)"
+            "check its ages: pass --check-images FOLDER (or export from a run whose test images are here; "
+            "for the bundled model, --data-root with your copy of UTKFace)"
         )
     out = Path(out)
     meta = metadata_path(out)

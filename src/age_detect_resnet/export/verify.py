@@ -18,7 +18,7 @@ from age_detect_resnet.inference.backends import AgeRunner
 from age_detect_resnet.inference.predictor import face_crop_input
 from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.modeling.model import AgeModel
-from age_detect_resnet.run_folder import RunFolder, RunFolderError
+from age_detect_resnet.run_folder import RunFolderError, SavedSplit
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,17 +79,21 @@ def check_batch(
     return torch.stack(tensors), used
 
 
-def run_split_images(model_path: Path, split: str = "test", *, limit: int = 32) -> dict[Path, float]:
-    """Up to `limit` images of a split saved with the model's run, with their ages, where its data is
-    on this machine: the default check is then on labelled real faces the model never trained on."""
-    run = RunFolder.of(model_path)
-    if run is None:
-        return {}
+def run_split_images(
+    model_path: Path, split: str = "test", *, limit: int = 32, data_root: Path | None = None
+) -> dict[Path, float]:
+    """Up to `limit` images of a split the model was trained with (its run's, or the bundled model's),
+    with their ages, where its data is on this machine (in `data_root`, else where the run found it; the
+    bundled model's split knows no folder): the default check is then on labelled real faces the model
+    never trained on."""
     try:
-        rows = (prepared := run.load_split()).split(split)
+        saved = SavedSplit.of(model_path)
+        if saved is None:
+            return {}
+        rows = (prepared := saved.load(data_root)).split(split)
         labelled = [(prepared.root / p, float(a)) for p, a in zip(rows["path"], rows["age"], strict=True)]
     except (OSError, RunFolderError, KeyError, ValueError) as err:  # not this machine's data
-        log.debug("no %s images of %s: %s", split, run, err)
+        log.debug("no %s images of %s: %s", split, model_path, err)
         return {}
     return {path: age for path, age in evenly_spaced(labelled, limit) if path.is_file()}
 

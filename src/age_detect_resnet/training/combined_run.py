@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from age_detect_resnet.data.sources import image_root
@@ -24,7 +23,7 @@ from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.averaging import average_models, mixture_weights
 from age_detect_resnet.modeling.ensemble import AgeEnsemble
 from age_detect_resnet.modeling.norm_statistics import recompute_norm_statistics
-from age_detect_resnet.run_folder import RunFolder
+from age_detect_resnet.run_folder import RunFolder, SavedSplit
 from age_detect_resnet.training.config import ConfigError, resolve_config
 from age_detect_resnet.training.distributed import Distributed
 from age_detect_resnet.training.loaders import build_loaders
@@ -78,7 +77,7 @@ def training_images(run: RunFolder, *, num_workers: int, seed: int = 0) -> Itera
 def _validation_table(calibration: RunFolder) -> tuple[Any, Path]:
     """The validation images of `calibration` (ConfigError if there are none) and their folder."""
     table, root, _ = evaluation_table(
-        calibration,
+        calibration.saved_split(),
         dataset=None,
         data_root=None,
         meta=None,
@@ -205,12 +204,11 @@ def write_averaged_run(
 def check_held_out(models: Sequence[str | Path], calibration: RunFolder) -> None:
     """Refuse an ensemble member that trained on images of the calibration run's validation or test split
     (ConfigError): the ensemble is calibrated, and its test MAE measured, on them. A member without a
-    split beside it (the bundled model, a loose file) cannot be checked: a warning says so."""
-    split = pd.read_csv(calibration.split, usecols=["path", "split"])
-    held_out = set(split.loc[split["split"].isin(["val", "test"]), "path"])
+    saved split (a loose file) cannot be checked: a warning says so."""
+    held_out = calibration.saved_split().paths("val", "test")
     for model in models:
-        run = RunFolder.of(model)
-        if run is None or not run.split.is_file():
+        saved = SavedSplit.of(model)
+        if saved is None:
             log.warning(
                 "%s has no split.csv beside it: make sure it never trained on the validation and test "
                 "images of %s",
@@ -218,8 +216,7 @@ def check_held_out(models: Sequence[str | Path], calibration: RunFolder) -> None
                 calibration.path,
             )
             continue
-        own = pd.read_csv(run.split, usecols=["path", "split"])
-        seen = held_out & set(own.loc[own["split"] == "train", "path"])
+        seen = held_out & saved.paths("train")
         if seen:
             raise ConfigError(
                 f"{model} trained on {len(seen):,} of the validation and test images of "
