@@ -25,13 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="default", help="run folder, its best.safetensors, or default: the bundled model"
     )
     parser.add_argument("--dataset", choices=DATASETS, help="default: the run's dataset")
-    parser.add_argument("--data-root", help="default: the run's data root")
+    parser.add_argument(
+        "--data-root",
+        help="default: the run's data root (the bundled model's split is of UTKFace: name your copy)",
+    )
     parser.add_argument("--meta", help="imdb-wiki: a metadata CSV built by build-meta")
     parser.add_argument(
         "--split",
         choices=(*evaluate.SAVED_SPLITS, "all"),
         default="test",
-        help="test or val: the run's saved test or validation split; all: every image of the dataset",
+        help="test or val: the test or validation split the model was trained with (its run's split.csv, or "
+        "the bundled model's); all: every image of the dataset",
     )
     parser.add_argument("--out", help="report folder (default: <run>/eval-<dataset>-<split>)")
     parser.add_argument("--min-age", type=float, default=0, help="--split all: youngest age evaluated")

@@ -2,6 +2,7 @@
 
     age-detect evaluate --model runs/NAME                                  # the run's saved test split
     age-detect evaluate --model runs/NAME --split val                      # ... or validation split
+    age-detect evaluate --split test --data-root UTKFace/                  # the bundled model's test split
     age-detect evaluate --model runs/NAME --dataset csv --data-root other.csv --split all
     age-detect evaluate --model runs/NAME --dataset csv --data-root photos.csv --split all --detect
     age-detect evaluate --model runs/NAME --by gender,ethnicity            # error per group of people
