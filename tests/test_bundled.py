@@ -294,8 +294,20 @@ def test_the_bundles_export_is_checked_on_its_held_out_faces(tiny_run, tiny_bund
     assert export_main(["--model", "default", "--out", str(out), "--data-root", root]) == 0
     check = json.loads(out.with_suffix(".json").read_text())["check"]
     assert check["images"] == "real" and check["count"] == (split["split"] == "test").sum()
+    # The export carries the bundle's split: evaluated as deployed, on the faces the bundle never saw.
+    from age_detect_resnet.cli.evaluate import main as evaluate_main
+
+    report = tmp_path / "as-deployed"
+    args = ["--model", str(out), "--backend", "onnx", "--split", "test", "--data-root", root]
+    assert evaluate_main([*args, "--out", str(report), "--num-workers", "0"]) == 0
+    tested = pd.read_csv(report / "predictions.csv")["path"]
+    assert sorted(tested) == sorted(split.loc[split["split"] == "test", "path"])
     assert export_main(["--model", "default", "--out", str(out)]) == 0  # no folder: random pixels
     assert json.loads(out.with_suffix(".json").read_text())["check"]["images"] == "random"
+    # An export of another model is not the bundle's: no split to evaluate on.
+    other = tmp_path / "other.onnx"
+    assert export_main(["--model", str(tiny_run), "--out", str(other)]) == 0
+    assert evaluate_main(["--model", str(other), *args[2:]]) == 2
 
 
 def test_a_damaged_bundled_split_is_refused(tiny_run, tiny_bundle, caplog):

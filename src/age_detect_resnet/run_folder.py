@@ -148,17 +148,24 @@ class SavedSplit:
 
     @classmethod
     def of(cls, model: Path | str | None) -> SavedSplit | None:
-        """The split `model` was trained with: its run's, the bundled model's (`default`), or None for a
-        loose file or a run that saved none."""
-        from age_detect_resnet.modeling.bundled import BundledModelError, bundled_split, is_default
+        """The split `model` was trained with: its run's, the bundled model's (`default`, or a file
+        exported from it), or None for a loose file or a run that saved none."""
+        from age_detect_resnet.modeling.bundled import (
+            AGE_MODEL_SHA256,
+            BundledModelError,
+            bundled_split,
+            is_default,
+        )
 
-        if is_default(model):
-            try:
-                return bundled_split()
-            except BundledModelError as err:  # a damaged installation: a user error, said in one line
-                raise RunFolderError(str(err)) from err
-        run = RunFolder.of(model)
-        return run.saved_split() if run is not None and run.split.is_file() else None
+        run = None if is_default(model) else RunFolder.of(model)
+        if run is not None and run.split.is_file():
+            return run.saved_split()
+        if not (is_default(model) or exported_from(Path(model)) == AGE_MODEL_SHA256):
+            return None
+        try:
+            return bundled_split()
+        except BundledModelError as err:  # a damaged installation: a user error, said in one line
+            raise RunFolderError(str(err)) from err
 
     def load(self, data_root: Path | str | None = None) -> PreparedData:
         """Every image of the split with its split name, rooted at `data_root` (else where they were)."""
@@ -178,3 +185,15 @@ class SavedSplit:
 
         table = pd.read_csv(self.path, usecols=["path", "split"], dtype={"path": str})
         return set(table.loc[table["split"].isin(splits), "path"])
+
+
+def exported_from(path: Path) -> str | None:
+    """The SHA-256 of the model an exported file (`age-detect export`: its metadata .json beside it) was
+    made from, or None for anything else."""
+    if path.suffix == ".json" or not path.is_file():
+        return None
+    try:
+        source = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["source"]
+        return source["sha256"] if isinstance(source, dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
