@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -165,6 +166,24 @@ def test_split_seed_keeps_one_split_across_training_seeds(utkface_sample):
     reference = split_of(seed=0)
     assert not split_of(seed=1).equals(reference)  # the seed alone moves faces between the splits
     pd.testing.assert_frame_equal(split_of(seed=1, split_seed=0), reference)
+
+
+def test_train_share_draws_from_the_training_split_alone(tmp_path):
+    """A learning curve's runs: a share of the training faces, drawn within each age, and the very same
+    validation and test faces."""
+    from age_detect_resnet.data.splits import keep_training_share
+
+    ages = np.repeat(np.arange(20, 40), 20)  # 20 ages, 20 faces each
+    table = pd.DataFrame({"path": [f"{i}.jpg" for i in range(len(ages))], "age": ages})
+    table["split"] = np.where(np.arange(len(ages)) % 5 == 0, "test", "train")
+    kept = keep_training_share(table, 0.5, seed=0)
+    pd.testing.assert_frame_equal(kept[kept["split"] == "test"], table[table["split"] == "test"])
+    train = kept[kept["split"] == "train"]
+    assert (train.groupby("age").size() == 8).all()  # half of each age's 16 training faces
+    assert keep_training_share(table, 0.5, seed=0).equals(kept)  # seeded
+    assert not keep_training_share(table, 0.5, seed=1).equals(kept)
+    with pytest.raises(ConfigError, match="train_share"):
+        resolve_config(None, {"train_share": 0})
 
 
 def test_the_seed_defaults():

@@ -37,6 +37,7 @@ class SplitSettings(Protocol):
     val_fraction: float
     test_fraction: float
     limit: int | None
+    train_share: float
 
 
 @dataclass
@@ -76,9 +77,22 @@ def prepare_splits(data: SplitSettings, *, seed: int) -> PreparedData:
             table, val_fraction=data.val_fraction, test_fraction=data.test_fraction, seed=seed
         )
     )
+    if data.train_share < 1:
+        before = len(table)
+        table = keep_training_share(table, data.train_share, seed=seed)
+        removed[f"training faces beyond --train-share {data.train_share:g}"] = before - len(table)
     if "person_id" not in table.columns:
         table = table.assign(person_id=None)
     return PreparedData(table.reset_index(drop=True), root, removed)
+
+
+def keep_training_share(table: pd.DataFrame, share: float, *, seed: int) -> pd.DataFrame:
+    """`table` with `share` of its training rows, drawn within each age (so the training ages keep their
+    mix) and seeded; the validation and test rows are all kept, so runs of any share are judged on the
+    same faces."""
+    train = table[table["split"] == "train"]
+    kept = train.groupby("age", group_keys=False).sample(frac=share, random_state=seed)
+    return table[(table["split"] != "train") | table.index.isin(kept.index)]
 
 
 def save_split(prepared: PreparedData, path: Path) -> None:

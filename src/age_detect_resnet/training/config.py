@@ -63,6 +63,11 @@ class DataConfig:
     val_fraction: float = _setting(0.1, "share of images (whole persons) in the validation split")
     test_fraction: float = _setting(0.1, "share of images (whole persons) in the test split")
     limit: int | None = _setting(None, "use at most N images (quick runs), sampled before splitting")
+    train_share: float = _setting(
+        1.0,
+        "train on this share of the training split, drawn within each age after splitting (learning "
+        "curves: the validation and test splits stay whole and the same)",
+    )
     split_seed: int | None = _setting(
         None,
         "seed of the balancing, --limit sample and person-disjoint split (default: --seed); fix it to "
@@ -322,6 +327,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"need 0 <= min_age <= max_age <= 100, got {data.min_age}..{data.max_age}")
     if data.val_fraction <= 0 or data.test_fraction <= 0 or data.val_fraction + data.test_fraction >= 1:
         raise ConfigError("val_fraction and test_fraction must be positive and sum to less than 1")
+    if not 0 < data.train_share <= 1:
+        raise ConfigError(f"train_share must be above 0 and at most 1, got {data.train_share}")
     if data.image_size < 32:
         raise ConfigError(f"image_size must be at least 32, got {data.image_size}")
     if train.epochs < 1 or train.batch_size < 1:
