@@ -190,10 +190,12 @@ class SavedSplit:
 def exported_from(path: Path) -> str | None:
     """The SHA-256 of the model an exported file (`age-detect export`: its metadata .json beside it) was
     made from, or None for anything else."""
+    from age_detect_resnet.inference.backends import metadata_path  # it imports this module
+
     if path.suffix == ".json" or not path.is_file():
         return None
     try:
-        source = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["source"]
+        source = json.loads(metadata_path(path).read_text(encoding="utf-8"))["source"]
         return source["sha256"] if isinstance(source, dict) else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
