@@ -3,6 +3,7 @@ do not correspond, and a run folder whose interval is calibrated on the run's va
 
 from __future__ import annotations
 
+import argparse
 import shutil
 
 import pandas as pd
@@ -140,3 +141,72 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
     weight = next(name for name in original if name.endswith("conv.weight") or name.endswith(".0.weight"))
     assert torch.equal(alone.state_dict()[weight], original[weight])
     assert not torch.equal(alone.state_dict()[norm], original[norm])
+
+
+def _script(name: str):
+    """An experiments/ script as a module (scripts, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_pretrained_start_is_imagenet_under_the_runs_head_and_averages_with_the_run(
+    tiny_run, tmp_path, capsys
+):
+    from safetensors.torch import load_file
+
+    from conftest import MOBILENET, require
+
+    tool = _script("pretrained_start")
+    weights = require(MOBILENET)
+    start = tmp_path / "start"
+    assert tool.main([str(tiny_run), str(weights), str(start)]) == 0
+    stored, imagenet, run = (
+        load_file(str(p)) for p in (start / "best.safetensors", weights, tiny_run / "best.safetensors")
+    )
+    backbone = [k for k in stored if k.startswith("backbone.") and stored[k].is_floating_point()]
+    assert backbone and all(
+        torch.equal(stored[k].float(), imagenet[k.removeprefix("backbone.")].float()) for k in backbone
+    )
+    head = [k for k in stored if k.startswith("head.")]
+    assert head and all(torch.equal(stored[k], run[k]) for k in head)
+    assert any(not torch.equal(stored[k].float(), run[k].float()) for k in backbone)  # not the run's
+    for name in ("config.json", "split.csv"):
+        assert (start / name).read_bytes() == (tiny_run / name).read_bytes()
+    assert checkpoint.load_model(start).metadata["pretrained_start_of"]["model"] == str(tiny_run)
+
+    # It is averageable with the run: weight 0 gives the run's own weights back.
+    mixed = tmp_path / "mixed"
+    args = [str(tiny_run), str(start), "--weights", "1,0", "--norm-batches", "0", "--num-workers", "0"]
+    assert average_main([*args, "--out", str(mixed)]) == 0
+    averaged = load_file(str(mixed / "best.safetensors"))
+    assert all(torch.allclose(averaged[k].float(), run[k].float(), atol=1e-3) for k in backbone)
+
+    assert tool.main([str(tiny_run), str(weights), str(start)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert tool.main([str(tmp_path), str(weights), str(tmp_path / "other")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    assert tool.main([str(tiny_run), str(tmp_path / "no.safetensors"), str(tmp_path / "third")]) == 2
+    assert "does not exist" in capsys.readouterr().err and not (tmp_path / "third").exists()
+
+
+def test_test_time_views_turn_and_zoom_the_crop_about_its_centre():
+    views = _script("test_time_views")
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    assert views.warp(images, 0, 1) is images
+    turned = views.warp(images, 90, 1)  # a quarter turn of a square crop moves pixels onto pixels
+    assert turned.dtype == torch.uint8 and turned.shape == images.shape
+    assert torch.equal(turned, images.rot90(1, (2, 3))) or torch.equal(turned, images.rot90(-1, (2, 3)))
+    centre = torch.zeros(1, 1, 8, 8)
+    centre[..., 3:5, 3:5] = 1.0
+    zoomed = views.warp(centre, 0, 2.0)  # twice as large about the centre: the bright square grows
+    assert zoomed[..., 2:6, 2:6].mean() > 0.5 and zoomed[..., 0, 0].item() == 0.0
+    assert views.parse_views("0:1,6:1,-6:1.06") == [(0.0, 1.0), (6.0, 1.0), (-6.0, 1.06)]
+    for bad in ("6", "a:1", "0:0"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"DEGREES:ZOOM|above 0"):
+            views.parse_views(bad)
