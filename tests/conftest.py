@@ -23,6 +23,18 @@ def require(path: Path) -> Path:
     return path
 
 
+def load_script(relative: str):
+    """A script of this repository (`experiments/NAME.py`, `scripts/NAME.py`) as a module: scripts are
+    not part of the package, so they cannot be imported by name."""
+    import importlib.util
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # Tests never download: the face detector comes from ../shared (a missing path where it is absent,
 # so detector-dependent code reports itself unavailable instead of reaching for the network).
 os.environ["AGE_DETECT_YUNET_MODEL"] = str(YUNET if YUNET.is_file() else REPO / "no-detector-model.onnx")

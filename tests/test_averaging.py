@@ -15,7 +15,7 @@ from age_detect_resnet.cli.evaluate import main as evaluate_main
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.averaging import AveragingError, average_models, mixture_weights
 from age_detect_resnet.modeling.model import create_model
-from conftest import assert_combined_run, train_tiny
+from conftest import assert_combined_run, load_script, train_tiny
 
 
 def _model(seed: int, head: str = "distribution", image_size: int = 40):
@@ -143,18 +143,6 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
     assert not torch.equal(alone.state_dict()[norm], original[norm])
 
 
-def _script(name: str):
-    """An experiments/ script as a module (scripts, not part of the package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_pretrained_start_is_imagenet_under_the_runs_head_and_averages_with_the_run(
     tiny_run, tmp_path, capsys
 ):
@@ -162,7 +150,7 @@ def test_a_pretrained_start_is_imagenet_under_the_runs_head_and_averages_with_th
 
     from conftest import MOBILENET, require
 
-    tool = _script("pretrained_start")
+    tool = load_script("experiments/pretrained_start.py")
     weights = require(MOBILENET)
     start = tmp_path / "start"
     assert tool.main([str(tiny_run), str(weights), str(start)]) == 0
@@ -196,7 +184,7 @@ def test_a_pretrained_start_is_imagenet_under_the_runs_head_and_averages_with_th
 
 
 def test_test_time_views_turn_and_zoom_the_crop_about_its_centre():
-    views = _script("test_time_views")
+    views = load_script("experiments/test_time_views.py")
     images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     assert views.warp(images, 0, 1) is images
     turned = views.warp(images, 90, 1)  # a quarter turn of a square crop moves pixels onto pixels

@@ -18,7 +18,7 @@ from age_detect_resnet.images import ImageReadError, ImageTooLargeError
 from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, load_runner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.modeling import bundled, checkpoint
-from conftest import TEST_IMAGES, YUNET, require, train_tiny
+from conftest import TEST_IMAGES, YUNET, load_script, require, train_tiny
 
 
 @pytest.fixture
@@ -386,14 +386,7 @@ def test_the_bundle_gives_a_photo_rotated_by_20_degrees_nearly_the_same_age(name
 
 def rotation_experiment():
     """experiments/rotation.py as a module (it is a script, not part of the package)."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "experiments" / "rotation.py"
-    spec = importlib.util.spec_from_file_location("rotation", script)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
+    return load_script("experiments/rotation.py")
 
 
 def test_the_resolution_experiment_can_align_smaller_copies_with_the_originals_landmarks(tiny_bundle, capsys):
@@ -471,7 +464,6 @@ def test_the_robustness_experiment_compares_the_same_person_in_a_group_photo():
 def test_the_cut_set_holds_the_runs_test_faces_cut_with_their_ages(tiny_run, tmp_path, monkeypatch, capsys):
     """experiments/cut_set.py: each test photo of the run, cut as the robustness experiment cuts it and
     stored losslessly, with the split's age, ready for `evaluate --dataset csv`."""
-    import importlib.util
     from pathlib import Path
 
     from age_detect_resnet.data.splits import load_split
@@ -479,9 +471,7 @@ def test_the_cut_set_holds_the_runs_test_faces_cut_with_their_ages(tiny_run, tmp
 
     experiments = Path(__file__).resolve().parents[1] / "experiments"
     monkeypatch.syspath_prepend(str(experiments))  # it takes its cut from rotation.py beside it
-    spec = importlib.util.spec_from_file_location("cut_set", experiments / "cut_set.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("experiments/cut_set.py")
     root = Path(json.loads((tiny_run / "config.json").read_text())["data"]["data_root"])
     out = tmp_path / "cut"
     assert (
@@ -517,8 +507,6 @@ def test_the_cut_set_holds_the_runs_test_faces_cut_with_their_ages(tiny_run, tmp
 def test_a_release_build_can_carry_the_checked_yunet_file(tmp_path, monkeypatch, capsys):
     """scripts/bundle_yunet.py puts YuNet into the package's assets, refused unless it is the exact file;
     the detector then finds it there with no download, no cache and no setting."""
-    import importlib.util
-    from pathlib import Path
 
     from age_detect_resnet.digests import file_digest
     from age_detect_resnet.faces.detection import YUNET_ENV, YUNET_SHA256, resolve_yunet_model
@@ -529,10 +517,7 @@ def test_a_release_build_can_carry_the_checked_yunet_file(tmp_path, monkeypatch,
     monkeypatch.setattr(bundled, "YUNET_MODEL", asset)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.delenv(YUNET_ENV, raising=False)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bundle_yunet.py"
-    spec = importlib.util.spec_from_file_location("bundle_yunet", script)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("scripts/bundle_yunet.py")
 
     other = tmp_path / "other.onnx"
     other.write_bytes(b"not yunet")

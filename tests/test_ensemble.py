@@ -20,7 +20,7 @@ from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling import ensemble as ensemble_module
 from age_detect_resnet.modeling.ensemble import AgeEnsemble, EnsembleError
 from age_detect_resnet.modeling.model import create_model
-from conftest import assert_combined_run, train_tiny
+from conftest import assert_combined_run, load_script, train_tiny
 
 
 def _model(seed: int, backbone: str = "mobilenet_v2", head: str = "distribution", image_size: int = 40):
@@ -214,13 +214,7 @@ def test_ensemble_writes_a_calibrated_run_folder_and_refuses_a_member_that_saw_i
 
 
 def test_a_member_of_an_ensemble_is_written_as_a_model_of_its_own(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "experiments" / "ensemble_member.py"
-    spec = importlib.util.spec_from_file_location("ensemble_member", script)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script("experiments/ensemble_member.py")
     members = [_model(0), _model(1, backbone="resnet18")]
     path = tmp_path / "ensemble.safetensors"
     checkpoint.save_model(
