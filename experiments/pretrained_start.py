@@ -23,6 +23,7 @@ import torch
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.ensemble import AgeEnsemble
 from age_detect_resnet.modeling.model import WeightsError, create_backbone
+from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.training.combined_run import OWN_METADATA
 
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():
         print(f"error: {args.out} exists; name a new folder", file=sys.stderr)
         return 2
-    missing = [n for n in ("config.json", "split.csv") if not (args.model / n).is_file()]
+    run, start = RunFolder(args.model), RunFolder(args.out)
+    missing = [p.name for p in (run.config, run.split) if not p.is_file()]
     if missing:
         print(f"error: {args.model} is not a run folder (no {', '.join(missing)})", file=sys.stderr)
         return 2
@@ -54,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     metadata = {k: v for k, v in model.metadata.items() if k not in OWN_METADATA}
     metadata["pretrained_start_of"] = {"model": str(args.model), "weights": str(args.weights)}
     args.out.mkdir(parents=True)
-    for name in ("config.json", "split.csv"):
-        shutil.copy2(args.model / name, args.out / name)
-    checkpoint.save_model(model, args.out / "best.safetensors", metadata, dtype=torch.float16)
+    shutil.copy2(run.config, start.config)
+    shutil.copy2(run.split, start.split)
+    checkpoint.save_model(model, start.best, metadata, dtype=torch.float16)
     print(f"{model.backbone_name}'s ImageNet weights under the head of {args.model} -> {args.out}")
     return 0
 
