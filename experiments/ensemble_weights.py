@@ -6,8 +6,9 @@
 
 The ensemble's age is the weighted mean of its members' ages (the expectation of the mixture of their
 distributions, modeling/ensemble.py), so its MAE for any weights follows from the members' predictions
-on the same images without running it. Prints the MAE of each weighting of a grid; pick on validation
-faces only, never on the test split or the real-photo sets it will be judged on.
+on the same images without running it. Prints the correlation of the members' errors and the MAE of
+each weighting of a grid; pick on validation faces only, never on the test split or the real-photo sets
+it will be judged on.
 """
 
 from __future__ import annotations
@@ -38,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(both) != len(a) or len(both) != len(b):
         print(f"the two files do not hold the same images ({len(a)}, {len(b)}, {len(both)} shared)")
         return 2
-    print(f"{len(both):,} images\n\n| weight of the first | MAE |\n|---:|---:|")
+    errors = both["predicted_a"] - both["age"], both["predicted_b"] - both["age"]
+    print(
+        f"{len(both):,} images; correlation of the two members' errors {errors[0].corr(errors[1]):.3f} "
+        f"(the closer to 1, the less an ensemble can average away)\n\n"
+        "| weight of the first | MAE |\n|---:|---:|"
+    )
     for step in range(args.steps + 1):
         w = step / args.steps
         mae = (w * both["predicted_a"] + (1 - w) * both["predicted_b"] - both["age"]).abs().mean()

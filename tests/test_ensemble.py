@@ -237,3 +237,23 @@ def test_a_member_of_an_ensemble_is_written_as_a_model_of_its_own(tmp_path, caps
     assert "is one model, not an ensemble" in capsys.readouterr().err
     assert tool.main([str(path), "3", str(tmp_path / "x.safetensors")]) == 2
     assert "has members 1-2, not 3" in capsys.readouterr().err
+
+
+def test_ensemble_weights_gives_the_mae_of_each_mix_and_how_alike_the_members_err(tmp_path, capsys):
+    tool = load_script("experiments/ensemble_weights.py")
+    ages = [10.0, 20.0, 30.0, 40.0]
+    # The first member errs by +2, +2, -2, -2, the second by -2, +2, -2, +2: uncorrelated.
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    pd.DataFrame({"path": list("pqrs"), "age": ages, "predicted": [12.0, 22.0, 28.0, 38.0]}).to_csv(first)
+    pd.DataFrame(
+        {"path": list("pqrs"), "age": ages, "predicted": [8.0, 22.0, 28.0, 42.0]}
+    ).to_csv(second)
+
+    assert tool.main([str(first), str(second), "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4 images; correlation of the two members' errors 0.000" in out
+    assert "| 1.000 | 2.000 |" in out and "| 0.000 | 2.000 |" in out
+    assert "| 0.500 | 1.000 |" in out  # mixed half and half, the errors cancel on two faces in four
+
+    assert tool.main([str(first), str(tmp_path / "missing.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().out
