@@ -245,9 +245,7 @@ def test_ensemble_weights_gives_the_mae_of_each_mix_and_how_alike_the_members_er
     # The first member errs by +2, +2, -2, -2, the second by -2, +2, -2, +2: uncorrelated.
     first, second = tmp_path / "a.csv", tmp_path / "b.csv"
     pd.DataFrame({"path": list("pqrs"), "age": ages, "predicted": [12.0, 22.0, 28.0, 38.0]}).to_csv(first)
-    pd.DataFrame(
-        {"path": list("pqrs"), "age": ages, "predicted": [8.0, 22.0, 28.0, 42.0]}
-    ).to_csv(second)
+    pd.DataFrame({"path": list("pqrs"), "age": ages, "predicted": [8.0, 22.0, 28.0, 42.0]}).to_csv(second)
 
     assert tool.main([str(first), str(second), "--steps", "2"]) == 0
     out = capsys.readouterr().out
