@@ -60,3 +60,10 @@ def test_the_readme_starts_with_the_pipeline_and_the_tests():
     assert commands[0].startswith("./scripts/pipeline.sh ")
     assert commands[-1] == "./scripts/test.sh"
     assert (REPO / "scripts" / "pipeline.sh").is_file() and (REPO / "scripts" / "test.sh").is_file()
+
+
+def test_the_accuracy_experiments_list_every_one_of_their_sections():
+    part = README.split("\n## Accuracy experiments\n", 1)[1].split("\n## ", 1)[0]
+    sections = [line[4:] for line in part.splitlines() if line.startswith("### ")]
+    listed = re.findall(r"^\* \[(.+)\]\(#", part, re.M)
+    assert sections and listed == sections
