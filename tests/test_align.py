@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -219,6 +220,50 @@ def test_evaluation_frames_the_central_face_of_a_photo_with_two(tmp_path):
     (face,) = subject_faces([tmp_path / "two.png"], kind="yunet", model_path=YUNET, workers=1)
     x1, y1, x2, y2 = face.box
     assert 450 < (x1 + x2) / 2 < 700 and 200 < (y1 + y2) / 2 < 400, face.box
+
+
+class _InProcessPool:
+    """ProcessPoolExecutor's part that subject_faces uses, run in this process, keeping the workers'
+    initialiser arguments for the test to read."""
+
+    initargs: ClassVar[list[tuple]] = []
+
+    def __init__(self, max_workers, initializer, initargs):
+        _InProcessPool.initargs.append(initargs)
+        initializer(*initargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, function, items, chunksize=1):
+        return map(function, items)
+
+
+def test_subject_faces_decides_the_detector_once_and_its_workers_build_that_one(
+    tmp_path, monkeypatch, caplog
+):
+    import age_detect_resnet.faces.detection as detection
+
+    Image.open(require(TEST_IMAGES / "obama.jpg")).convert("RGB").save(tmp_path / "photo.png")
+    monkeypatch.setattr(detection, "ProcessPoolExecutor", _InProcessPool)
+    _InProcessPool.initargs = []
+
+    # `auto` without YuNet: the fall-back to Haar is said once, and the workers are told "haar".
+    with caplog.at_level("WARNING"):
+        (face,) = subject_faces(
+            [tmp_path / "photo.png"], kind="auto", model_path=tmp_path / "missing.onnx", workers=2
+        )
+    assert face is not None and face.landmarks is None  # Haar's box
+    assert _InProcessPool.initargs == [("haar", None)]
+    assert sum("Falling back to the Haar cascade" in r.getMessage() for r in caplog.records) == 1
+
+    # With YuNet given, the workers load the file the parent resolved.
+    (face,) = subject_faces([tmp_path / "photo.png"], kind="auto", model_path=require(YUNET), workers=2)
+    assert face.landmarks is not None
+    assert _InProcessPool.initargs[-1] == ("yunet", str(YUNET))
 
 
 def test_the_crop_box_is_the_photo_region_the_model_sees():

@@ -612,7 +612,13 @@ def subject_faces(
     paths: list[Path], *, kind: str = "auto", model_path: Path | None = None, workers: int = 2
 ) -> list[Face | None]:
     """Per photo, the face it is of (`subject_face`; None: no face, or the file is unreadable)."""
-    create_detector(kind, model_path)  # fail here, with the detector's message, not inside a worker
+    # Decided here, once: a missing detector fails with its message, `auto`'s fall-back to Haar (or
+    # YuNet's download) is tried and said once, and the workers build the detector that was decided.
+    detector = create_detector(kind, model_path)
+    if isinstance(detector, YuNetDetector):
+        kind, model_path = "yunet", detector.model_path
+    else:
+        kind, model_path = detector.name, None
     with ProcessPoolExecutor(
         max_workers=max(1, workers),
         initializer=_init_worker,
