@@ -9,13 +9,14 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from age_detect_resnet.cli.average import main as average_main
 from age_detect_resnet.cli.evaluate import main as evaluate_main
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.averaging import AveragingError, average_models, mixture_weights
 from age_detect_resnet.modeling.model import create_model
-from conftest import assert_combined_run, load_script, train_tiny
+from conftest import MOBILENET, assert_combined_run, load_script, require, train_tiny
 
 
 def _model(seed: int, head: str = "distribution", image_size: int = 40):
@@ -146,10 +147,6 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
 def test_a_pretrained_start_is_imagenet_under_the_runs_head_and_averages_with_the_run(
     tiny_run, tmp_path, capsys
 ):
-    from safetensors.torch import load_file
-
-    from conftest import MOBILENET, require
-
     tool = load_script("experiments/pretrained_start.py")
     weights = require(MOBILENET)
     start = tmp_path / "start"

@@ -18,7 +18,7 @@ from age_detect_resnet.images import ImageReadError, ImageTooLargeError
 from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, load_runner
 from age_detect_resnet.inference.predictor import AgePredictor, load_trained_model
 from age_detect_resnet.modeling import bundled, checkpoint
-from conftest import TEST_IMAGES, YUNET, load_script, require, train_tiny
+from conftest import REPO, TEST_IMAGES, YUNET, load_script, require, train_tiny
 
 
 @pytest.fixture
@@ -464,13 +464,10 @@ def test_the_robustness_experiment_compares_the_same_person_in_a_group_photo():
 def test_the_cut_set_holds_the_runs_test_faces_cut_with_their_ages(tiny_run, tmp_path, monkeypatch, capsys):
     """experiments/cut_set.py: each test photo of the run, cut as the robustness experiment cuts it and
     stored losslessly, with the split's age, ready for `evaluate --dataset csv`."""
-    from pathlib import Path
-
     from age_detect_resnet.data.splits import load_split
     from age_detect_resnet.run_folder import RunFolder
 
-    experiments = Path(__file__).resolve().parents[1] / "experiments"
-    monkeypatch.syspath_prepend(str(experiments))  # it takes its cut from rotation.py beside it
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))  # it takes its cut from rotation.py beside it
     tool = load_script("experiments/cut_set.py")
     root = Path(json.loads((tiny_run / "config.json").read_text())["data"]["data_root"])
     out = tmp_path / "cut"
