@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from age_detect_resnet.extras import install_command
+
 # 50 megapixels (e.g. 8660x5770) covers every camera photo; larger files are almost always broken or
 # hostile (decompression bombs) and would need gigabytes of memory to decode.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -93,7 +95,7 @@ def load_rgb(
         if _is_heif(source) and not heif_support():
             raise ImageReadError(
                 f"{label} is a HEIC/HEIF photo (iPhones' default format), which needs pillow-heif: "
-                "pip install 'age-detect-resnet[heic]' (or pillow-heif), or convert it to JPEG"
+                f"{install_command('heic')} (or pillow-heif), or convert it to JPEG"
             ) from err
         raise ImageReadError(f"{label} is not an image file PIL can read (JPEG, PNG, WebP, ...)") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

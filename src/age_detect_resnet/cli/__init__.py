@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from importlib import import_module
 
+from age_detect_resnet.extras import missing_extra_message
+
 # subcommand -> (module, one-line help); modules are imported only when their command runs.
 COMMANDS = {
     "build-meta": ("age_detect_resnet.cli.build_meta", "build the IMDB-WIKI metadata table"),
@@ -69,8 +71,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
-    module = import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    try:
+        module = import_module(COMMANDS[argv[0]][0])
+        return int(module.main(argv[1:]) or 0)
+    except ImportError as err:
+        message = missing_extra_message(err, f"age-detect {argv[0]}")
+        if message is None:
+            raise
+        logging.getLogger(__name__).error(message)
+        return 2
 
 
 if __name__ == "__main__":

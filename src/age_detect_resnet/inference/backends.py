@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from age_detect_resnet.digests import file_digest
+from age_detect_resnet.extras import install_command
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.bundled import is_default
 from age_detect_resnet.modeling.model import AgeModel, folded_for_inference, raw_outputs
@@ -145,7 +146,7 @@ def _bundled_export(backend: str) -> tuple[Path, dict[str, Any]]:
     except ImportError as err:
         raise checkpoint.ModelFileError(
             f"--backend {backend} with the bundled model exports it once, which needs the exporter "
-            f"({err}): pip install 'age-detect-resnet[export]', or use --backend torch"
+            f"({err}): {install_command('export')}, or use --backend torch"
         ) from err
     except (ExportError, OSError) as err:
         raise checkpoint.ModelFileError(

@@ -4,6 +4,7 @@ and the run's report (report.md, run.json); where, is the run folder's (run_fold
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pandas as pd
@@ -19,12 +20,15 @@ from age_detect_resnet.evaluation.report import (
     prediction_frame,
     write_evaluation,
 )
+from age_detect_resnet.extras import install_command
 from age_detect_resnet.inference.predictor import prediction_grid
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.training.config import Config
 from age_detect_resnet.training.distributed import Distributed
 from age_detect_resnet.training.engine import evaluate
+
+log = logging.getLogger(__name__)
 
 
 def write_history(history: list[dict[str, float]], run: RunFolder) -> None:
@@ -35,12 +39,14 @@ def write_history(history: list[dict[str, float]], run: RunFolder) -> None:
 
 
 def open_tensorboard(config: Config, run: RunFolder):
-    """A TensorBoard writer where asked for and installed, else None."""
+    """A TensorBoard writer where asked for and installed, else None (asked for but not installed: a
+    warning saying how to install it; training goes on without it)."""
     if not config.train.tensorboard:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
+    except ImportError as err:
+        log.warning("no TensorBoard logs for this run (%s): %s", err, install_command("tensorboard"))
         return None
     return SummaryWriter(log_dir=str(run.tensorboard))
 
