@@ -145,6 +145,30 @@ def test_analyze_in_one_call(tiny_bundle):
         analyze(np.zeros((10, 10), dtype=np.float32))
 
 
+def test_analyze_takes_a_pil_photo_upright_and_refuses_what_has_no_face_to_age(tiny_bundle, tmp_path):
+    from age_detect_resnet import analyze
+    from age_detect_resnet.inference.api import _predictor
+
+    _predictor.cache_clear()
+    require(YUNET)
+    upright = Image.open(require(TEST_IMAGES / "biden.jpg")).convert("RGB")
+    # Stored turned, with EXIF saying so (orientation 6: turn 90 degrees clockwise to view), as phones do.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = tmp_path / "turned.jpg"
+    upright.transpose(Image.Transpose.ROTATE_90).save(turned, quality=95, exif=exif)
+    from_file = analyze(turned)
+    assert len(from_file) == 1
+    assert analyze(Image.open(turned))[0]["box"] == from_file[0]["box"]  # was [] (the face lay sideways)
+    # A photo 1 px wide (its detection copy was 0 px wide) is searched, and the rest of a list goes on.
+    thin, _ = analyze([Image.new("RGB", (1, 5000)), upright])
+    assert thin == []
+    with pytest.raises(ImageReadError, match="0x0 pixels"):
+        analyze(np.zeros((0, 0, 3), dtype=np.uint8))
+    with pytest.raises(TypeError, match="not NoneType"):
+        analyze(None)
+
+
 def test_analyze_reads_opencv_bgr_grey_and_alpha_arrays_as_their_colours(tiny_bundle, monkeypatch):
     from age_detect_resnet import analyze
     from age_detect_resnet.inference import api

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def load_rgb(
     EXIF rotation is applied, transparency is composited onto white, and greyscale, palette, CMYK
     and 16-bit images are converted, so every caller sees the same kind of picture.
     """
+    if not isinstance(source, str | bytes | os.PathLike):
+        raise TypeError(
+            f"expected an image file's path or its bytes, got {type(source).__name__} "
+            "(age_detect_resnet.analyze also takes PIL images and arrays)"
+        )
     label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
     heif_support()
     try:
@@ -111,9 +117,11 @@ def load_rgb(
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparent pixels become white."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grey (PIL reads some as 32-bit "I"): 0-65535 to 0-255, as PIL does for 16-bit colour, so
+        # a dark photo stays as dark as its 8-bit copy; a 32-bit image beyond 16 bits by its own peak
         array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size and array.max() > 0 else 1.0
-        image = Image.fromarray((array * (255.0 / peak)).astype(np.uint8), mode="L")
+        peak = max(65535.0, array.max()) if array.size else 65535.0
+        image = Image.fromarray(np.round(np.clip(array, 0, None) * (255.0 / peak)).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

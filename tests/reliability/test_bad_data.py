@@ -291,7 +291,10 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
         (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", (255, 0, 0)),
         (Image.new("L", (8, 8), 90), "JPEG", (90, 90, 90)),
         (Image.new("P", (8, 8), 3), "GIF", None),
-        (Image.fromarray(np.full((8, 8), 4000, dtype=np.uint16)), "PNG", (255, 255, 255)),  # 16-bit, scaled
+        # 16-bit grey: its full range to 8 bits, so it reads as its 8-bit copy would (90 * 257 -> 90), not
+        # stretched to its own brightest pixel (a dark photo brightened changed the age by 1.6 years)
+        (Image.fromarray(np.full((8, 8), 90 * 257, dtype=np.uint16)), "PNG", (90, 90, 90)),
+        (Image.fromarray(np.full((8, 8), 4000, dtype=np.uint16)), "PNG", (16, 16, 16)),
     ],
     ids=[
         "transparent png",
@@ -301,6 +304,7 @@ def _encoded(image: Image.Image, fmt: str) -> bytes:
         "grey jpeg",
         "palette gif",
         "16-bit png",
+        "dark 16-bit png",
     ],
 )
 def test_any_colour_mode_becomes_8_bit_rgb(image, fmt, expected):

@@ -191,7 +191,8 @@ def detection_copy(image: Image.Image, max_side: int | None) -> tuple[Image.Imag
     scale = 1.0 if not max_side else min(1.0, max_side / max(width, height))
     if scale == 1.0:
         return image, 1.0
-    return image.resize((round(width * scale), round(height * scale)), Image.Resampling.BILINEAR), scale
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # a 1 x 5000 photo stays 1 wide
+    return image.resize(size, Image.Resampling.BILINEAR), scale
 
 
 def with_max_side(detector: FaceDetector, max_side: int | None) -> FaceDetector:

@@ -12,6 +12,7 @@ and kept for the next ones.
 
 from __future__ import annotations
 
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import MAX_IMAGE_PIXELS, ImageReadError, ImageTooLargeError, load_rgb, to_rgb
@@ -71,10 +72,15 @@ def _as_image(image: ImageInput, channels: str = "rgb") -> Image.Image:
     grey, (H, W, 3) colour or (H, W, 4) colour with alpha (composited onto white, as `load_rgb` does for
     files), its colours in `channels` order."""
     if isinstance(image, Image.Image):
-        return to_rgb(image)
+        return to_rgb(ImageOps.exif_transpose(image))  # upright, as a file's path gives it
     if isinstance(image, str) and image.lower().startswith(("http://", "https://")):
         return load_rgb(_download(image), name=image)
     if not isinstance(image, np.ndarray):
+        if not isinstance(image, str | bytes | os.PathLike):
+            raise TypeError(
+                "image must be a path, an http(s) address, a PIL image or a uint8 array, not "
+                f"{type(image).__name__}"
+            )
         return load_rgb(image)
     if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
         raise ValueError(

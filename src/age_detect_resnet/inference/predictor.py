@@ -199,6 +199,8 @@ class AgePredictor:
         return self._face_inputs(image, self.detector)
 
     def _face_inputs(self, image: Image.Image, detector: FaceDetector | None) -> list[FaceInput]:
+        if not image.width or not image.height:  # an empty array or PIL image; no file decodes to one
+            raise ImageReadError(f"the image is {image.width}x{image.height} pixels: there is no face to age")
         if detector is None:
             whole = (0, 0, *image.size)
             return [(None, whole, to_input_tensor(image, self.image_size))]
