@@ -21,7 +21,7 @@ from age_detect_resnet.export.quantize import image_convolutions
 from age_detect_resnet.export.verify import INT8_TOLERANCE_YEARS, int8_verdict
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import load_rgb
-from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, read_export_metadata
+from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, load_runner, read_export_metadata
 from age_detect_resnet.inference.predictor import AgePredictor, load_predictor
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.model import AgeModel, create_backbone
@@ -172,6 +172,19 @@ def test_export_never_overwrites_the_trained_models_metadata(varied_run: Path):
     assert export_cli.main(["--model", str(varied_run), "--out", str(varied_run / "best.onnx")]) == 2
     assert (varied_run / "best.json").read_text(encoding="utf-8") == before
     assert not (varied_run / "best.onnx").exists()
+
+
+def test_export_never_overwrites_the_metadata_of_another_export(varied_run: Path, tmp_path: Path):
+    script = tmp_path / "age.pt"
+    assert export_cli.main(["--model", str(varied_run), "--format", "torchscript", "--out", str(script)]) == 0
+    before = (tmp_path / "age.json").read_text(encoding="utf-8")
+    # age.onnx would share age.json, and age.pt would no longer load (its checksum is in there).
+    assert export_cli.main(["--model", str(varied_run), "--out", str(tmp_path / "age.onnx")]) == 2
+    assert (tmp_path / "age.json").read_text(encoding="utf-8") == before
+    assert not (tmp_path / "age.onnx").exists()
+    load_runner(script, backend="torchscript")  # still loads
+    # The same export made again, under its own name, replaces its own metadata.
+    assert export_cli.main(["--model", str(varied_run), "--format", "torchscript", "--out", str(script)]) == 0
 
 
 def test_int8_needs_real_images_to_calibrate_and_check(varied_run: Path, tmp_path: Path):

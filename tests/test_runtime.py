@@ -49,3 +49,12 @@ def test_version_names_the_package_the_bundled_model_and_the_libraries(capsys):
         assert line.startswith(f"age-detect {age_detect_resnet.__version__} ")
         assert AGE_MODEL_SHA256[:12] in line and torch.__version__ in line and cv2.__version__ in line
     assert age_detect_resnet.__version__ != "0+unknown"  # the tests run on the installed package
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_the_seeds_loader_asked_for_a_gpu_where_there_is_none_says_so(tiny_run):
+    from age_detect_resnet.inference import load_trained_model
+
+    with pytest.raises(runtime.DeviceError, match="no CUDA GPU"):  # was torch's own RuntimeError
+        load_trained_model(tiny_run, "cuda")
+    assert load_trained_model(tiny_run, "auto").metadata  # auto: here, the CPU

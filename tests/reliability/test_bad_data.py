@@ -24,7 +24,7 @@ from age_detect_resnet.cli.train import main as train_main
 from age_detect_resnet.data.cache import prepare_cache
 from age_detect_resnet.data.csv_table import CsvTableError, load_csv_table
 from age_detect_resnet.data.dataset import AgeDataset
-from age_detect_resnet.data.imdb_wiki import build_meta
+from age_detect_resnet.data.imdb_wiki import MetaError, build_meta, read_table
 from age_detect_resnet.data.splits import prepare_splits
 from age_detect_resnet.data.utkface import load_utkface
 from age_detect_resnet.images import ImageReadError, load_rgb
@@ -117,6 +117,53 @@ def test_build_meta_skips_and_counts_every_kind_of_dirty_row(tmp_path, write_mat
     }
     assert set(df["person_id"]) == {"wiki:10", "wiki:11", "wiki:12", "imdb:7"}
     assert "wiki_crop/11/21_1975-01-01_2005.jpg" in caplog.text, "the missing image is named"
+
+
+def test_build_meta_that_filters_out_every_row_says_which_filters_did(tmp_path, write_mat, face_jpeg):
+    root = tmp_path / "raw"
+    row = meta_row(datenum(1980, 3, 10), 2010, "00/10_1980-03-10_2010.jpg", 3.2)
+    (root / "wiki_crop" / "00").mkdir(parents=True)
+    (root / "wiki_crop" / row["path"]).write_bytes(face_jpeg)
+    write_mat(root / "wiki_crop" / "wiki.mat", [row])
+    with pytest.raises(MetaError) as caught:
+        build_meta(root, min_face_score=100)
+    message = str(caught.value)
+    assert "face score below 100" in message and "try a lower --min-face-score" in message
+    assert "unpacked" not in message  # the images are there: not the hint for missing images
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error: nan keeps no row and says nothing
+        build_meta_module.main(["--data-root", str(root), "--min-face-score", "nan"])
+    assert refused.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "is not a metadata table"),
+        ("foo,bar\n1,2\n", "has no path, age, person_id column(s)"),
+        ("path,age,person_id\n", "has no rows"),
+        ("path,age,person_id\na.jpg,thirty,wiki:1\n", "not numbers"),
+    ],
+    ids=["empty", "other columns", "no rows", "ages not numbers"],
+)
+def test_a_meta_file_that_build_meta_did_not_write_is_refused_naming_it(tmp_path, content, message):
+    meta = tmp_path / "meta.csv"
+    meta.write_text(content)
+    with pytest.raises(MetaError) as caught:
+        read_table(meta)
+    assert str(meta) in str(caught.value) and message in str(caught.value)
+
+
+def test_a_command_told_to_write_where_it_cannot_says_so_in_one_line(tmp_path, write_mat, face_jpeg, caplog):
+    root = tmp_path / "raw"
+    row = meta_row(datenum(1980, 3, 10), 2010, "00/10_1980-03-10_2010.jpg", 3.2)
+    (root / "wiki_crop" / "00").mkdir(parents=True)
+    (root / "wiki_crop" / row["path"]).write_bytes(face_jpeg)
+    write_mat(root / "wiki_crop" / "wiki.mat", [row])
+    taken = tmp_path / "meta.csv"
+    taken.mkdir()  # --out names a folder
+    with caplog.at_level(logging.ERROR):
+        assert build_meta_module.main(["--data-root", str(root), "--out", str(taken)]) == 2
+    assert "Is a directory" in caplog.text and str(taken) in caplog.text
 
 
 def _write_v73_header(path: Path) -> None:
@@ -489,3 +536,37 @@ def test_evaluate_names_a_missing_photo_in_one_line_not_a_worker_traceback(tmp_p
     assert errors == [
         f"{tmp_path / 'gone.jpg'} does not exist or is not a file (pass --skip-bad-images to skip such files)"
     ]
+
+
+# --- settings ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"train": {"epochs": "two"}}', "setting 'epochs' in .* must be int, got 'two'"),
+        ('{"train": {"epochs": 1.5}}', "setting 'epochs' in .* must be int, got 1.5"),
+        ('{"optim": {"lr": "fast"}}', "setting 'lr' in .* must be float"),
+        ('{"data": {"align": "yes"}}', "setting 'align' in .* must be bool"),
+        ('{"optim": {"lr": -1}}', "need lr > 0 and weight_decay >= 0"),
+        ('{"optim": {"weight_decay": -0.1}}', "need lr > 0 and weight_decay >= 0"),
+    ],
+    ids=["text for a number", "fraction for a count", "text for a rate", "text for a switch", "lr", "decay"],
+)
+def test_settings_of_the_wrong_type_or_range_are_refused_naming_them(tmp_path, text, message):
+    from age_detect_resnet.training.config import ConfigError, resolve_config
+
+    path = tmp_path / "settings.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        resolve_config([path])
+
+
+def test_settings_of_a_kind_that_converts_exactly_are_taken(tmp_path):
+    from age_detect_resnet.training.config import resolve_config
+
+    path = tmp_path / "settings.json"
+    path.write_text('{"train": {"epochs": 4.0}, "optim": {"lr": 1}}')
+    config = resolve_config([path])
+    assert config.train.epochs == 4 and isinstance(config.train.epochs, int)
+    assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)

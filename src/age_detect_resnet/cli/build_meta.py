@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.min_face_score is not None and not math.isfinite(args.min_face_score):
+        parser.error(f"--min-face-score must be a number, not {args.min_face_score}")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         df, filters = build_meta(args.data_root, min_face_score=args.min_face_score)
@@ -45,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return command_main("age-detect build-meta", __doc__, add_arguments, run, argv)
+    return command_main("age-detect build-meta", __doc__, add_arguments, run, argv, check=check_arguments)
 
 
 if __name__ == "__main__":

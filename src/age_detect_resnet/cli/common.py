@@ -88,4 +88,8 @@ def command_main(
     args = parser.parse_args(argv)
     if check is not None:
         check(parser, args)
-    return run(args)
+    try:
+        return run(args)
+    except OSError as err:  # a file or folder it was told to read or write, named in the message
+        logging.getLogger(prog).error("%s", user_message(err))
+        return 2

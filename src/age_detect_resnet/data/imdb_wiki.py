@@ -221,13 +221,36 @@ def build_meta(data_root: Path, *, min_face_score: float | None = None) -> tuple
     df["sha1"] = hash_files(data_root, df["path"].tolist())
     df = filters.drop(df, df["sha1"].notna(), "image file missing")
     if df.empty:
-        raise MetaError(
-            f"no usable rows under {data_root}: are the image folders (e.g. wiki_crop/00 ... 99) unpacked "
-            f"next to the .mat files? Download the *_crop.tar archives from {DATASET_PAGE}"
-        )
+        if filters.removed.get("image file missing"):
+            hint = (
+                "are the image folders (e.g. wiki_crop/00 ... 99) unpacked next to the .mat files? Download "
+                f"the *_crop.tar archives from {DATASET_PAGE}"
+            )
+        else:
+            hint = "the filters above removed every row" + (
+                "; try a lower --min-face-score" if min_face_score is not None else ""
+            )
+        raise MetaError(f"no usable rows under {data_root}:\n{filters.summary(0)}\n{hint}")
     return df.reset_index(drop=True), filters
 
 
 def write_table(df: pd.DataFrame, out: Path) -> None:
     with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A table `write_table` wrote (`--meta`); a file that is not one is a `MetaError` naming it."""
+    remedy = "pass the file `age-detect build-meta --out` wrote, or build it again"
+    try:
+        df = pd.read_csv(path, dtype={"person_id": str, "path": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise MetaError(f"{path} is not a metadata table ({err}); {remedy}") from err
+    missing = [column for column in ("path", "age", "person_id") if column not in df.columns]
+    if missing:
+        raise MetaError(f"{path} has no {', '.join(missing)} column(s); {remedy}")
+    if df.empty:
+        raise MetaError(f"{path} has no rows; {remedy}")
+    if not pd.api.types.is_numeric_dtype(df["age"]) or df["age"].isna().any():
+        raise MetaError(f"{path} has ages that are missing or not numbers; {remedy}")
+    return df

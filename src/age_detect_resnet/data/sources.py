@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from age_detect_resnet.data.csv_table import load_csv_table
-from age_detect_resnet.data.imdb_wiki import SOURCES, build_meta
+from age_detect_resnet.data.imdb_wiki import SOURCES, build_meta, read_table
 from age_detect_resnet.data.utkface import is_image_file, load_utkface
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _imdb_wiki_table(data_root: Path, meta: Path | None, min_face_score: float |
             raise DatasetNotFoundError(
                 f"metadata file {meta} does not exist; run `age-detect build-meta` first"
             )
-        return pd.read_csv(meta, dtype={"person_id": str})
+        return read_table(Path(meta))
     if not any((data_root / rel).is_file() for rel in SOURCES.values()):
         raise DatasetNotFoundError(dataset_help(data_root))
     log.info("building the IMDB-WIKI metadata from %s (pass --meta to reuse a built table)", data_root)

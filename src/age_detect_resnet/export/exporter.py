@@ -103,12 +103,13 @@ def export_metadata(
     }
 
 
-def _json_format(path: Path) -> str | None:
+def _json_fields(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; {} where it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return data.get("format") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def export_model(
@@ -145,10 +146,17 @@ def export_model(
         raise ExportError(
             f"{out}: the metadata goes to <stem>.json; give the model file another suffix (.onnx)"
         )
-    if meta.is_file() and _json_format(meta) != EXPORT_FORMAT:
+    existing = _json_fields(meta) if meta.is_file() else None
+    if existing is not None and existing.get("format") != EXPORT_FORMAT:
         raise ExportError(
             f"--out {out} would overwrite {meta}, which is not export metadata (the trained "
             "model's own?); choose another file name"
+        )
+    other = (existing or {}).get("file")
+    if other and other != out.name and (out.parent / other).is_file():
+        raise ExportError(
+            f"--out {out} would overwrite {meta}, the metadata of the export {out.parent / other}, which "
+            "could then not be loaded; choose another file name, or delete that export first"
         )
     model = model.float().eval().to("cpu")
     images, used = check_batch(

@@ -235,7 +235,7 @@ def resolve_yunet_model(path: Path | str | None = None, *, download: bool = True
     except OSError as err:
         message = (
             f"could not download the YuNet face detector ({err}); download {YUNET_URL} yourself and "
-            f"pass --detector-model FILE (or set {YUNET_ENV}), or pass --no-detect to use whole images"
+            f"pass --detector-model FILE (or set {YUNET_ENV}); `predict --no-detect` uses whole images"
         )
         _yunet_download_failure = (time.monotonic(), message)
         raise DetectorUnavailableError(message) from err

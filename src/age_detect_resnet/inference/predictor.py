@@ -42,12 +42,14 @@ from age_detect_resnet.inference.backends import AgeRunner, TorchRunner, load_ru
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.modeling.model import AgeModel
+from age_detect_resnet.runtime import select_device
 
 
 def load_trained_model(path: str | Path | None = "default", device: str | torch.device = "cpu") -> AgeModel:
     """The trained model in a run folder (or its best.safetensors; `default`: the model bundled with
-    the package), in eval mode on `device`."""
-    return checkpoint.load_model(path, torch.device(device))
+    the package), in eval mode on `device` (`auto`: a GPU where there is one; a GPU asked for where there
+    is none: a `DeviceError` saying so)."""
+    return checkpoint.load_model(path, select_device(device) if isinstance(device, str) else device)
 
 
 def predict_age_for_image(

@@ -294,8 +294,24 @@ def _merge(values: dict[str, dict[str, Any]], incoming: dict[str, Any], *, sourc
             raise ConfigError(
                 f"unknown setting '{key}' in {source}; known settings: {', '.join(sorted(known))}"
             )
-        group, _ = known[name]
-        values[group][name] = value
+        group, f = known[name]
+        values[group][name] = _typed(name, str(f.type), value, source)
+
+
+def _typed(name: str, kind: str, value: Any, source: str) -> Any:
+    """`value` as the setting's type (`kind`: "int", "float | None", ...), an int accepted for a float;
+    anything else (e.g. `epochs = "two"` in a file) a `ConfigError` naming the setting and its source."""
+    if value is None and kind.endswith("| None"):
+        return None
+    base = kind.split("|")[0].strip()
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if base == "float" and number:
+        return float(value)
+    if base == "int" and number and float(value).is_integer():  # 4 or 4.0, not 1.5
+        return int(value)
+    if (base == "bool" and isinstance(value, bool)) or (base == "str" and isinstance(value, str)):
+        return value
+    raise ConfigError(f"setting '{name}' in {source} must be {kind.replace(' | None', '')}, got {value!r}")
 
 
 def _check_photo_shares(data: DataConfig) -> None:
@@ -333,6 +349,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"image_size must be at least 32, got {data.image_size}")
     if train.epochs < 1 or train.batch_size < 1:
         raise ConfigError("epochs and batch_size must be at least 1")
+    if not config.optim.lr > 0 or not config.optim.weight_decay >= 0:
+        raise ConfigError(
+            f"need lr > 0 and weight_decay >= 0, got {config.optim.lr} and {config.optim.weight_decay}"
+        )
     if train.norm_batches < 0:
         raise ConfigError(f"norm_batches is a number of batches, 0 or more; got {train.norm_batches}")
     if config.model.weights and not config.model.pretrained:
