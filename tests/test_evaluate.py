@@ -166,11 +166,14 @@ def test_a_csv_labelled_with_age_groups_is_evaluated_by_group(tiny_run, tmp_path
     csv = tmp_path / "groups.csv"
     rows = [{"path": f"{root}/{n}", "age_group": "20-39", "age_low": 20, "age_high": 39} for n in names]
     rows.append({"path": f"{root}/{names[0]}", "age_group": "bad", "age_low": "x", "age_high": 3})
+    rows.append({"path": f"{root}/{names[1]}", "age_group": "100-109", "age_low": 100, "age_high": 109})
     pd.DataFrame(rows).to_csv(csv, index=False)
     out = tmp_path / "eval"
     args = ["--model", str(tiny_run), "--dataset", "csv", "--data-root", str(csv), "--split", "all"]
     assert evaluate_main([*args, "--out", str(out), "--num-workers", "0"]) == 0
     assert "skipped 1 row" in caplog.text and "lines 12" in caplog.text  # the bad label, by line
+    # The group beyond the evaluated ages (its middle, 104.5, above 100) is left out, and said to be.
+    assert "1 of the 11 images in" in caplog.text and "outside ages 0-100" in caplog.text
     metrics = json.loads((out / "evaluation.json").read_text())["metrics"]
     groups = metrics["labelled_groups"]
     assert groups["count"] == 10 and set(groups["groups"]) == {"20-39"}

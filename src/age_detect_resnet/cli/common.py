@@ -65,6 +65,17 @@ def user_message(err: BaseException) -> str:
     return text[original[-1].end() :].strip() if original else text
 
 
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1 (`--limit`, `--batch-size`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def command_main(
     prog: str,
     doc: str | None,

@@ -7,7 +7,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors, user_message
+from age_detect_resnet.cli.common import (
+    add_detector_arguments,
+    command_main,
+    positive_int,
+    user_errors,
+    user_message,
+)
 from age_detect_resnet.evaluation import evaluate
 from age_detect_resnet.training.config import DATASETS
 
@@ -40,7 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="report folder (default: <run>/eval-<dataset>-<split>)")
     parser.add_argument("--min-age", type=float, default=0, help="--split all: youngest age evaluated")
     parser.add_argument("--max-age", type=float, default=100, help="--split all: oldest age evaluated")
-    parser.add_argument("--limit", type=int, help="--split all: evaluate a random sample of N images")
+    parser.add_argument(
+        "--limit", type=positive_int, help="--split all: evaluate a random sample of N images"
+    )
     parser.add_argument(
         "--detect",
         action="store_true",
@@ -57,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--detect also head_pose (frontal or turned sideways, from the landmarks)",
     )
     parser.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

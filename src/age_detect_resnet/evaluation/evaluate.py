@@ -97,7 +97,18 @@ def evaluation_table(
     data_root = Path(data_root or (saved.data_root if own_dataset else None) or "data/raw")
     table, root = load_table(dataset, data_root, meta=Path(meta) if meta else None)
     check_columns(by, set(table.columns), data_root)
-    table = table[table["age"].between(min_age, max_age)]
+    in_range = table["age"].between(min_age, max_age)  # an age group's label: its middle age
+    if not in_range.all():
+        log.warning(
+            "%s of the %s images in %s are labelled outside ages %g-%g and are not evaluated "
+            "(--min-age/--max-age)",
+            f"{int((~in_range).sum()):,}",
+            f"{len(table):,}",
+            data_root,
+            min_age,
+            max_age,
+        )
+    table = table[in_range]
     if limit is not None:
         table = table.sample(min(limit, len(table)), random_state=0)
     table = table.reset_index(drop=True)
