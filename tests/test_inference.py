@@ -360,3 +360,80 @@ def test_resume_refuses_a_journal_damaged_before_its_last_line(tiny_run, tmp_pat
     journal.write_text(header + '\nnot json\n{"path": "a.jpg", "faces": []}\n')
     caplog.clear()
     assert predict_main(settings) == 2 and "line 2 is damaged" in caplog.text
+
+
+def test_annotated_names_tell_apart_inputs_that_share_a_stem():
+    """One --annotate folder for the whole run: a name two inputs would share gets their extension, their
+    folders below the ones they share, or both; a unique stem keeps `<stem>_ages.jpg`."""
+    from pathlib import Path
+
+    from age_detect_resnet.cli.predict import annotated_names
+
+    def names(*paths):
+        return list(annotated_names([Path(p) for p in paths]).values())
+
+    assert names("coll/a/p.jpg", "coll/b/p.jpg", "coll/a/p.png", "coll/q.jpg", "coll/q.mp4") == [
+        "a_p_jpg_ages.jpg",
+        "b_p_jpg_ages.jpg",
+        "a_p_png_ages.jpg",
+        "q_ages.jpg",
+        "q_ages.mp4",
+    ]
+    assert names("a/p.jpg", "b/p.jpg", "p.jpg") == ["a_p_ages.jpg", "b_p_ages.jpg", "p_ages.jpg"]
+    assert names("p.jpg", "p.PNG", "P.webp") == ["p_jpg_ages.jpg", "p_PNG_ages.jpg", "P_webp_ages.jpg"]
+    assert names("v/clip.mp4", "v/clip.avi") == ["clip_mp4_ages.mp4", "clip_avi_ages.mp4"]
+    # a disambiguated name another input already has, or the same file named twice: numbered
+    assert names("a/p.jpg", "b/p.jpg", "x/a_p.jpg") == ["a_p_2_ages.jpg", "b_p_ages.jpg", "a_p_ages.jpg"]
+    same = str(Path("p.jpg").absolute())
+    assert names("p.jpg", same) == ["p_jpg_ages.jpg", "p_jpg_2_ages.jpg"]
+
+
+def test_predict_annotates_photos_sharing_a_stem_into_distinct_files(tiny_run, tmp_path):
+    import shutil
+
+    coll = tmp_path / "coll"
+    for source, target in (("obama.jpg", "a/p.jpg"), ("biden.jpg", "b/p.jpg"), ("astronaut.png", "a/p.png")):
+        (coll / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(require(TEST_IMAGES) / source, coll / target)
+    out = tmp_path / "out"
+    assert predict_main(["--model", str(tiny_run), str(coll), "--no-detect", "--annotate", str(out)]) == 0
+    saved = {p.name: Image.open(p).size for p in out.iterdir()}
+    assert saved == {
+        "a_p_jpg_ages.jpg": Image.open(coll / "a/p.jpg").size,
+        "b_p_jpg_ages.jpg": Image.open(coll / "b/p.jpg").size,
+        "a_p_png_ages.jpg": Image.open(coll / "a/p.png").size,
+    }
+
+
+def test_predict_refuses_an_output_or_annotate_it_cannot_write_before_predicting(
+    tiny_run, tmp_path, monkeypatch, caplog
+):
+    photo = str(require(TEST_IMAGES) / "obama.jpg")
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    (tmp_path / "d.json").mkdir()
+
+    def not_now(self, images):
+        raise AssertionError("predicted before the outputs were checked")
+
+    monkeypatch.setattr(AgePredictor, "predict_images", not_now)
+    run = ["--model", str(tiny_run), photo, "--no-detect"]
+    cases = {
+        ("--annotate", str(blocked)): f"{blocked} is a file, not a folder",
+        ("--annotate", str(blocked / "sub")): f"cannot create the folder {blocked / 'sub'}",
+        ("--output", str(tmp_path / "d.json")): f"--output {tmp_path / 'd.json'} is a folder",
+        ("--output", str(blocked / "ages.csv")): f"{blocked} is a file, not a folder",
+    }
+    for option, message in cases.items():
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert predict_main([*run, *option]) == 2
+        assert message in caplog.text and "pass a" in caplog.text
+    assert not (tmp_path / "d.json.partial").exists() and not list((tmp_path / "d.json").iterdir())
+
+
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_predict_refuses_a_file_size_limit_no_photo_can_meet(limit, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        predict_main(["photo.jpg", "--max-file-mb", limit])
+    assert exit_.value.code == 2 and "--max-file-mb must be > 0" in capsys.readouterr().err

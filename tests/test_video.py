@@ -19,7 +19,7 @@ from age_detect_resnet.faces.detection import box_iou
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.inference.predictor import FacePrediction
 from age_detect_resnet.video.reader import Stride, VideoReadError, read_frames
-from age_detect_resnet.video.tracking import FaceTracker
+from age_detect_resnet.video.tracking import FaceTracker, max_missed_for
 from conftest import TEST_IMAGES, YUNET, require
 
 CLIP_FPS = 10
@@ -30,9 +30,12 @@ def face(box, age=40.0, interval=None) -> FacePrediction:
     return FacePrediction(0, tuple(box), tuple(box), 0.9, age, interval)
 
 
-def make_clip(path: Path, photos: list[str], *, size=(320, 240), frames=CLIP_FRAMES, fourcc="mp4v"):
+def make_clip(
+    path: Path, photos: list[str], *, size=(320, 240), frames=CLIP_FRAMES, fourcc="mp4v", hidden=range(0)
+):
     """A clip of the photos side by side, each shrunk into its slot and drifting a few pixels per frame
-    (so that every frame is a slightly different picture); returns the photos as they appear in it."""
+    (so that every frame is a slightly different picture), the frames in `hidden` empty; returns the
+    photos as they appear in it."""
     width, height = size
     slot = width // len(photos)
     thumbs = []
@@ -43,7 +46,7 @@ def make_clip(path: Path, photos: list[str], *, size=(320, 240), frames=CLIP_FRA
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), CLIP_FPS, size)
     for i in range(frames):
         canvas = Image.new("RGB", size, (120, 120, 120))
-        for k, thumb in enumerate(thumbs):
+        for k, thumb in enumerate(thumbs if i not in hidden else []):
             x = k * slot + (slot - thumb.width) // 2 + (i % 5) - 2
             canvas.paste(thumb, (x, (height - thumb.height) // 2 + i // 8 - 1))
         writer.write(cv2.cvtColor(np.asarray(canvas), cv2.COLOR_RGB2BGR))
@@ -110,6 +113,19 @@ def test_a_track_survives_a_short_gap_and_ends_after_max_missed_seconds():
         (1, 0.0, 0.9, 2),
         (2, 2.0, 2.0, 1),
     ]
+
+
+def test_frames_sampled_far_apart_keep_a_track_through_two_missed_frames():
+    assert max_missed_for(0.2) == 1.0  # 5 frames a second: a second, as before
+    tracker = FaceTracker(max_missed=max_missed_for(2.0))  # --fps 0.5
+    assert tracker.update([face((0, 0, 100, 100))], 0.0)[0].track_id == 1
+    assert tracker.update([face((2, 0, 102, 100))], 2.0)[0].track_id == 1
+    tracker.update([], 4.0)
+    tracker.update([], 6.0)
+    assert tracker.update([face((2, 0, 102, 100))], 8.0)[0].track_id == 1  # two frames missed
+    for time in (10.0, 12.0, 14.0):
+        tracker.update([], time)
+    assert tracker.update([face((2, 0, 102, 100))], 16.0)[0].track_id == 2  # three: ended
 
 
 def test_two_people_crossing_keep_their_ids():
@@ -249,6 +265,19 @@ def test_one_face_gives_one_track_whose_steady_age_matches_the_photo(predictor, 
     assert np.abs(np.asarray(annotated, float) - np.asarray(first, float)).max() > 100  # boxes drawn
 
 
+@pytest.mark.parametrize("stride", [{"fps": 0.5}, {"every": 20}])
+def test_a_still_face_sampled_seconds_apart_stays_one_track(predictor, tmp_path, stride):
+    """--fps 0.5 (or --every 20 of a 10 fps clip): frames 2 s apart, the face missing from one of them;
+    a fixed 1 s limit made each sighting a track of its own."""
+    from age_detect_resnet.video.process import predict_video
+
+    clip = tmp_path / "still.mp4"
+    make_clip(clip, ["obama.jpg"], frames=70, hidden=range(20, 40))  # 7 s, no face at 2-4 s
+    result = predict_video(predictor, clip, **stride, progress=False)
+    assert result.frames == 4 and len(result.faces) == 3  # frames 0, 20 (empty), 40, 60
+    assert [(t.track_id, t.frames, t.first_time, t.last_time) for t in result.tracks] == [(1, 3, 0.0, 6.0)]
+
+
 def test_two_faces_side_by_side_give_two_steady_tracks(predictor, clips):
     from age_detect_resnet.video.process import predict_video
 
@@ -334,6 +363,23 @@ def test_predict_cli_json_and_a_mixed_folder_with_a_broken_video(clips, tmp_path
     photo = rows[rows["path"].str.endswith("portrait.jpg")]
     assert len(photo) == 1 and photo["frame"].isna().all()  # photo rows leave the video columns empty
     assert len(rows) == 1 + 5
+    # ... and the video rows' whole numbers stay whole: 20, not 20.0
+    text = pd.read_csv(csv, dtype=str, keep_default_na=False).set_index("path")
+    video = text.drop(str(folder / "portrait.jpg"))
+    assert list(video["frame"]) == ["0", "5", "10", "15", "20"]
+    assert set(video["track_id"]) == {"1"} and list(video["track_frames"]) == ["1", "2", "3", "4", "5"]
+    assert text.loc[str(folder / "portrait.jpg"), ["frame", "track_id", "track_frames"]].tolist() == [""] * 3
+
+
+def test_predict_cli_annotates_videos_sharing_a_stem_into_distinct_files(tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    make_clip(folder / "clip.mp4", ["obama.jpg"])
+    make_clip(folder / "clip.avi", ["biden.jpg"], fourcc="MJPG")
+    out = tmp_path / "out"
+    assert predict_main([str(folder), "--every", "10", "--annotate", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["clip_avi_ages.mp4", "clip_mp4_ages.mp4"]
+    assert all(frame_count(p) == 3 for p in out.iterdir())
 
 
 def test_predict_cli_rejects_a_zero_stride(clips):

@@ -22,6 +22,9 @@ The terminal shows one line per track. Outputs:
 * `--output ages.json`: photos as before; each video is {"path", "video": {fps, frame_count, width, height,
   sampled_fps, sampled_frames}, "tracks": [...], "faces": [per-frame rows], "error"}.
 * `--annotate DIR`: `DIR/<stem>_ages.mp4`, the sampled frames with boxes, track ids and steady ages.
+  Inputs that would share an annotated name (a/p.jpg and b/p.jpg, clip.mp4 and clip.avi) get their
+  extension, their folders below the ones they share, or both in it instead: a_p_ages.jpg, b_p_ages.jpg,
+  clip_mp4_ages.mp4, clip_avi_ages.mp4 (the same names on every run over the same inputs).
 
 A long batch loses nothing when it stops: with `--output`, each photo's faces are also appended, as it
 is predicted, to `<output>.partial` (JSON lines), which is removed once the output is written. After an
@@ -41,8 +44,9 @@ import argparse
 import glob
 import json
 import logging
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,6 +258,8 @@ VIDEO_COLUMNS = (
     "steady_age steady_low steady_high track_frames"
 ).split()
 TRACK_COLUMNS = "path track_id first_time last_time frames age age_low age_high".split()
+# Whole numbers that photo rows leave empty: kept whole (pandas would write 20.0 beside a missing value).
+WHOLE_VIDEO_COLUMNS = ("frame", "track_id", "track_frames")
 
 
 def write_output(results: Sequence[PhotoResult], out: Path, *, videos: Sequence[VideoEntry] = ()) -> None:
@@ -271,8 +277,12 @@ def write_output(results: Sequence[PhotoResult], out: Path, *, videos: Sequence[
             rows += [{"path": str(v.path), **f.as_dict()} for v in videos if v.result for f in v.result.faces]
             # only the columns some row has: no age_low/age_high for a model without intervals
             columns = [c for c in VIDEO_COLUMNS if any(c in row for row in rows)] if rows else VIDEO_COLUMNS
+        table = pd.DataFrame(rows, columns=columns if videos or not rows else None)
+        for column in WHOLE_VIDEO_COLUMNS:
+            if column in table.columns:
+                table[column] = table[column].astype("Int64")
         with atomic_path(out) as tmp:
-            pd.DataFrame(rows, columns=columns if videos or not rows else None).to_csv(tmp, index=False)
+            table.to_csv(tmp, index=False)
         if videos:
             tracks = [
                 {"path": str(v.path), **t.as_dict()} for v in videos if v.result for t in v.result.tracks
@@ -320,12 +330,17 @@ def track_line(path: Path, track: TrackSummary) -> str:
 
 
 def predict_videos(
-    predictor: AgePredictor, paths: Sequence[Path], args: argparse.Namespace
+    predictor: AgePredictor,
+    paths: Sequence[Path],
+    args: argparse.Namespace,
+    annotated: Mapping[Path, str] | None = None,
 ) -> Iterator[VideoEntry]:
-    """One entry per video, in order: tracked faces, or the reason it was skipped."""
+    """One entry per video, in order: tracked faces, or the reason it was skipped. With --annotate, a
+    video's annotated copy is named by `annotated` (`annotated_names` of the run's inputs)."""
+    names = annotated if annotated is not None else annotated_names(paths)
     for path in paths:
         entry = VideoEntry(path)
-        annotate = Path(args.annotate) / f"{path.stem}_ages.mp4" if args.annotate else None
+        annotate = Path(args.annotate) / names[path] if args.annotate else None
         try:
             entry.result = predict_video(
                 predictor,
@@ -346,12 +361,88 @@ def predict_videos(
         yield entry
 
 
-def annotate_to(result: PhotoResult, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    out = folder / f"{result.path.stem}_ages.jpg"
+def annotated_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """The name of each input's annotated copy in the one --annotate folder: `<stem>_ages.jpg`
+    (`.mp4` for a video) where no other input of the run has it; inputs that would share a name get
+    their extension (p.jpg, p.png -> p_jpg_ages.jpg, p_png_ages.jpg), else their folders below the ones
+    they share (a/p.jpg, b/p.jpg -> a_p_ages.jpg, b_p_ages.jpg), else both. Decided over the whole
+    input list, in its order, so that a --resume over the same inputs writes the same names."""
+
+    def name(path: Path, label: str) -> str:
+        return f"{label}_ages{'.mp4' if is_video(path) else '.jpg'}"
+
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(name(path, path.stem).casefold(), []).append(path)
+    names = {group[0]: name(group[0], group[0].stem) for group in groups.values() if len(group) == 1}
+    taken = {n.casefold() for n in names.values()}
+    for group in (g for g in groups.values() if len(g) > 1):
+        # abspath, unlike resolve, keeps the folder names given (not where symlinks lead)
+        parents = [Path(os.path.abspath(path)).parent for path in group]  # noqa: PTH100
+        root = Path(os.path.commonpath(parents))
+        folders = ["_".join(parent.relative_to(root).parts) for parent in parents]
+        extended = ["_".join(filter(None, (path.stem, path.suffix[1:]))) for path in group]
+        stems = [path.stem for path in group]
+        tiers = [
+            ["_".join(filter(None, parts)) for parts in zip(*columns, strict=True)]
+            for columns in ((extended,), (folders, stems), (folders, extended))
+        ]
+        labels = next((t for t in tiers if len({x.casefold() for x in t}) == len(t)), tiers[-1])
+        for path, label in zip(group, labels, strict=True):
+            # a name another input already has (the same file given twice, an input named a_p.jpg):
+            # numbered, in input order
+            candidate, number = name(path, label), 1
+            while candidate.casefold() in taken:
+                number += 1
+                candidate = name(path, f"{label}_{number}")
+            names[path] = candidate
+            taken.add(candidate.casefold())
+    return {path: names[path] for path in paths}
+
+
+def annotate_to(result: PhotoResult, folder: Path, name: str | None = None) -> Path:
+    """Save the photo with its faces boxed as `folder/name` (default `<stem>_ages.jpg`)."""
+    out = folder / (name or f"{result.path.stem}_ages.jpg")
     with atomic_path(out) as tmp:
         draw_predictions(load_rgb(result.path), result.faces).save(tmp, format="JPEG", quality=92)
     return out
+
+
+class OutputPathError(ValueError):
+    """An --output or --annotate path this run could not write to; the message names it and says what
+    to do."""
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any photo is predicted, an --output or --annotate the run could not write at the
+    end (an --output that is a folder, a folder that cannot be created or written); creates the folders."""
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            raise OutputPathError(
+                f"--output {out} is a folder; pass a file name, such as {out / ('ages' + out.suffix.lower())}"
+            )
+        writable_folder(out.parent, f"--output {out}", "pass a file in a folder you can write to")
+    if args.annotate:
+        writable_folder(
+            Path(args.annotate),
+            f"--annotate {args.annotate}",
+            "pass a folder (new or existing) you can write to",
+        )
+
+
+def writable_folder(folder: Path, option: str, advice: str) -> None:
+    """Create `folder` if need be, or an `OutputPathError` saying why `option` cannot use it."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"{option}: {folder} is a file, not a folder; {advice}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputPathError(
+            f"{option}: cannot create the folder {folder} ({err.strerror}); {advice}"
+        ) from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option}: cannot write into the folder {folder}; {advice}")
 
 
 class PredictorOptionsError(ValueError):
@@ -421,6 +512,11 @@ def run(args: argparse.Namespace) -> int:
         log.error("--every must be at least 1 and --fps above 0")
         return 2
     try:
+        check_output_paths(args)
+    except OutputPathError as err:
+        log.error("%s", err)
+        return 2
+    try:
         predictor = build_predictor(args)
     except predictor_errors() as err:
         log.error("%s", user_message(err))
@@ -430,6 +526,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", problem)
     videos = [p for p in paths if is_video(p)]
     photos = [p for p in paths if not is_video(p)]
+    annotated = annotated_names(paths) if args.annotate else {}
     try:
         journal = (
             PredictionJournal(
@@ -465,11 +562,11 @@ def run(args: argparse.Namespace) -> int:
                     f"{result.path}\tface {face.face_index}\tbox {x1},{y1},{x2},{y2}\tage {age_label(face)}"
                 )
             if args.annotate:
-                annotate_to(result, Path(args.annotate))
+                annotate_to(result, Path(args.annotate), annotated[result.path])
             if journal:  # last: a photo kept is one whose every output is written
                 journal.record(result)
         entries = []
-        for entry in predict_videos(predictor, videos, args):
+        for entry in predict_videos(predictor, videos, args, annotated):
             entries.append(entry)
             if entry.error:
                 log.error("%s", entry.error)
@@ -508,7 +605,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="write the results to FILE.csv (one row per face) or FILE.json")
     parser.add_argument(
         "--annotate",
-        help="save each photo (and video, as <stem>_ages.mp4) with boxes and ages into this folder",
+        help="save each photo (and video, as <stem>_ages.mp4) with boxes and ages into this folder; "
+        "inputs sharing a stem get their extension or folders in the name",
     )
     parser.add_argument(
         "--resume",
@@ -533,8 +631,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse limits no photo could meet (usage and message, exit status 2)."""
+    if not args.max_file_mb > 0:
+        parser.error(f"--max-file-mb must be > 0, not {args.max_file_mb:g}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return command_main("age-detect predict", __doc__, add_arguments, run, argv)
+    return command_main("age-detect predict", __doc__, add_arguments, run, argv, check=check_arguments)
 
 
 if __name__ == "__main__":

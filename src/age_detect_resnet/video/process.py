@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,7 +42,7 @@ from age_detect_resnet.images import VIDEO_SUFFIXES
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction
 from age_detect_resnet.video.reader import Stride, VideoInfo, probe_video, read_frames
-from age_detect_resnet.video.tracking import FaceTracker, TrackedFace, TrackSummary
+from age_detect_resnet.video.tracking import FaceTracker, TrackedFace, TrackSummary, max_missed_for
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,19 @@ def predict_video(
     detect_max_side: int | None = None,
 ) -> VideoResult:
     """Predict the sampled frames of the video at `path` (every `every`-th frame, or `fps` a second,
-    or all), track the faces, and write an annotated MP4 to `annotate_to` when given.
+    or all), track the faces, and write an annotated MP4 to `annotate_to` when given. Without a
+    `tracker`, a track outlasts a second or two missed sampled frames, whichever is longer
+    (`max_missed_for`): a sparse stride must not split a person into one-frame tracks.
 
     Raises `VideoReadError` (an `ImageReadError`) naming the file when it cannot be read or ends early;
     an annotated copy is then not left behind."""
     path = Path(path)
     info = probe_video(path)
     stride = Stride(info.fps, every=every, fps=fps)
-    tracker = tracker or FaceTracker()
+    # the longest gap between two sampled frames (at a target rate they are unevenly spaced by up to a
+    # frame), plus half a frame against the rounding of frame times
+    gap = (math.ceil(info.fps / stride.rate - 1e-9) + 0.5) / info.fps
+    tracker = tracker or FaceTracker(max_missed=max_missed_for(gap))
     if detect_max_side and predictor.detector is not None:
         predictor = copy.copy(predictor)  # the caller's predictor keeps its own detector
         predictor.detector = with_max_side(predictor.detector, detect_max_side)

@@ -10,7 +10,9 @@ Matching: a face belongs to the track whose last box overlaps it most (intersect
 per track, solved as an assignment problem so that two people passing each other keep their ids as long
 as their boxes overlap their own previous boxes more than each other's); a face overlapping no track by
 `iou_threshold` starts a new one. A track not seen for `max_missed` seconds has ended (the person left,
-or was hidden too long to be sure it is the same one when a face reappears there).
+or was hidden too long to be sure it is the same one when a face reappears there). Frames sampled far
+apart (`predict --fps 0.5`) need longer: `max_missed_for(gap)` also lets a face miss `MISSED_FRAMES`
+sampled frames, or a still face would become one track per frame.
 
 Steady age: the median of the track's per-frame ages, over its most recent `window` observations: one
 blurred, turned or half-hidden frame with a wild age moves it little, and memory per track is bounded.
@@ -52,6 +54,16 @@ if TYPE_CHECKING:  # the tracker only reads .box, .age and .interval; no torch i
 Box = tuple[int, int, int, int]
 # Median absolute deviation to standard deviation, for normally distributed values.
 MAD_TO_SD = 1.4826
+# A track ends when its face is unseen for longer than this many seconds...
+MAX_MISSED = 1.0
+# ... and, in sampled video, than this many sampled frames (a blink of the detector, a turned head).
+MISSED_FRAMES = 2
+
+
+def max_missed_for(frame_gap: float) -> float:
+    """`max_missed` for frames up to `frame_gap` seconds apart: `MAX_MISSED` seconds or `MISSED_FRAMES`
+    frames without the face, whichever is longer, so that sparse sampling keeps one person one track."""
+    return max(MAX_MISSED, (MISSED_FRAMES + 1) * frame_gap)
 
 
 @dataclass
@@ -138,7 +150,7 @@ class FaceTracker:
         self,
         *,
         iou_threshold: float = 0.3,
-        max_missed: float = 1.0,
+        max_missed: float = MAX_MISSED,
         window: int = 300,
         coverage: float = 0.8,
         independent_every: float = 0.2,
