@@ -17,10 +17,14 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 def hide(monkeypatch: pytest.MonkeyPatch, module: str, *importers: str) -> None:
     """Make `import module` fail as if it were not installed, and forget the modules that import it, so
-    that they import it again."""
+    that they import it again (also as their package's attribute, which `from package import name`
+    would otherwise find first)."""
     monkeypatch.setitem(sys.modules, module, None)
     for name in importers:
         monkeypatch.delitem(sys.modules, name, raising=False)
+        package, _, attribute = name.rpartition(".")
+        if package in sys.modules:
+            monkeypatch.delattr(sys.modules[package], attribute, raising=False)
 
 
 def test_serve_without_the_web_extra_says_how_to_install_it(monkeypatch, caplog):

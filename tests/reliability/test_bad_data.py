@@ -548,8 +548,8 @@ def test_evaluate_names_a_missing_photo_in_one_line_not_a_worker_traceback(tmp_p
         ('{"train": {"epochs": 1.5}}', "setting 'epochs' in .* must be int, got 1.5"),
         ('{"optim": {"lr": "fast"}}', "setting 'lr' in .* must be float"),
         ('{"data": {"align": "yes"}}', "setting 'align' in .* must be bool"),
-        ('{"optim": {"lr": -1}}', "need lr > 0 and weight_decay >= 0"),
-        ('{"optim": {"weight_decay": -0.1}}', "need lr > 0 and weight_decay >= 0"),
+        ('{"optim": {"lr": -1}}', "need lr >= 0 and weight_decay >= 0"),
+        ('{"optim": {"weight_decay": -0.1}}', "need lr >= 0 and weight_decay >= 0"),
     ],
     ids=["text for a number", "fraction for a count", "text for a rate", "text for a switch", "lr", "decay"],
 )

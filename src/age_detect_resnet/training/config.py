@@ -349,9 +349,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"image_size must be at least 32, got {data.image_size}")
     if train.epochs < 1 or train.batch_size < 1:
         raise ConfigError("epochs and batch_size must be at least 1")
-    if not config.optim.lr > 0 or not config.optim.weight_decay >= 0:
+    if not config.optim.lr >= 0 or not config.optim.weight_decay >= 0:  # lr 0: the start's weights, kept
         raise ConfigError(
-            f"need lr > 0 and weight_decay >= 0, got {config.optim.lr} and {config.optim.weight_decay}"
+            f"need lr >= 0 and weight_decay >= 0, got {config.optim.lr} and {config.optim.weight_decay}"
         )
     if train.norm_batches < 0:
         raise ConfigError(f"norm_batches is a number of batches, 0 or more; got {train.norm_batches}")
