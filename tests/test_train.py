@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 
@@ -12,12 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from age_detect_resnet.cli.train import main as train_main
 from age_detect_resnet.data.splits import prepare_splits
 from age_detect_resnet.inference import load_trained_model, predict_age_for_image
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.training.config import ConfigError, resolve_config
 from age_detect_resnet.training.optim import inverse_frequency_weights
 from age_detect_resnet.training.run import should_stop, split_seed
+from age_detect_resnet.training.state import write_state
 from conftest import train_tiny
 
 ARTEFACTS = [
@@ -86,6 +90,45 @@ def test_resume_continues_from_the_saved_epoch(utkface_sample, tmp_path):
     assert (
         state["optimizer"]["state"][0]["step"].item() == optimizer_steps * 3 / 2
     )  # optimizer state continued
+    # The wall time is this session's alone, and says so.
+    assert "min (this session only, resumed after epoch 2; all 3 epochs)" in (run / "report.md").read_text()
+
+
+def test_resume_refuses_changed_settings_and_leaves_the_run_as_it_was(utkface_sample, tmp_path, caplog):
+    run = train_tiny(utkface_sample, tmp_path / "run", "--epochs", "1")
+    files = ("config.json", "split.csv", "metrics.csv", "last.pt")
+    kept = {name: (run / name).read_bytes() for name in files}
+    moved = shutil.copytree(utkface_sample, tmp_path / "copy")
+    for change, named in [
+        (["--image-size", "64"], "--image-size 40 saved, 64 requested"),
+        (["--head", "distribution"], "--head 'regression' saved, 'distribution' requested"),
+        (["--data-root", str(moved)], f"--data-root '{utkface_sample}' saved, '{moved}' requested"),
+    ]:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert train_main(["--out", str(run), "--resume", *change]) == 2, change
+        assert named in caplog.text and "train into a new --out" in caplog.text
+        assert {name: (run / name).read_bytes() for name in kept} == kept, change
+    # The number of epochs and how the run is computed and reported may change.
+    train_tiny(utkface_sample, run, "--resume", "--epochs", "2", "--precision", "fp32", "--grid-size", "0")
+    assert pd.read_csv(run / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+
+
+def test_training_into_a_run_without_resume_is_refused(tiny_run, tmp_path, caplog):
+    files = ("config.json", "best.safetensors", "metrics.csv")
+    kept = {name: (tiny_run / name).read_bytes() for name in files}
+    with caplog.at_level(logging.ERROR):
+        assert train_main(["--config", str(tiny_run / "config.json"), "--out", str(tiny_run)]) == 2
+    assert f"{tiny_run / 'best.safetensors'} already exists; pass --resume to continue it" in caplog.text
+    assert {name: (tiny_run / name).read_bytes() for name in kept} == kept
+    # An interrupted run (its training state, no model yet) is kept as well.
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    write_state(interrupted / "last.pt", {"epoch": 1})
+    assert train_main(["--config", str(tiny_run / "config.json"), "--out", str(interrupted)]) == 2
+    assert f"{interrupted / 'last.pt'} already exists" in caplog.text
+    assert sorted(p.name for p in interrupted.iterdir()) == ["last.pt"]
 
 
 def test_the_best_model_gets_its_batch_norm_statistics_recomputed(tiny_run):

@@ -49,6 +49,7 @@ case $mode in
     smoke)
         nvidia-smi --query-gpu=name,memory.total --format=csv || echo "no nvidia-smi"
         python3 -c "import torch, torchvision, cv2; print(torch.__version__, torchvision.__version__, cv2.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+        rm -rf runs/smoke  # a check, not a run to keep: training refuses to replace an earlier one
         python3 -m age_detect_resnet.train "${common[@]}" --no-pretrained --limit "${SMOKE_LIMIT:-4000}" --epochs 1 \
             --grid-size 0 --norm-batches 2 --out runs/smoke
         grep -h "epoch\|MAE" runs/smoke/report.md | head -20

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 
 class RunFolderError(ValueError):
-    """A run folder that lacks what was asked of it; the message names the file."""
+    """A run folder that lacks what was asked of it, or holds a run that must not be replaced; the message
+    names the file."""
 
 
 class RunFolder:
@@ -102,6 +103,17 @@ class RunFolder:
     def export(self, fmt: str) -> Path:
         """The default file of `age-detect export --format fmt` (onnx or torchscript)."""
         return self.path / ("age_model.onnx" if fmt == "onnx" else "age_model.torchscript.pt")
+
+    def check_new(self, *, continue_with: str | None = None) -> None:
+        """Refuse (RunFolderError) a folder that already holds a run, its model or its training state: a
+        new run must not replace what a finished or interrupted one left. `continue_with` names the option
+        that continues it instead, where there is one."""
+        for part in (self.best, self.last):
+            if part.exists():
+                continuing = f"pass {continue_with} to continue it, or " if continue_with else ""
+                raise RunFolderError(
+                    f"{part} already exists; {continuing}choose another --out (nothing was changed)"
+                )
 
     # What the files say.
     @cached_property

@@ -25,6 +25,7 @@ from age_detect_resnet.cli.train import main as train_main
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.heads import RegressionHead
 from age_detect_resnet.modeling.model import create_model
+from age_detect_resnet.training import run as training_run
 from age_detect_resnet.training import state as training_state
 from conftest import UTKFACE, require
 
@@ -118,6 +119,7 @@ def test_interrupted_and_killed_run_resumes_to_the_uninterrupted_result(utkface_
     _wait_for_epochs(process, resumed, 1, log)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=120) == 130, log.read_text()
+    assert f"the last finished epoch is saved in {resumed / 'last.pt'}" in log.read_text()
     assert "--resume" in log.read_text()
     interrupted_at = _assert_saved_state_is_usable(resumed)
     assert not list(resumed.glob("*.tmp")) and not list(resumed.glob(".*.tmp")), "Ctrl-C leaves no temp files"
@@ -245,6 +247,44 @@ def test_resume_without_a_checkpoint_says_how_to_start(utkface_sample, tmp_path,
     with caplog.at_level(logging.ERROR):
         assert train_main(_train_args(utkface_sample, tmp_path / "run", "--resume", epochs=1)) == 2
     assert "nothing to resume" in caplog.text and "start without --resume" in caplog.text
+    assert not (tmp_path / "run").exists(), "a refused resume creates nothing"
+    # A training state without the settings it was trained with cannot be continued as they were.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    training_state.write_state(bare / "last.pt", {"epoch": 1})
+    assert train_main(_train_args(utkface_sample, bare, "--resume", epochs=1)) == 2
+    assert f"{bare / 'config.json'} does not exist" in caplog.text and "a new --out" in caplog.text
+    assert [p.name for p in bare.iterdir()] == ["last.pt"]
+
+
+def test_ctrl_c_before_the_first_epoch_finished_says_there_is_nothing_to_resume(
+    utkface_sample, tmp_path, monkeypatch, caplog
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_run, "train_one_epoch", interrupted)
+    args = _train_args(utkface_sample, tmp_path / "run", epochs=1)
+    with caplog.at_level(logging.ERROR):
+        assert train_main(args) == 130
+    assert "nothing was saved to resume; run the same command again" in caplog.text
+    assert "plus --resume" not in caplog.text
+    monkeypatch.undo()
+    assert train_main(args) == 0, "the same command again trains the run"
+
+
+def test_a_training_state_of_another_model_is_refused_by_name(tmp_path):
+    """A last.pt that does not fit the run's settings (config.json edited) is named, with no traceback."""
+
+    def training_state_of(head: str) -> training_state.TrainingState:
+        model = create_model("mobilenet_v2", head, pretrained=False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return training_state.TrainingState(model, optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer))
+
+    path = tmp_path / "last.pt"
+    training_state_of("regression").save(path)
+    with pytest.raises(checkpoint.ModelFileError, match=r"last\.pt does not fit .*size mismatch for head"):
+        training_state_of("distribution").restore(path)
 
 
 def test_model_state_round_trips_through_the_training_state(tmp_path):

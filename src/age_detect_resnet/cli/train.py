@@ -51,14 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(
     args: argparse.Namespace, argv: Sequence[str] | None = None, *, prog: str = "age-detect train"
 ) -> int:
+    config = None
     try:
         config = config_for_run(args)
         command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
         train(config, resume=args.resume, progress=not args.no_progress, command=command)
     except KeyboardInterrupt:
-        log.error(
-            "interrupted; the last finished epoch is saved: continue with the same command plus --resume"
-        )
+        log.error("%s", interrupted_message(config, resume=args.resume))
         return 130
     except (*user_errors(), NonFiniteLossError) as err:
         log.error("%s", user_message(err))
@@ -66,6 +65,16 @@ def run(
     finally:
         cleanup_distributed()
     return 0
+
+
+def interrupted_message(config: Config | None, *, resume: bool) -> str:
+    """What Ctrl-C left: the last finished epoch to continue from (last.pt), or, before the first epoch
+    finished, nothing that --resume could continue."""
+    last = RunFolder(config.run_dir()).last if config is not None else None
+    if last is None or not last.is_file():
+        return "interrupted before an epoch finished: nothing was saved to resume; run the same command again"
+    again = "the same command again" if resume else "the same command plus --resume"
+    return f"interrupted; the last finished epoch is saved in {last}: continue with {again}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

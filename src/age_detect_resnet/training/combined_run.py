@@ -131,8 +131,7 @@ def _calibrate_and_save(
 
 def _new_run(out: str | Path) -> RunFolder:
     run = RunFolder(out)
-    if run.best.exists():
-        raise ConfigError(f"{run.best} already exists; choose another --out (nothing was changed)")
+    run.check_new()
     return run
 
 

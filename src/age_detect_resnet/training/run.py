@@ -30,10 +30,10 @@ from age_detect_resnet.data.splits import PreparedData, load_split, prepare_spli
 from age_detect_resnet.faces.detection import training_framing
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.model import AgeModel
-from age_detect_resnet.run_folder import RunFolder, SavedSplit
+from age_detect_resnet.run_folder import RunFolder, RunFolderError, SavedSplit
 from age_detect_resnet.runtime import autocast_factory, hardware_summary, resolve_precision, seed_everything
 from age_detect_resnet.training.best_statistics import recompute_best_statistics
-from age_detect_resnet.training.config import Config, save_config
+from age_detect_resnet.training.config import Config, resolve_config, save_config
 from age_detect_resnet.training.distributed import Distributed, setup_distributed
 from age_detect_resnet.training.ema import ModelEma
 from age_detect_resnet.training.engine import evaluate, train_one_epoch
@@ -46,7 +46,7 @@ from age_detect_resnet.training.optim import (
     optimizer_steps_per_epoch,
 )
 from age_detect_resnet.training.reporting import final_test, open_tensorboard, write_history, write_run_report
-from age_detect_resnet.training.state import TrainingState
+from age_detect_resnet.training.state import TrainingState, check_same_settings, read_state
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,11 @@ def train(
     started = time.perf_counter()
     dist = setup_distributed(config.train.device)
     run = RunFolder(config.run_dir())
+    # Refused before anything is written: a run that cannot start leaves its folder as it was.
+    if resume:
+        saved_state = state_to_resume(config, run)
+    else:
+        run.check_new(continue_with="--resume")
     seed_everything(config.train.seed + dist.rank, deterministic=config.train.deterministic)
     if dist.is_main:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -79,10 +84,11 @@ def train(
         ema=ModelEma(model, config.optim.ema_decay) if config.optim.ema_decay else None,
     )
     if resume:
-        state.restore(run.last)
+        state.restore(run.last, saved_state)
         log.info(
             "resuming %s after epoch %d (best validation MAE %.3f)", run.path, state.epoch, state.best_mae
         )
+    resumed_after = state.epoch  # the wall time below is this session's: earlier sessions' is not saved
 
     aligned_counts = getattr(loaders["train"].dataset.images, "alignment", None)
     metadata = model_metadata(config, prepared, framing_metadata(config, prepared, dist), aligned_counts)
@@ -100,7 +106,9 @@ def train(
         "hardware": hardware_summary(dist.device),
         "precision": precision,
         "wall_time": time.perf_counter() - started,
-        "stop_reason": stop_reason,
+        "stop_reason": f"this session only, resumed after epoch {resumed_after}; {stop_reason}"
+        if resume
+        else stop_reason,
         "skipped": skipped,
         "alignment": aligned_counts,
         "norm_statistics": norm_statistics,
@@ -108,6 +116,19 @@ def train(
     write_run_report(run, config, prepared, state.history, test_metrics, info)
     log.info("test MAE %.2f; report in %s", test_metrics["mae"], run.report)
     return test_metrics
+
+
+def state_to_resume(config: Config, run: RunFolder) -> dict[str, Any]:
+    """The saved training state of the run `config` continues, read before anything is written; refused
+    where there is none, or where `config` changes a setting the run was trained with (state.py)."""
+    saved = read_state(run.last)
+    if not run.config.is_file():
+        raise RunFolderError(
+            f"{run.config} does not exist, so {run.last} cannot be continued with the settings it was "
+            "trained with; train into a new --out"
+        )
+    check_same_settings(resolve_config(run.config), config, run.config)
+    return saved
 
 
 def split_for_run(config: Config, run: RunFolder, dist: Distributed, *, resume: bool) -> PreparedData:

@@ -4,6 +4,8 @@ Like timm's CheckpointSaver, one object captures and restores the model, optimis
 scaler, EMA weights, random-number generators, the epoch, the best validation MAE and the history. The
 head's calibrated settings are buffers of the model, so they travel with its state_dict. The file
 (last.pt, see run_folder.py) is written atomically and read with `weights_only=True`: no pickled code.
+A continued run keeps the settings it was trained with (`check_same_settings`), so that its config.json,
+report and model say what was really trained.
 """
 
 from __future__ import annotations
@@ -19,7 +21,32 @@ import torch
 from age_detect_resnet.atomic import atomic_path
 from age_detect_resnet.modeling.checkpoint import ModelFileError
 from age_detect_resnet.modeling.model import AgeModel
+from age_detect_resnet.training.config import Config, ConfigError, setting_fields
 from age_detect_resnet.training.ema import ModelEma
+
+# The settings a continued run may change: the number of epochs (a run is resumed with another --epochs
+# to fit a session), and those that say where and how it runs but not what it learns or measures (the
+# hardware and its arithmetic, the folders of files, speed, logging and the report's picture);
+# --skip-bad-images too, the way on after a run stopped at an unreadable image (its skips are reported).
+# Every other setting, the data and its split, model, optimiser, stopping rules and the best model's
+# batch-norm statistics, must stay as config.json says.
+FREE_ON_RESUME = frozenset(
+    {
+        "epochs",
+        "out",
+        "device",
+        "precision",
+        "channels_last",
+        "compile",
+        "deterministic",
+        "num_workers",
+        "cache_dir",
+        "detector_model",
+        "skip_bad_images",
+        "tensorboard",
+        "grid_size",
+    }
+)
 
 
 class TrainingState:
@@ -93,8 +120,35 @@ class TrainingState:
     def save(self, path: Path) -> None:
         write_state(path, self.state_dict())
 
-    def restore(self, path: Path) -> None:
-        self.load_state_dict(read_state(path))
+    def restore(self, path: Path, saved: dict[str, Any] | None = None) -> None:
+        """Continue from the state in `path` (`saved`: what it holds, where already read). A state that
+        does not fit this model and optimiser (config.json edited, or not this run's) is a ModelFileError
+        that names it, not a traceback."""
+        try:
+            self.load_state_dict(read_state(path) if saved is None else saved)
+        except (RuntimeError, ValueError, KeyError) as err:
+            # load_state_dict says what it loads first, then each mismatch: the first mismatch tells most.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            raise ModelFileError(
+                f"{path} does not fit the model and optimiser of the settings in config.json beside it "
+                f"({lines[min(1, len(lines) - 1)]}); train into a new --out"
+            ) from err
+
+
+def check_same_settings(saved: Config, requested: Config, config_file: Path) -> None:
+    """Refuse (ConfigError) to continue the run of `config_file` (its settings `saved`) with `requested`
+    where a setting not in FREE_ON_RESUME differs; each is named with both values."""
+    changed = []
+    for name, (group, _) in setting_fields().items():
+        before, now = getattr(getattr(saved, group), name), getattr(getattr(requested, group), name)
+        if name not in FREE_ON_RESUME and before != now:
+            changed.append(f"--{name.replace('_', '-')} {before!r} saved, {now!r} requested")
+    if changed:
+        raise ConfigError(
+            f"--resume continues the run of {config_file} with the settings it was trained with, but these "
+            f"differ: {'; '.join(changed)}. Rerun without changing them (--epochs and options such as "
+            "--num-workers may change), or train into a new --out (nothing was changed)"
+        )
 
 
 def rng_state() -> dict[str, Any]:
