@@ -119,12 +119,17 @@ def test_build_meta_skips_and_counts_every_kind_of_dirty_row(tmp_path, write_mat
     assert "wiki_crop/11/21_1975-01-01_2005.jpg" in caplog.text, "the missing image is named"
 
 
-def test_build_meta_that_filters_out_every_row_says_which_filters_did(tmp_path, write_mat, face_jpeg):
-    root = tmp_path / "raw"
+def one_face_wiki(root: Path, write_mat, face_jpeg: bytes) -> Path:
+    """`root` holding wiki_crop/wiki.mat with one usable row (face score 3.2) and its image."""
     row = meta_row(datenum(1980, 3, 10), 2010, "00/10_1980-03-10_2010.jpg", 3.2)
     (root / "wiki_crop" / "00").mkdir(parents=True)
     (root / "wiki_crop" / row["path"]).write_bytes(face_jpeg)
     write_mat(root / "wiki_crop" / "wiki.mat", [row])
+    return root
+
+
+def test_build_meta_that_filters_out_every_row_says_which_filters_did(tmp_path, write_mat, face_jpeg):
+    root = one_face_wiki(tmp_path / "raw", write_mat, face_jpeg)
     with pytest.raises(MetaError) as caught:
         build_meta(root, min_face_score=100)
     message = str(caught.value)
@@ -154,11 +159,7 @@ def test_a_meta_file_that_build_meta_did_not_write_is_refused_naming_it(tmp_path
 
 
 def test_a_command_told_to_write_where_it_cannot_says_so_in_one_line(tmp_path, write_mat, face_jpeg, caplog):
-    root = tmp_path / "raw"
-    row = meta_row(datenum(1980, 3, 10), 2010, "00/10_1980-03-10_2010.jpg", 3.2)
-    (root / "wiki_crop" / "00").mkdir(parents=True)
-    (root / "wiki_crop" / row["path"]).write_bytes(face_jpeg)
-    write_mat(root / "wiki_crop" / "wiki.mat", [row])
+    root = one_face_wiki(tmp_path / "raw", write_mat, face_jpeg)
     taken = tmp_path / "meta.csv"
     taken.mkdir()  # --out names a folder
     with caplog.at_level(logging.ERROR):
