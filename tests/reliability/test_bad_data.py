@@ -568,6 +568,7 @@ def test_settings_of_a_kind_that_converts_exactly_are_taken(tmp_path):
 
     path = tmp_path / "settings.json"
     path.write_text('{"train": {"epochs": 4.0}, "optim": {"lr": 1}}')
-    config = resolve_config([path])
+    config = resolve_config([path], {"data_root": tmp_path})  # a Path from Python: its text
     assert config.train.epochs == 4 and isinstance(config.train.epochs, int)
     assert config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.data.data_root == str(tmp_path)

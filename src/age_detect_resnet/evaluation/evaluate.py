@@ -97,7 +97,7 @@ def evaluation_table(
     data_root = Path(data_root or (saved.data_root if own_dataset else None) or "data/raw")
     table, root = load_table(dataset, data_root, meta=Path(meta) if meta else None)
     check_columns(by, set(table.columns), data_root)
-    in_range = table["age"].between(min_age, max_age)  # an age group's label: its middle age
+    in_range = table["age"].between(min_age, max_age)  # the exact age, or an age group's middle
     if not in_range.all():
         log.warning(
             "%s of the %s images in %s are labelled outside ages %g-%g and are not evaluated "

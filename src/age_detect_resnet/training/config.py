@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -309,8 +310,10 @@ def _typed(name: str, kind: str, value: Any, source: str) -> Any:
         return float(value)
     if base == "int" and number and float(value).is_integer():  # 4 or 4.0, not 1.5
         return int(value)
-    if (base == "bool" and isinstance(value, bool)) or (base == "str" and isinstance(value, str)):
+    if base == "bool" and isinstance(value, bool):
         return value
+    if base == "str" and isinstance(value, str | os.PathLike):  # a Path given from Python: its text
+        return os.fspath(value)
     raise ConfigError(f"setting '{name}' in {source} must be {kind.replace(' | None', '')}, got {value!r}")
 
 
