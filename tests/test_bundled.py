@@ -4,6 +4,7 @@ the one-call API; fine-tuning from a trained model (--init)."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -274,6 +275,21 @@ def test_init_starts_from_the_trained_model(tiny_run, utkface_sample, tmp_path):
     assert all(np.allclose(trained[k].numpy(), tuned[k].numpy(), atol=1e-6) for k in weights)
     head = [k for k in weights if k.startswith("head.")]
     assert head and not all(np.allclose(trained[k].numpy(), started[k].numpy(), atol=1e-3) for k in head)
+
+
+def test_init_refuses_a_backbone_or_head_typed_beside_it_that_differs(
+    tiny_run, utkface_sample, tmp_path, caplog
+):
+    """The run fine-tunes the --init model's own layers: a contradicting --backbone was silently replaced."""
+    from age_detect_resnet.cli.train import main as train_main
+
+    out = tmp_path / "refused"
+    args = ["--dataset", "utkface", "--data-root", str(utkface_sample), "--init", str(tiny_run)]
+    args += ["--out", str(out)]
+    with caplog.at_level(logging.ERROR):
+        assert train_main([*args, "--backbone", "resnet18", "--head", "distribution"]) == 2
+    assert "--backbone resnet18 (the model is mobilenet_v2)" in caplog.text
+    assert "--head distribution (the model is regression)" in caplog.text and not out.exists()
 
 
 def test_the_bundle_is_evaluated_on_the_faces_its_run_never_saw(tiny_run, tiny_bundle, tmp_path, caplog):

@@ -181,3 +181,16 @@ def test_a_csv_labelled_with_age_groups_is_evaluated_by_group(tiny_run, tmp_path
     inside = predictions["predicted"].between(20, 39).mean()
     assert groups["inside"] == pytest.approx(inside)
     assert "fall inside the labelled group" in (out / "evaluation.md").read_text()
+
+
+def test_compare_tables_finished_runs_and_names_a_folder_it_cannot_read(tiny_run, tmp_path, capsys):
+    from age_detect_resnet.cli.compare import main as compare_main
+
+    assert compare_main([str(tiny_run)]) == 0
+    assert f"| {tiny_run.name} |" in capsys.readouterr().out
+    assert compare_main([str(tiny_run), str(tmp_path / "missing")]) == 2
+    assert "missing does not exist" in capsys.readouterr().err
+    broken = shutil.copytree(tiny_run, tmp_path / "broken")
+    (broken / "run.json").write_text("{bad")
+    assert compare_main([str(broken)]) == 2  # was a JSONDecodeError traceback
+    assert f"{broken / 'run.json'} cannot be read" in capsys.readouterr().err

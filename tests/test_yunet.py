@@ -142,3 +142,10 @@ def test_a_failed_download_is_tried_once_a_while_not_at_every_ask(tmp_path, monk
     with pytest.raises(DetectorUnavailableError):
         detection.resolve_yunet_model()
     assert len(tries) == 2
+
+
+def test_a_detector_file_given_that_is_missing_is_an_error_not_a_switch_to_haar(tmp_path):
+    from age_detect_resnet.faces.detection import create_detector
+
+    with pytest.raises(DetectorUnavailableError, match=r"nofile\.onnx does not exist"):
+        create_detector("auto", tmp_path / "nofile.onnx")  # --detector-model: it fell back to Haar

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         runs = [compare.load_run(r) for r in args.runs]
-    except FileNotFoundError as err:
+    except compare.RunReadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(compare.comparison_table(runs))

@@ -14,6 +14,7 @@ from age_detect_resnet.data.sources import dataset_at
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.training.config import (
     Config,
+    ConfigError,
     add_config_arguments,
     overrides_from_args,
     resolve_config,
@@ -39,7 +40,19 @@ def config_for_run(args: argparse.Namespace) -> Config:
     saved = RunFolder(config.run_dir()).config
     if args.resume and saved.is_file():
         config = resolve_config(saved, overrides)
-    return adopt_init_architecture(config)
+    adopted = adopt_init_architecture(config)
+    # A recipe's backbone and head give way to --init's; ones typed beside --init contradict it.
+    contradicted = [
+        f"--{name} {overrides[name]} (the model is {getattr(adopted.model, name)})"
+        for name in ("backbone", "head")
+        if name in overrides and overrides[name] != getattr(adopted.model, name)
+    ]
+    if contradicted:
+        raise ConfigError(
+            f"--init {config.model.init} fine-tunes its own backbone and head, so "
+            f"{' and '.join(contradicted)} cannot apply: leave it out, or train from ImageNet without --init"
+        )
+    return adopted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,17 +14,38 @@ from pathlib import Path
 from typing import Any
 
 
+class RunReadError(ValueError):
+    """A folder that is not a finished run, or whose files cannot be read; the message names it."""
+
+
+AGAIN = "train or evaluate the run again"
+
+
 def load_run(run_dir: Path) -> dict[str, Any]:
-    read = lambda name: json.loads((run_dir / name).read_text(encoding="utf-8"))  # noqa: E731
+    if not run_dir.is_dir():
+        raise RunReadError(f"{run_dir} does not exist or is not a folder")
     missing = [n for n in ("run.json", "evaluation.json", "config.json") if not (run_dir / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{run_dir} is not a finished run (missing {', '.join(missing)})")
-    return {
-        "name": run_dir.name,
-        "run": read("run.json"),
-        "metrics": read("evaluation.json")["metrics"],
-        "config": read("config.json"),
-    }
+        raise RunReadError(f"{run_dir} is not a finished run (missing {', '.join(missing)})")
+
+    def read(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((run_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+            raise RunReadError(f"{run_dir / name} cannot be read ({err}); {AGAIN}") from err
+        if not isinstance(data, dict):
+            raise RunReadError(f"{run_dir / name} is not what training writes; {AGAIN}")
+        return data
+
+    try:
+        return {
+            "name": run_dir.name,
+            "run": read("run.json"),
+            "metrics": read("evaluation.json")["metrics"],
+            "config": read("config.json"),
+        }
+    except KeyError as err:
+        raise RunReadError(f"{run_dir}'s evaluation.json has no {err} entry; {AGAIN}") from err
 
 
 def comparison_table(runs: Sequence[dict[str, Any]]) -> str:

@@ -493,12 +493,13 @@ def create_detector(
     kind: str = "auto", model_path: Path | str | None = None, *, max_side: int | None = DETECTION_MAX_SIDE
 ) -> FaceDetector:
     """`yunet`, `haar`, or `auto` (YuNet where its model is available, else Haar), detecting on a copy
-    at most `max_side` pixels long (None: the full image)."""
+    at most `max_side` pixels long (None: the full image). A `model_path` given (`--detector-model`)
+    that cannot be used is an error, never a silent change of detector."""
     if kind in ("auto", "yunet"):
         try:
             return YuNetDetector(resolve_yunet_model(model_path), max_side=max_side)
         except DetectorUnavailableError as err:
-            if kind == "yunet":
+            if kind == "yunet" or model_path:
                 raise
             log.warning(
                 "%s. Falling back to the Haar cascade detector: its boxes differ from YuNet's, so crops "
