@@ -4,6 +4,7 @@ the busy answer, and the command's exit status when the model cannot be loaded."
 from __future__ import annotations
 
 import io
+import socket
 import struct
 import threading
 import warnings
@@ -240,6 +241,34 @@ def test_serve_exits_2_with_a_message_when_the_model_or_detector_cannot_be_loade
     assert "no.onnx does not exist" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-upload-mb", "1e-9", "--max-upload-mb must be a finite number"),
+        ("--max-upload-mb", "nan", "--max-upload-mb must be a finite number"),
+        ("--max-upload-mb", "inf", "--max-upload-mb must be a finite number"),
+        ("--live-fps", "inf", "--live-fps must be a finite number"),
+        ("--live-fps", "1e-320", "--live-fps must be a finite number"),
+        ("--port", "99999", "--port must be between 1 and 65535"),
+        ("--port", "-5", "--port must be between 1 and 65535"),
+    ],
+)
+def test_serve_refuses_limits_and_ports_it_cannot_use_with_usage_and_exit_2(option, value, message, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["--model", "any-run", option, value])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_exits_2_without_showing_a_url_when_the_port_is_taken(tiny_run, caplog, capsys):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["--model", str(tiny_run), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in caplog.text
+    assert "http://" not in capsys.readouterr().out
+
+
 # --- the live camera: POST /api/track ---------------------------------------------------------------
 
 # Per-frame ages the stand-in model gives, in order: the third frame is a wild one (a blurred, turned
@@ -368,6 +397,19 @@ def test_a_camera_sending_too_fast_gets_429_and_its_frame_is_not_predicted():
     assert calls == [1, 1]
 
 
+def test_a_frame_refused_for_its_upload_neither_delays_the_next_one_nor_takes_a_session():
+    calls: list[int] = []
+    with TestClient(live_app(calls, live_fps=0.5, live_sessions=1)) as client:  # 1.6 s apart
+        text = track(client, "camera-one", b"not a picture", name="frame.txt")
+        good = track(client, "camera-one", frame_jpeg(0))
+        intruder = track(client, "camera-two", b"not a picture", name="frame.txt")
+        again = track(client, "camera-one", frame_jpeg(0))
+    assert text.status_code == 415 and intruder.status_code == 415
+    assert good.status_code == 200, good.text
+    assert again.status_code == 429  # camera-one kept its session (and its rate limit)
+    assert calls == [1]
+
+
 def test_beyond_the_session_cap_the_least_recently_used_camera_starts_afresh():
     with TestClient(live_app([], live_sessions=2)) as client:
         for session in ("camera-one", "camera-two", "camera-one", "camera-three"):
@@ -387,7 +429,8 @@ class FakeClock:
 
 
 def refusal(sessions: LiveSessions, session_id: str) -> HTTPException:
-    with pytest.raises(HTTPException) as refused, sessions.frame(session_id):
+    with pytest.raises(HTTPException) as refused, sessions.frame(session_id) as admit:
+        admit()
         pytest.fail(f"the frame of {session_id} was let in")
     return refused.value
 
@@ -395,11 +438,12 @@ def refusal(sessions: LiveSessions, session_id: str) -> HTTPException:
 def test_sessions_idle_for_a_minute_are_forgotten_and_busy_ones_are_never_dropped():
     clock = FakeClock()
     sessions = LiveSessions(max_sessions=2, min_gap=0.2, idle_s=60, clock=clock)
-    with sessions.frame("camera-one") as (_, seconds):
-        assert seconds == 0
+    with sessions.frame("camera-one") as admit:
+        assert admit()[1] == 0
         in_flight = refusal(sessions, "camera-one")
         assert in_flight.status_code == 429 and "still being answered" in in_flight.detail
-        with sessions.frame("camera-two"):
+        with sessions.frame("camera-two") as admit_two:
+            admit_two()
             # Both sessions are waiting for an answer: a third camera cannot displace either.
             full = refusal(sessions, "camera-three")
     assert full.status_code == 503 and "2 live cameras" in full.detail
@@ -408,13 +452,16 @@ def test_sessions_idle_for_a_minute_are_forgotten_and_busy_ones_are_never_droppe
     too_soon = refusal(sessions, "camera-one")
     assert too_soon.status_code == 429 and too_soon.headers == {"Retry-After": "1"}
     clock.now += 29.9
-    with sessions.frame("camera-one") as (_, seconds):
-        assert seconds == pytest.approx(30)  # the server's clock since the session's first frame
+    with sessions.frame("camera-one") as admit:
+        assert admit()[1] == pytest.approx(30)  # the server's clock since the session's first frame
     clock.now += 45  # camera-two idle 75 s, camera-one 45 s
-    with sessions.frame("camera-three"):
-        pass
+    with sessions.frame("camera-three") as admit:
+        admit()
     assert "camera-two" not in sessions and "camera-one" in sessions and len(sessions) == 2
     clock.now += 61
-    with sessions.frame("camera-four"):
-        pass
+    with sessions.frame("camera-four") as admit:
+        admit()
     assert len(sessions) == 1 and "camera-four" in sessions
+    with sessions.frame("camera-five"):
+        pass  # its upload was not an image: not admitted
+    assert "camera-five" not in sessions and len(sessions) == 1

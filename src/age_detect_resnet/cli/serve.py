@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -53,14 +55,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse limits the server cannot work with (usage and message, exit status 2)."""
-    if args.max_upload_mb <= 0 or args.max_concurrent < 1 or args.max_queue < 0:
-        parser.error("--max-upload-mb must be > 0, --max-concurrent >= 1 and --max-queue >= 0")
-    if not args.live_fps > 0 or args.live_sessions < 1:
-        parser.error("--live-fps must be > 0 and --live-sessions >= 1")
+    """Refuse limits the server cannot work with (usage and message, exit status 2); the float options
+    also take nan, inf and values too small to mean anything, which would fail later with a traceback."""
+    upload_bytes = args.max_upload_mb * web_app.MB
+    if not (math.isfinite(upload_bytes) and round(upload_bytes) >= 1):
+        parser.error("--max-upload-mb must be a finite number of at least one byte (1e-6 MB)")
+    if args.max_concurrent < 1 or args.max_queue < 0:
+        parser.error("--max-concurrent must be >= 1 and --max-queue >= 0")
+    # Slower than one frame per SESSION_IDLE_S, every frame would find its session forgotten.
+    min_fps = 1 / web_app.SESSION_IDLE_S
+    if not (math.isfinite(args.live_fps) and args.live_fps >= min_fps) or args.live_sessions < 1:
+        parser.error(f"--live-fps must be a finite number >= {min_fps:.3g} and --live-sessions >= 1")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be between 1 and 65535, not {args.port}")
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why uvicorn could not listen on host:port (as it binds: IPv6 for an address with ':',
+    SO_REUSEADDR), or None; checked first so that no URL is shown where nothing will answer."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as err:
+        return err
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
+    unbindable = bind_error(args.host, args.port)
+    if unbindable is not None:
+        log.error("cannot listen on %s:%d: %s", args.host, args.port, unbindable.strerror or unbindable)
+        return 2
     try:
         predictor = build_predictor(args)
     except predictor_errors() as err:

@@ -33,7 +33,8 @@ and a steady age (the median over their frames) while they stay in view:
        and the client simply sends a later one; the 20% slack absorbs network jitter for a page that
        keeps to --live-fps
   503  --live-sessions cameras are each waiting for an answer, or the prediction queue is full
-  413, 415 as for /api/predict; the upload and pixel limits, and the admission queue, are shared with it
+  413, 415 as for /api/predict; the upload and pixel limits, and the admission queue, are shared with it;
+       a frame refused for its upload neither counts for the rate limit nor opens or keeps a session
 Frame times are the server's clock at the frame's arrival (seconds since the session's first frame),
 not a client timestamp: it cannot go backwards or be forged, and it is the clock the rate limit uses.
 Work per client is bounded: one frame in flight and --live-fps frames per second per session, and at
@@ -221,6 +222,7 @@ class LiveSessions:
         self.idle_s = idle_s
         self.clock = clock
         self._sessions: OrderedDict[str, LiveSession] = OrderedDict()  # least recently used first
+        self._opening: set[str] = set()  # new sessions whose first frame is not yet read as an image
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -229,48 +231,73 @@ class LiveSessions:
         return session_id in self._sessions
 
     @contextlib.contextmanager
-    def frame(self, session_id: str) -> Iterator[tuple[LiveSession, float]]:
+    def frame(self, session_id: str) -> Iterator[Callable[[], tuple[LiveSession, float]]]:
         """Let one frame of `session_id` in (or refuse it: 429, 503) and hold the session busy until
-        the frame is answered; yields the session and the frame's time in seconds since its start."""
+        the frame is answered; yields `admit`, to call once the upload was read as an image, which
+        counts the frame (its time for the rate limit, the session's place, opened if new) and returns
+        the session and the frame's time in seconds since its start. A frame refused for its upload
+        (413, 415, 422) thus neither delays the camera's next frame nor takes a session's place."""
         now = self.clock()
         self._forget_idle(now)
         session = self._sessions.get(session_id)
-        if session is None:
-            session = self._open(session_id, now)
-        elif session.busy:
+        if (session is not None and session.busy) or session_id in self._opening:
             raise HTTPException(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 "this camera's previous frame is still being answered; send the next frame after its answer",
                 headers={"Retry-After": "1"},
             )
-        elif now - session.last_frame < self.min_gap:
+        if session is not None and now - session.last_frame < self.min_gap:
             raise HTTPException(
                 HTTPStatus.TOO_MANY_REQUESTS,
                 f"frames of one camera must come at least {self.min_gap:.3g} s apart; this one was "
                 "dropped, send a later one",
                 headers={"Retry-After": str(max(1, math.ceil(self.min_gap)))},
             )
-        self._sessions.move_to_end(session_id)
-        session.busy, session.last_frame = True, now
+        if session is None:
+            self._room()  # a full server refuses before the upload is read; admit() checks again
+            self._opening.add(session_id)
+        else:
+            session.busy = True
+
+        def admit() -> tuple[LiveSession, float]:
+            nonlocal session
+            if session is None:
+                session = self._open(session_id, now)
+                session.busy = True
+                self._opening.discard(session_id)
+            self._sessions.move_to_end(session_id)
+            session.last_frame = now
+            return session, now - session.started
+
         try:
-            yield session, now - session.started
+            yield admit
         finally:
-            session.busy = False
+            self._opening.discard(session_id)
+            if session is not None:
+                session.busy = False
 
     def _forget_idle(self, now: float) -> None:
         for session_id, session in list(self._sessions.items()):
             if not session.busy and now - session.last_frame > self.idle_s:
                 del self._sessions[session_id]
 
+    def _room(self) -> str | None:
+        """None when a new session fits, else the least recently used session it replaces; 503 when
+        every session is waiting for an answer."""
+        if len(self._sessions) < self.max_sessions:
+            return None
+        victim = next((key for key, s in self._sessions.items() if not s.busy), None)
+        if victim is None:
+            raise HTTPException(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the server is already following {self.max_sessions} live cameras; retry in a moment",
+                headers={"Retry-After": "1"},
+            )
+        return victim
+
     def _open(self, session_id: str, now: float) -> LiveSession:
-        if len(self._sessions) >= self.max_sessions:
-            victim = next((key for key, s in self._sessions.items() if not s.busy), None)
-            if victim is None:
-                raise HTTPException(
-                    HTTPStatus.SERVICE_UNAVAILABLE,
-                    f"the server is already following {self.max_sessions} live cameras; retry in a moment",
-                    headers={"Retry-After": "1"},
-                )
+        victim = self._room()
+        if victim is not None:
             log.info("live session %s replaced by %s: %d sessions at most", victim, session_id, len(self))
             del self._sessions[victim]
         session = LiveSession(FaceTracker(max_missed=LIVE_MAX_MISSED), started=now, last_frame=now)
@@ -462,13 +489,14 @@ def create_app(
         session_id = checked_session_id(request.query_params.get("session"))
         check_upload_headers(request, max_upload_bytes)
         # The session's refusals (429) come first: they cost nothing and take no place in the queue.
-        with sessions.frame(session_id) as (session, seconds):
+        with sessions.frame(session_id) as admit:
             async with gate.admission():
                 data, name = await read_upload(request, max_upload_bytes)
                 async with gate.model_slots:
-                    faces, (width, height) = await run_in_threadpool(
-                        predict_photo, predictor, data, name, max_pixels=max_image_pixels
-                    )
+                    image = await run_in_threadpool(decode_photo, data, name, max_image_pixels)
+                    session, seconds = admit()  # only a frame read as an image counts
+                    faces = await run_in_threadpool(predictor.predict_image, image)
+                    width, height = image.size
             tracked = session.tracker.update(faces, seconds)
             session.frames += 1
         return {
