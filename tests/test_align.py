@@ -251,11 +251,11 @@ def test_subject_faces_decides_the_detector_once_and_its_workers_build_that_one(
     monkeypatch.setattr(detection, "ProcessPoolExecutor", _InProcessPool)
     _InProcessPool.initargs = []
 
-    # `auto` without YuNet: the fall-back to Haar is said once, and the workers are told "haar".
+    # `auto` without YuNet (no file given, none found: as offline before the download): the fall-back
+    # to Haar is said once, and the workers are told "haar".
+    monkeypatch.setenv(detection.YUNET_ENV, str(tmp_path / "missing.onnx"))
     with caplog.at_level("WARNING"):
-        (face,) = subject_faces(
-            [tmp_path / "photo.png"], kind="auto", model_path=tmp_path / "missing.onnx", workers=2
-        )
+        (face,) = subject_faces([tmp_path / "photo.png"], kind="auto", model_path=None, workers=2)
     assert face is not None and face.landmarks is None  # Haar's box
     assert _InProcessPool.initargs == [("haar", None)]
     assert sum("Falling back to the Haar cascade" in r.getMessage() for r in caplog.records) == 1
