@@ -15,6 +15,7 @@ from age_detect_resnet.cli.average import main as average_main
 from age_detect_resnet.cli.evaluate import main as evaluate_main
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.averaging import AveragingError, average_models, mixture_weights
+from age_detect_resnet.modeling.ensemble import AgeEnsemble
 from age_detect_resnet.modeling.model import create_model
 from conftest import MOBILENET, assert_combined_run, load_script, require, train_tiny
 
@@ -61,9 +62,67 @@ def test_models_whose_weights_do_not_correspond_are_refused():
         average_models([_model(0), _model(1, image_size=64)])
 
 
+def _framed(seed: int, **crop_or_alignment) -> torch.nn.Module:
+    model = _model(seed)
+    model.metadata.update(crop_or_alignment)
+    return model
+
+
+MARGINS = {"left": 0.4, "top": 0.4, "right": 0.4, "bottom": 0.4}
+ALIGNMENT = {"version": 1, "template": [[0.3, 0.4], [0.7, 0.4]], "box_landmarks": [[0.3, 0.4], [0.7, 0.4]]}
+
+
+def test_box_framed_runs_of_one_recipe_average_though_their_measured_margins_differ_slightly():
+    near = {**MARGINS, "left": 0.404, "bottom": 0.3965}  # a second run's own measurement
+    first, second = _framed(0, crop={"margins": MARGINS}), _framed(1, crop={"margins": near})
+    assert average_models([first, second]).metadata["crop"]["margins"] == near  # one set: the last model's
+    AgeEnsemble([first, second])  # the ensemble's check is the same one
+    far = {**MARGINS, "top": 0.25}
+    for other in (_framed(1, crop={"margins": far}), _framed(1, alignment=ALIGNMENT)):
+        with pytest.raises(AveragingError, match="size or framing"):
+            average_models([first, other])
+    moved = {**ALIGNMENT, "template": [[0.3, 0.41], [0.7, 0.4]]}
+    with pytest.raises(AveragingError, match="size or framing"):
+        average_models([_framed(0, alignment=ALIGNMENT), _framed(1, alignment=moved)])
+
+
+def test_an_ensemble_is_refused_with_how_to_write_out_a_member():
+    ensemble = AgeEnsemble([_model(0), _model(1)])
+    for models in ([ensemble], [_model(2), ensemble]):
+        with pytest.raises(AveragingError, match=r"experiments/ensemble_member\.py default MEMBER OUT"):
+            average_models(models, names=["default"] * len(models))
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--weights", "inf,1"], "'inf,1' holds a weight that is not a finite number"),
+        (["--norm-batches", "-3"], "must be at least 0, got -3"),
+    ],
+)
+def test_average_refuses_bad_arguments(arguments, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        average_main(["default", "--out", str(tmp_path / "out"), *arguments])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_average_refuses_an_out_that_cannot_be_a_folder_before_any_work(tmp_path, caplog):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    for out in (taken, taken / "run"):
+        assert average_main(["default", "--out", str(out)]) == 2
+        assert f"{taken} is a file, not a folder" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("weights", "count", "message"),
-    [(None, 0, "at least one"), ([1.0], 2, "one weight per model"), ([1.0, -1.0], 2, "zero or more")],
+    [
+        (None, 0, "at least one"),
+        ([1.0], 2, "one weight per model"),
+        ([1.0, -1.0], 2, "zero or more"),
+        ([float("inf"), 1.0], 2, r"weights \[inf, 1.0\] must be finite"),
+        ([float("nan"), 1.0], 2, "must be finite"),
+    ],
 )
 def test_weights_must_be_a_mixture(weights, count, message):
     with pytest.raises(AveragingError, match=message):

@@ -18,20 +18,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors, user_message
+from age_detect_resnet.cli.common import (
+    add_detector_arguments,
+    command_main,
+    non_negative_int,
+    user_errors,
+    user_message,
+)
 
 log = logging.getLogger(__name__)
 
 
 def weight_list(text: str) -> list[float]:
     try:
-        return [float(part) for part in text.split(",") if part.strip()]
+        weights = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of numbers, e.g. 1,1") from err
+    if not all(math.isfinite(w) for w in weights):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a weight that is not a finite number, e.g. 1,3")
+    return weights
 
 
 def add_combining_arguments(parser: argparse.ArgumentParser, order: str) -> None:
@@ -66,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_combining_arguments(parser, "in lineage order")
     parser.add_argument(
         "--norm-batches",
-        type=int,
+        type=non_negative_int,
         default=40,
         metavar="N",
         help="recompute the batch-norm statistics on N training batches of the calibration run, augmented "

@@ -65,15 +65,24 @@ def user_message(err: BaseException) -> str:
     return text[original[-1].end() :].strip() if original else text
 
 
-def positive_int(text: str) -> int:
-    """An argparse type for counts that must be at least 1 (`--limit`, `--batch-size`)."""
+def _count(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts that must be at least 1 (`--limit`, `--batch-size`)."""
+    return _count(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type for counts where 0 means none (`--norm-batches`)."""
+    return _count(text, 0)
 
 
 def command_main(

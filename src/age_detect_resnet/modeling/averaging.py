@@ -12,12 +12,13 @@ calibrated on a run's validation split) and cli/average.py is the command, `age-
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from age_detect_resnet.faces.align import framing_of
+from age_detect_resnet.faces.align import FaceFraming, MarginFraming, framing_of
 from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.modeling.model import AgeModel
 
@@ -33,13 +34,32 @@ def mixture_weights(weights: Sequence[float] | None, count: int) -> list[float]:
         raise AveragingError("averaging needs at least one model")
     if weights is None:
         return [1.0 / count] * count
-    weights = [float(w) for w in weights]
+    given, weights = list(weights), [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in weights):
+        raise AveragingError(f"weights {given} must be finite numbers (got inf or nan)")
     if len(weights) != count:
         raise AveragingError(f"{len(weights)} weights for {count} models; give one weight per model")
     if not all(w >= 0 for w in weights) or sum(weights) <= 0:
         raise AveragingError(f"weights {weights} must be zero or more with a positive sum")
     total = sum(weights)
     return [w / total for w in weights]
+
+
+# How far two box framings' crop margins may differ and still count as one framing. The margins are
+# fractions of the detector box, measured as medians over ~200 training faces: two runs of one recipe
+# (a second seed, a stage fine-tuned from the first) measure them ~0.004 apart. 0.01 of the face size
+# moves a crop edge by under a pixel at the models' input sizes, far below real framing changes (0.1+).
+MARGIN_TOLERANCE = 0.01
+
+
+def same_framing(first: FaceFraming, second: FaceFraming) -> bool:
+    """Whether two framings cut the same crop: box framings whose margins agree within MARGIN_TOLERANCE
+    (each run measures its own), else exactly equal (aligner template and version, or box vs aligned)."""
+    if isinstance(first, MarginFraming) and isinstance(second, MarginFraming):
+        return first.margins.keys() == second.margins.keys() and all(
+            abs(first.margins[side] - second.margins[side]) <= MARGIN_TOLERANCE for side in first.margins
+        )
+    return first == second
 
 
 def _architecture(model: AgeModel) -> dict[str, Any]:
@@ -59,12 +79,15 @@ def _architecture(model: AgeModel) -> dict[str, Any]:
 def check_same_faces(
     models: Sequence[AgeModel], names: Sequence[str], error: type[ValueError] = AveragingError
 ) -> None:
-    """Refuse models that see faces differently (another input size, framing or aligner): one crop of a
-    face cannot feed them all, so neither their average nor their ensemble would mean anything."""
+    """Refuse models that see faces differently (another input size, framing or aligner; `same_framing`):
+    one crop of a face cannot feed them all, so neither their average nor their ensemble would mean
+    anything. The combined model keeps one model's margins (the metadata's: see its caller)."""
     first, first_name = models[0], names[0]
     expected_size, expected_framing = image_size_of(first), framing_of(first.metadata)
     for model, name in zip(models[1:], names[1:], strict=True):
-        if image_size_of(model) != expected_size or framing_of(model.metadata) != expected_framing:
+        if image_size_of(model) != expected_size or not same_framing(
+            framing_of(model.metadata), expected_framing
+        ):
             raise error(
                 f"{name} and {first_name} take faces of a different size or framing; combining models "
                 "needs models trained on the same crops"
@@ -73,7 +96,17 @@ def check_same_faces(
 
 def check_averageable(models: Sequence[AgeModel], names: Sequence[str]) -> None:
     """Refuse models whose weights do not correspond one to one (another backbone or head) or that see
-    faces differently (`check_same_faces`): their average would mean nothing."""
+    faces differently (`check_same_faces`): their average would mean nothing. An ensemble is refused
+    too: its members' weights are not one network's."""
+    from age_detect_resnet.modeling.ensemble import AgeEnsemble  # it imports this module
+
+    for model, name in zip(models, names, strict=True):
+        if isinstance(model, AgeEnsemble):
+            raise AveragingError(
+                f"{name} is an ensemble of {len(model.members)} networks; average takes single networks: "
+                "write a member out as a model of its own with `python experiments/ensemble_member.py "
+                f"{name} MEMBER OUT.safetensors` (MEMBER from 1) and average that"
+            )
     first, first_name = models[0], names[0]
     expected = _architecture(first)
     for model, name in zip(models[1:], names[1:], strict=True):
@@ -93,7 +126,8 @@ def average_models(
 ) -> AgeModel:
     """A new model whose every floating-point weight and statistic is the weighted mean of the models'
     (in float32, stored in the last model's dtype); counters (batch-norm's batches seen) are the last
-    model's, and so is the metadata. The head's interval level is averaged too: recalibrate it
+    model's, and so is the metadata (its crop margins too, where box framings differ within
+    MARGIN_TOLERANCE). The head's interval level is averaged too: recalibrate it
     (`head.calibrate`) before trusting the intervals. `names` label the models in errors."""
     names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(models))]
     fractions = mixture_weights(weights, len(models))

@@ -9,6 +9,7 @@ settings and split are copied beside it, so that evaluate, export and predict us
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -130,8 +131,16 @@ def _calibrate_and_save(
 
 
 def _new_run(out: str | Path) -> RunFolder:
+    """The run folder `out`, refused (ConfigError) before any work where it holds a model or cannot be
+    made: a file there, or a file or unwritable folder above it, would fail only when saving."""
     run = RunFolder(out)
     run.check_new()
+    path = Path(out)
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot create it, {existing} is not writable; choose another --out")
     return run
 
 
@@ -163,10 +172,11 @@ def write_averaged_run(
     training and validation images; nothing is written unless all of it succeeds."""
     run = _new_run(out)
     fractions = mixture_weights(weights, len(models))
-    calibration = calibration_run(models, calibrate_on)
     device = device or torch.device("cpu")
+    # The models first: one that cannot be averaged (an ensemble) is the error to report, whatever else.
     loaded = [checkpoint.load_model(model, "cpu") for model in models]
     averaged = average_models(loaded, fractions, names=[str(m) for m in models]).to(device)
+    calibration = calibration_run(models, calibrate_on)
     table, root = _validation_table(calibration)
     norm_images = 0
     if norm_batches > 0:
