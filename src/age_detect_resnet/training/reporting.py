@@ -39,14 +39,14 @@ def write_history(history: list[dict[str, float]], run: RunFolder) -> None:
 
 
 def open_tensorboard(config: Config, run: RunFolder):
-    """A TensorBoard writer where asked for and installed, else None (asked for but not installed: a
-    warning saying how to install it; training goes on without it)."""
+    """A TensorBoard writer where asked for and installed, else None (asked for, the default, but not
+    installed: a log line saying how to install it; training goes on without it)."""
     if not config.train.tensorboard:
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        log.warning("no TensorBoard logs for this run (%s): %s", err, install_command("tensorboard"))
+        log.info("no TensorBoard logs for this run (%s): %s", err, install_command("tensorboard"))
         return None
     return SummaryWriter(log_dir=str(run.tensorboard))
 
