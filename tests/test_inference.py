@@ -420,7 +420,7 @@ def test_predict_refuses_an_output_or_annotate_it_cannot_write_before_predicting
     run = ["--model", str(tiny_run), photo, "--no-detect"]
     cases = {
         ("--annotate", str(blocked)): f"{blocked} is a file, not a folder",
-        ("--annotate", str(blocked / "sub")): f"cannot create the folder {blocked / 'sub'}",
+        ("--annotate", str(blocked / "sub")): f"{blocked / 'sub'}: {blocked} is a file, not a folder",
         ("--output", str(tmp_path / "d.json")): f"--output {tmp_path / 'd.json'} is a folder",
         ("--output", str(blocked / "ages.csv")): f"{blocked} is a file, not a folder",
     }

@@ -9,6 +9,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def unwritable_reason(folder: Path) -> str | None:
+    """Why files could not be written into `folder`, made where missing as `atomic_path` makes it: a file
+    where it or a folder above it should be, or the nearest existing folder not writable; None where they
+    can. Commands check their output folders with it before long work, so as not to fail at the save."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if existing.exists() and not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write into the folder {existing}"
+    return None
+
+
 def _new_temporary(folder: Path, prefix: str, suffix: str) -> Path:
     """A new empty file in `folder`, created with the permissions any new file gets there (0666 less
     the umask). tempfile.mkstemp would make it 0600, and the rename would pass that on: checkpoints,

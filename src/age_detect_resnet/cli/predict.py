@@ -54,7 +54,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from age_detect_resnet.atomic import atomic_path, write_text_atomic
+from age_detect_resnet.atomic import atomic_path, unwritable_reason, write_text_atomic
 from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors, user_message
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageReadError, load_rgb
@@ -433,16 +433,15 @@ def check_output_paths(args: argparse.Namespace) -> None:
 
 def writable_folder(folder: Path, option: str, advice: str) -> None:
     """Create `folder` if need be, or an `OutputPathError` saying why `option` cannot use it."""
-    if folder.exists() and not folder.is_dir():
-        raise OutputPathError(f"{option}: {folder} is a file, not a folder; {advice}")
+    reason = unwritable_reason(folder)
+    if reason is not None:
+        raise OutputPathError(f"{option}: {reason}; {advice}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputPathError(
             f"{option}: cannot create the folder {folder} ({err.strerror}); {advice}"
         ) from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{option}: cannot write into the folder {folder}; {advice}")
 
 
 class PredictorOptionsError(ValueError):

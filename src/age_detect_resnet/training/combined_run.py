@@ -9,7 +9,6 @@ settings and split are copied beside it, so that evaluate, export and predict us
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from age_detect_resnet.atomic import unwritable_reason
 from age_detect_resnet.data.sources import image_root
 from age_detect_resnet.data.splits import load_split
 from age_detect_resnet.evaluation.evaluate import evaluation_table, predict_images
@@ -135,12 +135,9 @@ def _new_run(out: str | Path) -> RunFolder:
     made: a file there, or a file or unwritable folder above it, would fail only when saving."""
     run = RunFolder(out)
     run.check_new()
-    path = Path(out)
-    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)
-    if existing.exists() and not existing.is_dir():
-        raise ConfigError(f"--out {out}: {existing} is a file, not a folder; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot create it, {existing} is not writable; choose another --out")
+    reason = unwritable_reason(run.path)
+    if reason is not None:
+        raise ConfigError(f"--out {out}: {reason}; choose another --out")
     return run
 
 
