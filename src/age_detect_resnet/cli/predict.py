@@ -333,14 +333,13 @@ def predict_videos(
     predictor: AgePredictor,
     paths: Sequence[Path],
     args: argparse.Namespace,
-    annotated: Mapping[Path, str] | None = None,
+    annotated: Mapping[Path, str],
 ) -> Iterator[VideoEntry]:
     """One entry per video, in order: tracked faces, or the reason it was skipped. With --annotate, a
     video's annotated copy is named by `annotated` (`annotated_names` of the run's inputs)."""
-    names = annotated if annotated is not None else annotated_names(paths)
     for path in paths:
         entry = VideoEntry(path)
-        annotate = Path(args.annotate) / names[path] if args.annotate else None
+        annotate = Path(args.annotate) / annotated[path] if args.annotate else None
         try:
             entry.result = predict_video(
                 predictor,
@@ -400,9 +399,9 @@ def annotated_names(paths: Sequence[Path]) -> dict[Path, str]:
     return {path: names[path] for path in paths}
 
 
-def annotate_to(result: PhotoResult, folder: Path, name: str | None = None) -> Path:
-    """Save the photo with its faces boxed as `folder/name` (default `<stem>_ages.jpg`)."""
-    out = folder / (name or f"{result.path.stem}_ages.jpg")
+def annotate_to(result: PhotoResult, folder: Path, name: str) -> Path:
+    """Save the photo with its faces boxed as `folder/name` (`annotated_names`)."""
+    out = folder / name
     with atomic_path(out) as tmp:
         draw_predictions(load_rgb(result.path), result.faces).save(tmp, format="JPEG", quality=92)
     return out
