@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from age_detect_resnet import images
 from age_detect_resnet.export import exporter
 from age_detect_resnet.images import ImageReadError, ImageTooLargeError
 from age_detect_resnet.inference.backends import OnnxRunner, TorchRunner, load_runner
@@ -166,7 +167,7 @@ def test_analyze_takes_a_pil_photo_upright_and_refuses_what_has_no_face_to_age(t
     assert thin == []
     with pytest.raises(ImageReadError, match="0x0 pixels"):
         analyze(np.zeros((0, 0, 3), dtype=np.uint8))
-    with pytest.raises(TypeError, match="not NoneType"):
+    with pytest.raises(TypeError, match=r"image is None: cv2\.imread returns None"):
         analyze(None)
 
 
@@ -194,9 +195,34 @@ def test_analyze_reads_opencv_bgr_grey_and_alpha_arrays_as_their_colours(tiny_bu
         analyze(rgb, channels="BGRA")
     with pytest.raises(ValueError, match=r"uint8 RGB.*\(2, 2, 5\)"):
         analyze(np.zeros((2, 2, 5), dtype=np.uint8))
-    monkeypatch.setattr(api, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageTooLargeError, match="11x10 pixels, over the"):
         analyze(np.zeros((10, 11, 3), dtype=np.uint8))
+
+
+def test_analyze_takes_a_loaded_model_and_any_form_of_device(tiny_bundle):
+    from age_detect_resnet import analyze
+    from age_detect_resnet.inference import load_trained_model
+    from age_detect_resnet.inference.api import _predictor
+    from age_detect_resnet.runtime import DeviceError
+
+    _predictor.cache_clear()
+    require(YUNET)
+    path = require(TEST_IMAGES / "biden.jpg")
+    (face,) = analyze(path)
+    model = load_trained_model()
+    # was OSError "File name too long": the model's printed layers taken for a path
+    assert analyze(path, model=model)[0]["age"] == face["age"]
+    assert analyze(path, device=torch.device("cpu"))[0]["age"] == analyze(path, device=None)[0]["age"]
+    with pytest.raises(DeviceError, match="unknown device 'gpu'"):
+        analyze(path, device="gpu")
+    with pytest.raises(DeviceError, match="runs on the CPU here"):  # was the CPU, silently
+        analyze(path, backend="onnx", device="cuda")
+    # A model object is not kept between calls: changed weights give changed ages.
+    with torch.no_grad():
+        for weights in model.parameters():
+            weights.mul_(1.5)
+    assert analyze(path, model=model)[0]["age"] != face["age"]
 
 
 def test_analyze_a_list_gives_each_photos_faces_as_alone(tiny_bundle, monkeypatch):

@@ -272,3 +272,10 @@ def test_onnx_predictor_refuses_a_model_file_that_does_not_match_its_metadata(
         handle.write(b"\0")
     with pytest.raises(checkpoint.ModelFileError, match="checksum"):
         load_predictor(tmp_path / onnx_file.name, backend="onnx")
+
+
+@pytest.mark.parametrize(("name", "backend"), [("age.onnx", "onnx"), ("age.torchscript.pt", "torchscript")])
+def test_an_export_given_to_the_torch_backend_is_named_with_the_backend_it_needs(tmp_path, name, backend):
+    (tmp_path / name).write_bytes(b"export")
+    with pytest.raises(checkpoint.ModelFileError, match=f"run it with --backend {backend} "):
+        checkpoint.load_model(tmp_path / name)

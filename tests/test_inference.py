@@ -153,6 +153,64 @@ def test_photos_searched_in_threads_give_the_same_faces_as_one_at_a_time(tiny_ru
     assert recording.threads == {threading.get_ident()}
 
 
+@pytest.mark.parametrize("kind", ["haar", "yunet-opencv"])
+def test_one_opencv_detector_shared_by_threads_gives_each_the_faces_it_gives_alone(kind, monkeypatch):
+    """OpenCV's cascade and FaceDetectorYN cannot run in two threads at once: shared by four, the cascade
+    gave wrong faces, then the process died (double free); YuNet on OpenCV crashed it at once."""
+    import threading
+
+    from age_detect_resnet.images import load_rgb
+
+    if kind == "yunet-opencv":
+        monkeypatch.setenv("AGE_DETECT_YUNET_ENGINE", "opencv")
+        detector = create_detector("yunet", require(YUNET))
+        assert detector.engine == "opencv"
+    else:
+        detector = create_detector("haar")
+    photos = [load_rgb(require(TEST_IMAGES) / name) for name in PHOTOS[1:]]
+    alone = [[face.box for face in detector.detect(photo)] for photo in photos]
+    found, errors = {}, []
+
+    def detect_all(thread):
+        try:
+            found[thread] = [[face.box for face in detector.detect(photo)] for photo in photos * 2]
+        except Exception as err:  # an OpenCV assertion or an IndexError from its corrupted state
+            errors.append(err)
+
+    threads = [threading.Thread(target=detect_all, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(found) == 4 and all(boxes == alone * 2 for boxes in found.values())
+
+
+def test_the_predictor_takes_any_photo_and_keeps_each_box_inside_it(tiny_run, tmp_path):
+    """As `analyze` does: a path, an array, a PIL image with EXIF rotation; and a run folder for the
+    model. The detector's box of a face at the photo's edge reached past it (x1 = -7)."""
+    from age_detect_resnet.images import load_rgb
+
+    predictor = AgePredictor(str(tiny_run), detector=create_detector("yunet", require(YUNET)))
+    path = require(TEST_IMAGES) / "biden.jpg"
+    upright = load_rgb(path)
+    (face,) = predictor.predict_image(str(path))
+    assert predictor.predict_image(np.asarray(upright))[0].age == face.age
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned, as phones do: turn 90 degrees clockwise to view
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    turned = predictor.predict_image(Image.open(tmp_path / "turned.jpg"))  # was [] (the face lay sideways)
+    assert len(turned) == 1 and turned[0].box == pytest.approx(face.box, abs=3)
+    cut = upright.crop((500, 150, 970, 700))  # the face's left edge at the photo's edge
+    (edge,) = predictor.predict_image(cut)
+    x1, y1, x2, y2 = edge.box
+    assert 0 == x1 < x2 <= cut.width and 0 <= y1 < y2 <= cut.height
+    with pytest.raises(ValueError, match="batch_size must be a whole number of at least 1, not 0"):
+        AgePredictor(tiny_run, batch_size=0)  # was range()'s own error at the first photo
+    with pytest.raises(TypeError, match="model must be a loaded age model"):
+        AgePredictor(3)
+
+
 def test_predict_cli_reports_bad_files_and_writes_csv(tiny_run, tmp_path, capsys, caplog):
     photos = require(TEST_IMAGES)
     (tmp_path / "empty.jpg").write_bytes(b"")

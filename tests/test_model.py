@@ -90,6 +90,15 @@ def test_heads_decode_ages_in_years():
     assert low < 40 < high and high - low == pytest.approx(2 * 1.2816 * 2.0, rel=0.1)  # 80% of N(40, 2)
 
 
+def test_the_interval_stays_within_the_ages_the_classes_stand_for():
+    """Class 0 stands for [-0.5, 0.5]: a baby's interval reached -0.2 years."""
+    dist = DistributionHead(8, 4, label_sigma=2.0)
+    for age in (0.0, 100.0):
+        logits = torch.log(dist.target_distribution(torch.tensor([age])) + 1e-9)
+        low, high = dist.interval_bounds(logits, 0.99)[0].tolist()
+        assert 0.0 <= low <= age <= high <= 100.0
+
+
 def test_the_expectation_term_adds_the_l1_error_of_the_expected_age():
     ages = torch.tensor([30.0, 50.0])
     logits = torch.randn(2, 101)

@@ -58,3 +58,24 @@ def test_the_seeds_loader_asked_for_a_gpu_where_there_is_none_says_so(tiny_run):
     with pytest.raises(runtime.DeviceError, match="no CUDA GPU"):  # was torch's own RuntimeError
         load_trained_model(tiny_run, "cuda")
     assert load_trained_model(tiny_run, "auto").metadata  # auto: here, the CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "unknown device 'gpu'; use cpu, cuda, cuda:N or auto"),  # was torch's own RuntimeError
+        ("mps", "'mps' is not supported"),
+        (torch.device("cuda", 1), "'cuda:1' was requested but no CUDA GPU is visible"),
+        (2.5, "unknown device 2.5"),
+    ],
+)
+def test_a_device_that_cannot_be_used_is_named(device, message):
+    with pytest.raises(runtime.DeviceError, match=message):
+        runtime.select_device(device)
+
+
+def test_a_device_may_be_a_name_a_torch_device_or_none():
+    cpu = torch.device("cpu")
+    assert runtime.select_device("cpu") == runtime.select_device(cpu) == cpu
+    assert runtime.select_device(None) == runtime.select_device("auto")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import io
 import os
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -24,6 +26,14 @@ HEIF_SUFFIXES = (".heic", ".heif")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", *HEIF_SUFFIXES)
 # The brands of an ISO media file's `ftyp` box (bytes 8-12) that mark a HEIF still image.
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+# What a Python caller may hand over as a photo (`as_rgb`): a path, an http(s) address, a PIL image, an array.
+ImageInput = str | Path | Image.Image | np.ndarray
+# A photo at an http(s) address: the most `as_rgb` downloads, and how long it waits for the server.
+MAX_DOWNLOAD_BYTES = 50_000_000
+DOWNLOAD_TIMEOUT_S = 30
+# The colour orders an array may come in: RGB, or OpenCV's cv2.imread order.
+CHANNEL_ORDERS = ("rgb", "bgr")
+_EXIF_ORIENTATION = 0x0112
 # Files `age-detect predict` treats as videos (read frame by frame with OpenCV, see video/reader.py).
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv")
 
@@ -122,9 +132,75 @@ def to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image, dtype=np.float64)
         peak = max(65535.0, array.max()) if array.size else 65535.0
         image = Image.fromarray(np.round(np.clip(array, 0, None) * (255.0 / peak)).astype(np.uint8), mode="L")
-    if image.mode == "P":
+    if image.mode in ("P", "RGBa"):
         image = image.convert("RGBA")
+    if image.mode == "La":  # premultiplied alpha, as RGBa
+        image = image.convert("LA")
     if image.mode in ("RGBA", "LA", "PA"):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def download(url: str) -> bytes:
+    """The bytes at an http(s) address, or an ImageReadError that names it and says what to do."""
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise ImageReadError(
+            f"could not download {url} ({err}); check the address and the network, or save the photo "
+            "and pass its file"
+        ) from err
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise ImageReadError(f"{url} is larger than {MAX_DOWNLOAD_BYTES // 1_000_000} MB; not a photo")
+    return data
+
+
+def as_rgb(image: ImageInput | bytes, channels: str = "rgb") -> Image.Image:
+    """An upright RGB PIL image from any photo a Python caller holds: a path (or its bytes), an http(s)
+    address (downloaded), a PIL image (EXIF rotation applied, as a path's file gets it) or a uint8 array,
+    (H, W) or (H, W, 1) grey, (H, W, 3) colour or (H, W, 4) colour with alpha (composited onto white, as
+    `load_rgb` does for files), its colours in `channels` order. Anything else is a TypeError or
+    ValueError that says what is taken."""
+    if channels not in CHANNEL_ORDERS:
+        raise ValueError(f"channels must be 'rgb' or 'bgr' (OpenCV's cv2.imread order), not {channels!r}")
+    if isinstance(image, Image.Image):
+        if image.mode == "RGB" and image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+            return image  # already what the model reads (every photo the commands decode): no copy
+        return to_rgb(ImageOps.exif_transpose(image))
+    if isinstance(image, str) and image.lower().startswith(("http://", "https://")):
+        return load_rgb(download(image), name=image)
+    if not isinstance(image, np.ndarray):
+        if image is None:
+            raise TypeError(
+                "image is None: cv2.imread returns None for a file it cannot read; check the path, or pass "
+                "the path itself for an error that says what is wrong with the file"
+            )
+        if not isinstance(image, str | bytes | os.PathLike):
+            raise TypeError(
+                "image must be a path, an http(s) address, a PIL image or a uint8 array, not "
+                f"{type(image).__name__}"
+            )
+        return load_rgb(image)
+    if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+        hint = (
+            "; a float image in 0-1: (image * 255).round().astype(np.uint8), in 0-255: "
+            "image.round().astype(np.uint8)"
+            if image.dtype.kind == "f"
+            else ""
+        )
+        raise ValueError(
+            "an array image must be uint8 RGB (H, W, 3), or grey (H, W), or with alpha (H, W, 4), got "
+            f"{image.dtype} {image.shape}{hint}"
+        )
+    if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(
+            f"the array is {image.shape[1]}x{image.shape[0]} pixels, over the "
+            f"{MAX_IMAGE_PIXELS // 1_000_000} MP limit; downscale it first"
+        )
+    if image.ndim == 2 or image.shape[2] == 1:
+        return Image.fromarray(image.reshape(image.shape[:2])).convert("RGB")
+    if channels == "bgr":
+        image = np.concatenate([image[..., 2::-1], image[..., 3:]], axis=2)
+    return to_rgb(Image.fromarray(np.ascontiguousarray(image)))

@@ -20,12 +20,21 @@ class DeviceError(RuntimeError):
     """The requested device is not available here."""
 
 
-def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
+def select_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The device to run on: `auto` (or None) a CUDA GPU where one is visible, else the CPU; `cpu`,
+    `cuda`, `cuda:N` or a `torch.device`. A name torch does not know, a kind this package does not run
+    on, or a GPU asked for where there is none is a `DeviceError` that says what to pass."""
+    if name is None or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was requested but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise DeviceError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from err
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {str(device)!r} was requested but no CUDA GPU is visible; use cpu or auto")
+    return device
 
 
 # CPU flags (x86 /proc/cpuinfo "flags", Arm "Features") that mean native bf16 arithmetic.

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import logging
 import os
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -447,7 +448,9 @@ HAAR_BORDER = 0.2
 
 
 class HaarDetector:
-    """OpenCV's frontal-face Haar cascade (opencv-python < 5 ships it); less accurate than YuNet."""
+    """OpenCV's frontal-face Haar cascade (opencv-python < 5 ships it); less accurate than YuNet. One
+    cascade cannot run in two threads at once (wrong faces, then a crash), so each call holds the
+    instance's lock; `clone` makes a detector that runs beside it."""
 
     name = "haar"
 
@@ -464,6 +467,7 @@ class HaarDetector:
         self._cascade = cv2.CascadeClassifier(
             str(Path(data.haarcascades) / "haarcascade_frontalface_default.xml")
         )
+        self._lock = threading.Lock()
 
     def clone(self) -> HaarDetector:
         """A detector with these settings and its own OpenCV state (see `independent_copies`)."""
@@ -476,9 +480,10 @@ class HaarDetector:
         # a close-up) is found only once the photo's edge is repeated around it.
         border = round(HAAR_BORDER * max(grey.shape))
         grey = cv2.copyMakeBorder(grey, border, border, border, border, cv2.BORDER_REPLICATE)
-        boxes, _, weights = self._cascade.detectMultiScale3(
-            grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24), outputRejectLevels=True
-        )
+        with self._lock:
+            boxes, _, weights = self._cascade.detectMultiScale3(
+                grey, scaleFactor=1.1, minNeighbors=5, minSize=(24, 24), outputRejectLevels=True
+            )
         faces = []
         for (x, y, w, h), weight in zip(boxes, np.asarray(weights).reshape(-1), strict=True):
             x1, y1 = max(0.0, (x - border) / scale), max(0.0, (y - border) / scale)

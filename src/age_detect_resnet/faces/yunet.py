@@ -22,6 +22,7 @@ then thinned by OpenCV's own non-maximum suppression on their integer boxes.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,8 +49,9 @@ class YuNetEngine(Protocol):
 
 
 class OpenCVYuNet:
-    """YuNet through `cv2.FaceDetectorYN` (OpenCV's DNN module). One instance must not be shared between
-    threads: `clone` makes another."""
+    """YuNet through `cv2.FaceDetectorYN` (OpenCV's DNN module). One OpenCV detector cannot run in two
+    threads at once (it crashed the process), so each call holds the instance's lock: threads that share
+    one instance take turns, and `clone` makes another that runs beside it."""
 
     name = "opencv"
 
@@ -58,13 +60,15 @@ class OpenCVYuNet:
         self._detector = cv2.FaceDetectorYN.create(
             str(model_path), "", (320, 320), score_threshold, nms_threshold, TOP_K
         )
+        self._lock = threading.Lock()
 
     def clone(self) -> OpenCVYuNet:
         return OpenCVYuNet(self.model_path, self.score_threshold, self.nms_threshold)
 
     def __call__(self, bgr: np.ndarray) -> np.ndarray:
-        self._detector.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, rows = self._detector.detect(bgr)
+        with self._lock:
+            self._detector.setInputSize((bgr.shape[1], bgr.shape[0]))
+            _, rows = self._detector.detect(bgr)
         return np.zeros((0, 15), np.float32) if rows is None else rows
 
 

@@ -26,7 +26,7 @@ from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.bundled import is_default
 from age_detect_resnet.modeling.model import AgeModel, folded_for_inference, raw_outputs
 from age_detect_resnet.run_folder import RunFolder
-from age_detect_resnet.runtime import autocast_factory, onnx_session, resolve_precision
+from age_detect_resnet.runtime import autocast_factory, onnx_session, resolve_precision, select_device
 
 BACKENDS = ("torch", "onnx", "torchscript")
 EXPORT_FORMAT = "age-detect-resnet-export/1"
@@ -54,7 +54,7 @@ class TorchRunner:
         tta_flip: bool = False,
         fold: bool = True,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = select_device(device)
         model = folded_for_inference(model) if fold else model
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.autocast = autocast_factory(self.device, resolve_precision(precision, self.device))

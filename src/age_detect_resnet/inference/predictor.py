@@ -37,7 +37,7 @@ from age_detect_resnet.faces.detection import (
     opencv_threads,
     subject_face,
 )
-from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.images import ImageInput, ImageReadError, as_rgb, load_rgb
 from age_detect_resnet.inference.backends import AgeRunner, TorchRunner, load_runner
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
@@ -49,7 +49,7 @@ def load_trained_model(path: str | Path | None = "default", device: str | torch.
     """The trained model in a run folder (or its best.safetensors; `default`: the model bundled with
     the package), in eval mode on `device` (`auto`: a GPU where there is one; a GPU asked for where there
     is none: a `DeviceError` saying so)."""
-    return checkpoint.load_model(path, select_device(device) if isinstance(device, str) else device)
+    return checkpoint.load_model(path, select_device(device))
 
 
 def predict_age_for_image(
@@ -92,8 +92,10 @@ class FacePrediction:
     """One face of a photo: where it is, how sure the detector was, and its age."""
 
     face_index: int
-    box: tuple[int, int, int, int]  # the detected face (x1, y1, x2, y2), pixels
-    crop_box: tuple[int, int, int, int]  # the region the model saw (box + training margins)
+    box: tuple[int, int, int, int]  # the detected face (x1, y1, x2, y2), pixels, inside the photo
+    # the region the model saw (the aligned crop's bounds, or box + training margins); it may reach past
+    # the photo's edges, where the crop is filled
+    crop_box: tuple[int, int, int, int]
     detector_score: float | None
     age: float
     interval: tuple[float, float] | None = None
@@ -163,7 +165,9 @@ class AgePredictor:
     """Photos to ages: detect every face, frame it as in training (aligned by its landmarks, or the box
     grown by the training margins for older models), predict in batches.
 
-    Without a detector each whole image is treated as one face (as `predict_age_for_image`).
+    Without a detector (the default: pass `detector=create_detector()` for photos) each whole image is
+    treated as one face crop (as `predict_age_for_image`); `analyze` detects by default.
+    `model`: a loaded model, or a run folder, .safetensors file or `default` to load.
     Several photos (`predict_images`) are searched for faces `detect_workers` at a time, each thread with
     its own copy of the detector and OpenCV on one thread (default: up to 4, one per CPU core): on 2 cores
     1.3x the detection throughput of one photo at a time with OpenCV's own threads (the 240 shared
@@ -173,7 +177,7 @@ class AgePredictor:
 
     def __init__(
         self,
-        model: AgeModel | None = None,
+        model: AgeModel | str | Path | None = None,
         *,
         device: str | torch.device = "cpu",
         detector: FaceDetector | None = None,
@@ -183,9 +187,16 @@ class AgePredictor:
         tta_flip: bool = False,
         detect_workers: int | None = None,
     ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number of at least 1, not {batch_size!r}")
         if runner is None:
-            if model is None:
-                model = load_trained_model("default", device)
+            if model is None or isinstance(model, str | os.PathLike):
+                model = load_trained_model("default" if model is None else model, device)
+            elif not isinstance(model, AgeModel):
+                raise TypeError(
+                    "model must be a loaded age model (load_trained_model), a run folder, a .safetensors "
+                    f"file or 'default', not {type(model).__name__}"
+                )
             runner = TorchRunner(model, device, tta_flip=tta_flip)
         self.runner = runner
         self.metadata = metadata if metadata is not None else model.metadata
@@ -248,19 +259,23 @@ class AgePredictor:
             else {"age": np.zeros(0)}
         )
 
-    def predict_image(self, image: Image.Image) -> list[FacePrediction]:
+    def predict_image(self, image: ImageInput) -> list[FacePrediction]:
+        """The faces of one photo: a path, an http(s) address, a PIL image or an RGB uint8 array
+        (`images.as_rgb`: EXIF rotation applied, any mode converted)."""
         return self.predict_images([image])[0]
 
     def predict(self, path: str | Path) -> list[FacePrediction]:
         return self.predict_image(load_rgb(path))
 
-    def predict_images(self, images: Sequence[Image.Image]) -> list[list[FacePrediction]]:
-        """Faces of several photos, run through the model in shared batches."""
+    def predict_images(self, images: Sequence[ImageInput]) -> list[list[FacePrediction]]:
+        """Faces of several photos (each as `predict_image` takes it), run through the model in shared
+        batches."""
+        images = [as_rgb(image) for image in images]
         per_image = self.all_face_inputs(images)
         flat = [entry for entries in per_image for entry in entries]
         outputs = self.run([tensor for _, _, tensor in flat])
         results, position = [], 0
-        for entries in per_image:
+        for image, entries in zip(images, per_image, strict=True):
             faces = []
             for index, (face, crop_box, _) in enumerate(entries):
                 interval = (
@@ -268,7 +283,7 @@ class AgePredictor:
                     if "lower" in outputs
                     else None
                 )
-                box = tuple(round(v) for v in face.box) if face is not None else crop_box
+                box = inside(face.box, image.size) if face is not None else crop_box
                 faces.append(
                     FacePrediction(
                         index,
@@ -283,6 +298,14 @@ class AgePredictor:
                 position += 1
             results.append(faces)
         return results
+
+
+def inside(box: tuple[float, float, float, float], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A detector's box in whole pixels, held inside a photo of `size` (a face at the edge is often found
+    with its box reaching past it)."""
+    width, height = size
+    x1, y1, x2, y2 = (round(v) for v in box)
+    return (min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height))
 
 
 def load_predictor(

@@ -72,8 +72,15 @@ def resolve_model_path(path: Path | str | None) -> Path:
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist; pass a run folder (runs/NAME) or its best.safetensors")
     if path.suffix != ".safetensors":
+        export = {".onnx": "onnx", ".pt": "torchscript"}.get(path.suffix.lower())
+        hint = (
+            f"; it looks like an export from `age-detect export`: run it with --backend {export} "
+            f"(Python: backend={export!r})"
+            if export
+            else ""
+        )
         raise ModelFileError(
-            f"{path} is not a .safetensors model; trained models are saved as best.safetensors"
+            f"{path} is not a .safetensors model; trained models are saved as best.safetensors{hint}"
         )
     return path
 

@@ -232,7 +232,8 @@ class DistributionHead(ProbabilisticHead):
         return _weighted_mean(losses, weights)
 
     def quantiles(self, outputs: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """(B, K) outputs, (Q,) levels in (0, 1) -> (B, Q) ages; class i is uniform on [i-0.5, i+0.5]."""
+        """(B, K) outputs, (Q,) levels in (0, 1) -> (B, Q) ages; class i is uniform on [i-0.5, i+0.5],
+        the ends held to the ages the classes stand for (0 and K - 1: no interval below age 0)."""
         probs = self.probabilities(outputs)
         cdf = probs.cumsum(dim=-1)  # (B, K)
         levels = levels.to(cdf).expand(cdf.shape[0], -1).contiguous()
@@ -241,7 +242,8 @@ class DistributionHead(ProbabilisticHead):
         )  # first class reaching the level
         below = torch.where(index > 0, cdf.gather(1, (index - 1).clamp(min=0)), torch.zeros_like(levels))
         mass = probs.gather(1, index).clamp_min(1e-12)
-        return index.float() - 0.5 + ((levels - below) / mass).clamp(0, 1)
+        ages = index.float() - 0.5 + ((levels - below) / mass).clamp(0, 1)
+        return ages.clamp(0, probs.shape[-1] - 1)
 
     def interval_bounds(self, outputs: torch.Tensor, level: float | None = None) -> torch.Tensor:
         """(B, 2) lower and upper age of the calibrated interval."""
