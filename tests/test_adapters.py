@@ -63,6 +63,26 @@ def test_csv_without_the_needed_columns_is_refused(tmp_path):
         load_csv_table(csv)
 
 
+def test_csv_person_ids_are_text_so_distinct_ids_stay_distinct_persons(tmp_path):
+    csv = tmp_path / "faces.csv"
+    ids = ["1", "01", "1.0", "10000000000000001", "10000000000000002"]
+    csv.write_text("path,age,person_id\n" + "".join(f"{i}.jpg,30,{id_}\n" for i, id_ in enumerate(ids)))
+    assert load_csv_table(csv)["person_id"].tolist() == ids
+
+
+def test_a_data_root_of_the_wrong_kind_says_which_kind_is_needed(tmp_path):
+    csv = tmp_path / "faces.csv"
+    csv.write_text("path,age\na.jpg,30\n")
+    with pytest.raises(
+        CsvTableError, match=rf"^{tmp_path} is a folder; --dataset csv needs --data-root FILE\.csv"
+    ):
+        load_table("csv", tmp_path)
+    with pytest.raises(
+        DatasetNotFoundError, match=r"is a file \(a CSV: pass --dataset csv\); --dataset utkface"
+    ):
+        load_table("utkface", csv)
+
+
 def test_dataset_kind_is_recognised_from_the_folder(tmp_path):
     assert guess_dataset(require(REPLICA)) == "imdb-wiki"
     assert guess_dataset(require(UTKFACE)) == "utkface"

@@ -174,7 +174,15 @@ def test_a_csv_labelled_with_age_groups_is_evaluated_by_group(tiny_run, tmp_path
     assert "skipped 1 row" in caplog.text and "lines 12" in caplog.text  # the bad label, by line
     # The group beyond the evaluated ages (its middle, 104.5, above 100) is left out, and said to be.
     assert "1 of the 11 images in" in caplog.text and "outside ages 0-100" in caplog.text
-    metrics = json.loads((out / "evaluation.json").read_text())["metrics"]
+    # Both are counted in the report too, beside the unreadable images: they change its figures.
+    document = json.loads((out / "evaluation.json").read_text())
+    assert document["CSV rows with age_low or age_high not a number skipped"] == 1
+    assert document["images labelled outside ages 0-100 skipped"] == 1
+    assert document["dataset"] == f"csv at {csv}"  # the CSV itself, not its folder
+    assert (
+        "- CSV rows with age_low or age_high not a number skipped: 1" in (out / "evaluation.md").read_text()
+    )
+    metrics = document["metrics"]
     groups = metrics["labelled_groups"]
     assert groups["count"] == 10 and set(groups["groups"]) == {"20-39"}
     predictions = pd.read_csv(out / "predictions.csv")

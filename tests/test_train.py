@@ -346,3 +346,45 @@ def test_the_quick_start_pipeline_builds_the_metadata_and_trains_with_the_packag
     assert (run / "best.safetensors").is_file() and "## Test split (best model)" in report
     assert "faces aligned by their detected landmarks: 96" in report  # every image of the --limit
     assert (run / "plots" / "grid.png").is_file() and (run / "plots" / "mae.png").is_file()
+
+
+def test_the_pipeline_rebuilds_metadata_of_another_data_root_and_reuses_its_own(
+    tmp_path, monkeypatch, caplog
+):
+    """data/processed/meta.csv records the data root it was built from: the pipeline reuses it for that
+    root (saying so) and builds it again for another, rather than training on the other root's images."""
+    import logging
+
+    import pandas as pd
+
+    from age_detect_resnet.cli import pipeline
+    from conftest import REPLICA, require
+
+    replica = require(REPLICA)
+    wiki_only, both = tmp_path / "wiki_only", tmp_path / "both"
+    for root, sources in ((wiki_only, ["wiki_crop"]), (both, ["wiki_crop", "imdb_crop"])):
+        root.mkdir()
+        for source in sources:
+            (root / source).symlink_to(replica / source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline.train_module, "run", lambda args, argv, prog: 0)  # the metadata alone
+    meta = tmp_path / "data" / "processed" / "meta.csv"
+
+    def sources_after(root) -> set[str]:
+        assert pipeline.main(["--data-root", str(root)]) == 0
+        return set(pd.read_csv(meta)["source"])
+
+    assert sources_after(wiki_only) == {"wiki"}
+    with caplog.at_level(logging.INFO):
+        assert sources_after(both) == {"imdb", "wiki"}
+    assert f"built from {wiki_only.resolve()}, not {both.resolve()}: building it again" in caplog.text
+    caplog.clear()
+    built = meta.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO):
+        assert sources_after(both) == {"imdb", "wiki"}
+    assert meta.stat().st_mtime_ns == built and "reusing data/processed/meta.csv" in caplog.text
+    (meta.parent / "meta.source.json").unlink()  # a table that does not say what it was built from
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert sources_after(both) == {"imdb", "wiki"}
+    assert "a data root it does not record" in caplog.text

@@ -25,7 +25,9 @@ from age_detect_resnet.data.cache import prepare_cache
 from age_detect_resnet.data.csv_table import CsvTableError, load_csv_table
 from age_detect_resnet.data.dataset import AgeDataset
 from age_detect_resnet.data.imdb_wiki import MetaError, build_meta, read_table
+from age_detect_resnet.data.sources import DataError, load_table
 from age_detect_resnet.data.splits import prepare_splits
+from age_detect_resnet.data.tabular import drop_duplicate_images
 from age_detect_resnet.data.utkface import load_utkface
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.training.config import DataConfig
@@ -117,6 +119,31 @@ def test_build_meta_skips_and_counts_every_kind_of_dirty_row(tmp_path, write_mat
     }
     assert set(df["person_id"]) == {"wiki:10", "wiki:11", "wiki:12", "imdb:7"}
     assert "wiki_crop/11/21_1975-01-01_2005.jpg" in caplog.text, "the missing image is named"
+
+
+def test_imdb_rows_whose_celeb_id_is_no_whole_number_are_dropped_and_counted(tmp_path, write_mat, face_jpeg):
+    root = tmp_path / "raw"
+    rows = [
+        meta_row(datenum(1960, 1, 1), 2000, f"0{i}/nm000000{i}_rm1_1960-1-1_2000.jpg", celeb_id=i)
+        for i in range(3)
+    ]
+    for row in rows:
+        (root / "imdb_crop" / row["path"]).parent.mkdir(parents=True)
+        (root / "imdb_crop" / row["path"]).write_bytes(face_jpeg + row["path"].encode())
+    mat = write_mat(root / "imdb_crop" / "imdb.mat", rows, imdb=True)
+    struct_ = scipy.io.loadmat(mat)["imdb"]
+    struct_[0, 0]["celeb_id"] = np.array([[7.0, np.nan, 1.5]])  # neither NaN nor 1.5 names a person
+    scipy.io.savemat(mat, {"imdb": struct_})
+
+    df, filters = build_meta(root)
+
+    assert df["person_id"].tolist() == ["imdb:7"]
+    assert filters.removed["celeb_id not a whole number"] == 2
+
+    struct_[0, 0]["celeb_id"] = np.array([["a", "b", "c"]], dtype=object)
+    scipy.io.savemat(mat, {"imdb": struct_})
+    with pytest.raises(MetaError, match=rf"{mat}: field 'celeb_id' is not numeric"):
+        build_meta(root)
 
 
 def one_face_wiki(root: Path, write_mat, face_jpeg: bytes) -> Path:
@@ -251,18 +278,80 @@ def test_csv_rows_with_missing_or_non_numeric_ages_are_skipped_with_their_line_n
         df = load_csv_table(csv)
 
     assert df[["path", "age"]].to_dict("list") == {"path": ["a.jpg", "d.jpg"], "age": [30.0, 41.5]}
-    assert str(csv) in caplog.text and "skipped 6 row(s)" in caplog.text
-    assert "(lines 3, 4, 6, 7, 8, 9)" in caplog.text, caplog.text
+    assert str(csv) in caplog.text and "skipped 5 row(s)" in caplog.text
+    assert "(lines 3, 4, 7, 8, 9)" in caplog.text, caplog.text
+    assert "skipped 1 row(s)" in caplog.text and "with no path (lines 6)" in caplog.text
+    assert df.attrs["removed"] == {
+        "CSV rows with no path": 1,
+        "CSV rows with age missing, not a number or infinite": 5,
+    }
+
+
+def test_csv_line_numbers_count_blank_lines_and_line_breaks_in_quoted_fields(tmp_path, caplog):
+    csv = tmp_path / "faces.csv"
+    csv.write_text('path,age,note\n\nimgs/p1.jpg,24,"two\nlines"\n\n\nimgs/p4.jpg,abc,x\n  \nimgs/p5.jpg,,\n')
+
+    with caplog.at_level(logging.WARNING):
+        df = load_csv_table(csv)
+
+    assert df["path"].tolist() == ["imgs/p1.jpg"]
+    assert "(lines 7, 9)" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("a.jpg,70,", "with age_high blank or infinite: an open age group such as 70+ needs an upper end"),
+        ("a.jpg,70,inf", "with age_high blank or infinite"),
+        ("a.jpg,,2", "with age_low blank or infinite: give the group a lower end"),
+        ("a.jpg,70+,100", "with age_low or age_high not a number: write the bounds as numbers"),
+        ("a.jpg,29,20", "with age_low above age_high: reversed bounds: write the lower end first"),
+    ],
+    ids=["open", "infinite", "no lower end", "not a number", "reversed"],
+)
+def test_csv_age_groups_that_cannot_be_used_are_skipped_saying_what_is_wrong(tmp_path, caplog, rows, message):
+    csv = tmp_path / "groups.csv"
+    csv.write_text(f"path,age_low,age_high\nb.jpg,20,29\n{rows}\n")
+    with caplog.at_level(logging.WARNING):
+        assert load_csv_table(csv)["path"].tolist() == ["b.jpg"]
+    assert f"skipped 1 row(s) of {csv} {message}" in caplog.text and "(lines 3)" in caplog.text, caplog.text
+
+
+def test_a_csv_age_column_of_group_labels_is_pointed_to_age_low_and_age_high(tmp_path, caplog):
+    csv = tmp_path / "fairface.csv"
+    csv.write_text("path,age\na.jpg,50-59\nb.jpg,more than 70\nc.jpg,33\n")
+    with caplog.at_level(logging.WARNING):
+        load_csv_table(csv)
+    assert "holds age groups such as 50-59: give them as age_low,age_high columns" in caplog.text
+
+
+def test_a_csv_column_named_sha1_is_not_taken_for_the_image_content(tmp_path):
+    (tmp_path / "faces").mkdir()
+    lines = ["path,age,sha1"]
+    for i, sha1 in enumerate(["abc", "abc", "abc", "def", "def", "ghi"]):
+        (tmp_path / "faces" / f"{i}.jpg").write_bytes(distinct_jpeg(i))
+        lines.append(f"faces/{i}.jpg,{20 + i},{sha1}")
+    csv = tmp_path / "faces.csv"
+    csv.write_text("\n".join(lines) + "\n")
+
+    table, root = load_table("csv", csv)
+    kept, removed = drop_duplicate_images(table, root)
+
+    assert len(kept) == 6, "six distinct images: none is a copy of another"
+    assert removed["copies with conflicting ages"] == 0
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         (b"path,years\na.jpg,30\n", "lacks the column(s) age"),
+        (b"Path,Age\na.jpg,30\n", "lacks the column(s) age, path; it needs a header 'path,age' (or "),
+        (b"Path,Age\na.jpg,30\n", "in lower case; its header has Path, Age"),
+        (b"path;age\na.jpg;30\n", "comma-separated, in lower case; its header has path;age"),
         (b"", "not a readable CSV"),
         (b"path,age\n\xff\xfe\xfa\x00\x81,30\n", "not a readable CSV"),
     ],
-    ids=["no age column", "empty", "not text"],
+    ids=["no age column", "capitalised", "capitalised header listed", "semicolons", "empty", "not text"],
 )
 def test_unusable_csv_is_refused_naming_the_file(tmp_path, content, message):
     csv = tmp_path / "faces.csv"
@@ -289,6 +378,44 @@ def test_images_missing_from_a_csv_dataset_are_dropped_counted_and_named(tmp_pat
     assert len(prepared.table) == 10
     assert prepared.removed["unreadable files"] == 2
     assert "faces/3.jpg" in caplog.text and "faces/7.jpg" in caplog.text
+
+
+def faces_csv(folder: Path, people: list[str | None], content=distinct_jpeg) -> Path:
+    """faces.csv in `folder`: one image per entry of `people` (its person_id, or none), ages 20 on."""
+    (folder / "faces").mkdir(parents=True)
+    lines = ["path,age,person_id"]
+    for i, person in enumerate(people):
+        (folder / "faces" / f"{i}.jpg").write_bytes(content(i))
+        lines.append(f"faces/{i}.jpg,{20 + i},{person or ''}")
+    csv = folder / "faces.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def test_a_split_left_empty_is_refused_before_training_saying_how_many_there_are(tmp_path, caplog):
+    one_person = faces_csv(tmp_path, ["p1"] * 6)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.ERROR):
+        code = train_main([*TINY_RUN, "--dataset", "csv", "--data-root", str(one_person), "--out", str(out)])
+    assert code == 2
+    assert f"the validation and test split of {one_person} would be empty" in caplog.text
+    assert "6 image(s) of 1 person(s)" in caplog.text and "more persons" in caplog.text
+    assert not (out / "best.safetensors").exists()
+
+    no_ids = faces_csv(tmp_path / "no_ids", [None] * 6)  # each image its own person
+    config = DataConfig(dataset="csv", data_root=str(no_ids), max_per_age=None, limit=5)
+    with pytest.raises(DataError, match=r"test split .* 5 image\(s\) of 5 person\(s\).* raise --limit \(5\)"):
+        prepare_splits(config, seed=0)  # 4 train, 1 validation, 0 test
+
+
+def test_an_epoch_whose_every_image_is_unreadable_stops_rather_than_scoring_0(tmp_path, caplog):
+    csv = faces_csv(tmp_path, [None] * 12, content=lambda i: b"not a photo %d" % i)
+    out = tmp_path / "run"
+    argv = [*TINY_RUN, "--dataset", "csv", "--data-root", str(csv), "--out", str(out), "--skip-bad-images"]
+    with caplog.at_level(logging.ERROR):
+        assert train_main(argv) == 2
+    assert "epoch 1 training: all" in caplog.text and f"image files are in {tmp_path}" in caplog.text
+    assert not (out / "best.safetensors").exists() and not (out / "best.json").exists()
 
 
 # --- images -------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Build the metadata table of IMDB-WIKI from `imdb.mat` / `wiki.mat`.
 
 `age-detect build-meta` (= `python -m age_detect_resnet.preprocessing.build_meta`, the seed's path):
-the table of data/imdb_wiki.py written to a CSV, then how many rows each filter removed.
+the table of data/imdb_wiki.py written to a CSV (and beside it, in meta.source.json, the data root it was
+built from, which `age-detect pipeline` checks before reusing it), then how many rows each filter removed.
 
     age-detect build-meta [--data-root data/raw] [--out data/processed/meta.csv] [--min-face-score S]
 """
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     except MetaError as err:  # the message names the file and what to do
         log.error("%s", user_message(err))
         return 2
-    write_table(df, args.out)
+    write_table(df, args.out, data_root=args.data_root, min_face_score=args.min_face_score)
     print(filters.summary(len(df)))
     print(f"wrote {len(df):,} rows to {args.out}")
     return 0

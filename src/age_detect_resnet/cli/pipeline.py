@@ -4,9 +4,11 @@
     age-detect pipeline --data-root ../shared/data/utkface --weights resnet50.safetensors
     age-detect pipeline --data-root my_faces.csv --epochs 5     # any train option can be added
 
-The dataset kind is recognised from the folder. Without --config, the recipe of the bundled model is
-used: `--config cpu` without a GPU (128 px, aligned faces, photo augmentation, bf16, 4 epochs), since
-the seed's full-size settings would take days on a CPU, and `--config gpu` (224 px, 20 epochs) with one.
+The dataset kind is recognised from the folder. An IMDB-WIKI metadata table already in
+data/processed/meta.csv is reused where it was built from this --data-root (and --min-face-score), else
+built again. Without --config, the recipe of the bundled model is used: `--config cpu` without a GPU
+(128 px, aligned faces, photo augmentation, bf16, 4 epochs), since the seed's full-size settings would
+take days on a CPU, and `--config gpu` (224 px, 20 epochs) with one.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from age_detect_resnet.cli import build_meta
 from age_detect_resnet.cli import train as train_module
+from age_detect_resnet.data.imdb_wiki import table_provenance
 from age_detect_resnet.data.sources import DatasetNotFoundError, guess_dataset
 from age_detect_resnet.runtime import select_device
 
@@ -45,16 +48,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.data_root = str(data_root)
     if args.dataset == "imdb-wiki" and args.meta is None:
         meta = Path("data/processed/meta.csv")
-        if not meta.is_file():
-            status = build_meta.main(["--data-root", str(data_root), "--out", str(meta)])
-            if status:
-                return status
+        status = build_meta_unless_current(meta, data_root, args.min_face_score)
+        if status:
+            return status
         args.meta = str(meta)
     if args.config is None:
         recipe = "cpu" if select_device(args.device or "auto").type == "cpu" else "gpu"
         log.info("using the packaged recipe --config %s; pass --config to choose another", recipe)
         args.config = [Path(recipe)]
     return train_module.run(args, argv, prog="age-detect pipeline")
+
+
+def build_meta_unless_current(meta: Path, data_root: Path, min_face_score: float | None) -> int:
+    """Build the metadata table `meta` of `data_root` (build-meta's exit status), unless the one there was
+    built from the same data root with the same --min-face-score: the table's paths are relative to its
+    root, so one of another root (or one that does not say which) would train on other images."""
+    wanted = {"data_root": str(data_root.resolve()), "min_face_score": min_face_score}
+    if meta.is_file():
+        recorded = table_provenance(meta)
+        if recorded is not None and all(recorded.get(key) == value for key, value in wanted.items()):
+            log.info("reusing %s, built from %s (delete it to build it again)", meta, _settings(wanted))
+            return 0
+        log.info(
+            "%s was built from %s, not %s: building it again",
+            meta,
+            _settings(recorded) if recorded is not None else "a data root it does not record",
+            _settings(wanted),
+        )
+    score = ["--min-face-score", str(min_face_score)] if min_face_score is not None else []
+    return build_meta.main(["--data-root", str(data_root), "--out", str(meta), *score])
+
+
+def _settings(record: dict) -> str:
+    score = record.get("min_face_score")
+    return record["data_root"] + (f" with --min-face-score {score}" if score is not None else "")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ plausible (0-100) and the image file exists. `FilterLog` counts the rows each fi
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from age_detect_resnet.atomic import atomic_path
+from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.progress import progress
 
@@ -114,7 +115,9 @@ def read_mat(mat_path: Path) -> dict[str, np.ndarray]:
     for name in (*REQUIRED_FIELDS, "name", "celeb_id"):
         if name in columns and len(columns[name]) != n:
             raise MetaError(f"{mat_path}: field '{name}' has {len(columns[name])} entries but dob has {n}")
-    for name in NUMERIC_FIELDS:
+    for name in (*NUMERIC_FIELDS, "celeb_id"):
+        if name not in columns:  # celeb_id: imdb.mat's alone
+            continue
         try:
             np.asarray(columns[name], dtype=np.float64)
         except (TypeError, ValueError) as err:
@@ -145,7 +148,12 @@ def read_source(data_root: Path, source: str) -> pd.DataFrame:
     crop_dir = Path(SOURCES[source]).parent.as_posix()
     full_paths = _cell_strings(columns["full_path"])
     if source == "imdb" and "celeb_id" in columns:
-        person = [f"imdb:{int(i)}" for i in columns["celeb_id"]]
+        # A celeb_id that is no whole number (NaN, 1.5) names no one: such a row gets no person_id and
+        # `filter_rows` drops it, counted. Not the file name's id (nm0000001) as wiki rows get: a person's
+        # other rows carry the celeb_id, so the row could land in another split than they do.
+        ids = np.asarray(columns["celeb_id"], dtype=np.float64)
+        whole = np.isfinite(ids) & (ids == np.round(ids))
+        person = [f"imdb:{int(i)}" if ok else None for i, ok in zip(ids, whole, strict=True)]
     else:  # wiki file names start with the person's id: 17/10000217_1981-05-05_2009.jpg
         person = [f"{source}:{Path(p).name.split('_')[0]}" for p in full_paths]
     names = _cell_strings(columns["name"]) if "name" in columns else [""] * len(full_paths)
@@ -164,8 +172,11 @@ def read_source(data_root: Path, source: str) -> pd.DataFrame:
 
 
 def filter_rows(df: pd.DataFrame, *, min_face_score: float | None = None) -> tuple[pd.DataFrame, FilterLog]:
-    """The seed's cleaning: valid birth date, one face found (optionally confident), plausible age."""
+    """The seed's cleaning: valid birth date, one face found (optionally confident), plausible age; and
+    a person to keep the splits apart by (counted only where a row lacks one: a damaged imdb.mat)."""
     log_ = FilterLog(total=len(df))
+    if df["person_id"].isna().any():
+        df = log_.drop(df, df["person_id"].notna(), "celeb_id not a whole number")
     df = log_.drop(df, df["age"].notna(), "broken date of birth")
     df = log_.drop(df, np.isfinite(df["face_score"]), "no face found")
     df = log_.drop(df, df["second_face_score"].isna(), "second face found")
@@ -234,9 +245,28 @@ def build_meta(data_root: Path, *, min_face_score: float | None = None) -> tuple
     return df.reset_index(drop=True), filters
 
 
-def write_table(df: pd.DataFrame, out: Path) -> None:
+def write_table(df: pd.DataFrame, out: Path, *, data_root: Path, min_face_score: float | None = None) -> None:
+    """The table, and beside it (`provenance_path`) what it was built from, so that a later command can
+    tell a table of this data root from one of another (the table's paths are relative to its root)."""
     with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False)
+    record = {"data_root": str(Path(data_root).resolve()), "min_face_score": min_face_score, "rows": len(df)}
+    write_text_atomic(provenance_path(out), json.dumps(record, indent=2) + "\n")
+
+
+def provenance_path(table: Path) -> Path:
+    """The record `write_table` writes beside a table: `meta.csv` -> `meta.source.json`."""
+    return Path(table).with_suffix(".source.json")
+
+
+def table_provenance(table: Path) -> dict | None:
+    """What `write_table` recorded of the table's making (data_root resolved, min_face_score); None where
+    it recorded nothing readable (a table written before the record existed, or by another tool)."""
+    try:
+        record = json.loads(provenance_path(table).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("data_root"), str) else None
 
 
 def read_table(path: Path) -> pd.DataFrame:

@@ -102,13 +102,20 @@ def with_columns(
 def load_table(
     dataset: str, data_root: Path, *, meta: Path | None = None, min_face_score: float | None = None
 ) -> tuple[pd.DataFrame, Path]:
-    """The dataset's table and the folder its relative `path`s are resolved against."""
+    """The dataset's table and the folder its relative `path`s are resolved against. The rows an adapter
+    skipped (a CSV's rows without a usable age) are counted by reason in the table's `attrs["removed"]`."""
     data_root = Path(data_root)
     if dataset == "imdb-wiki":
         return _imdb_wiki_table(data_root, meta, min_face_score), data_root
     if not data_root.exists():
         raise DatasetNotFoundError(dataset_help(data_root))
     if dataset == "utkface":
+        if not data_root.is_dir():
+            kind = " (a CSV: pass --dataset csv)" if data_root.suffix.lower() == ".csv" else ""
+            raise DatasetNotFoundError(
+                f"{data_root} is a file{kind}; --dataset utkface needs --data-root FOLDER, the folder of the "
+                "UTKFace images"
+            )
         table = load_utkface(data_root)
         if table.empty:
             raise DatasetNotFoundError(

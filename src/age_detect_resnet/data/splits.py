@@ -13,6 +13,7 @@ import pandas as pd
 from age_detect_resnet.atomic import atomic_path
 from age_detect_resnet.data.sources import DataError, load_table
 from age_detect_resnet.data.tabular import (
+    SPLITS,
     assign_splits,
     drop_duplicate_images,
     filter_age_range,
@@ -58,7 +59,7 @@ def prepare_splits(data: SplitSettings, *, seed: int) -> PreparedData:
         meta=Path(data.meta) if data.meta else None,
         min_face_score=data.min_face_score,
     )
-    removed: dict[str, int] = {}
+    removed: dict[str, int] = dict(table.attrs.get("removed", {}))
     table, duplicates = drop_duplicate_images(table, root)
     removed.update(duplicates)
     before = len(table)
@@ -83,7 +84,29 @@ def prepare_splits(data: SplitSettings, *, seed: int) -> PreparedData:
         removed[f"training faces beyond --train-share {data.train_share:g}"] = before - len(table)
     if "person_id" not in table.columns:
         table = table.assign(person_id=None)
+    check_no_split_empty(table, data)
     return PreparedData(table.reset_index(drop=True), root, removed)
+
+
+def check_no_split_empty(table: pd.DataFrame, data: SplitSettings) -> None:
+    """Refuse a split without images: a run would validate on nothing (a best model of MAE 0) or fail
+    at its final test. Splits are dealt whole persons, so too few persons empty one however many images."""
+    counts = table["split"].value_counts()
+    empty = [name for name in SPLITS if not counts.get(name, 0)]
+    if not empty:
+        return
+    ids = table["person_id"]
+    persons = ids.nunique() + int(ids.isna().sum())  # rows without an id are each their own person
+    names = {"train": "training", "val": "validation", "test": "test"}
+    remedies = [f"raise --limit ({data.limit})"] if data.limit is not None else []
+    if "train" in empty and data.train_share < 1:
+        remedies.append(f"raise --train-share ({data.train_share:g})")
+    remedies.append("use a dataset with more persons")
+    raise DataError(
+        f"the {' and '.join(names[name] for name in empty)} split of {data.data_root} would be empty: "
+        f"{len(table):,} image(s) of {persons:,} person(s) are left to split after filtering, and each "
+        f"split gets whole persons; {', or '.join(remedies)}"
+    )
 
 
 def keep_training_share(table: pd.DataFrame, share: float, *, seed: int) -> pd.DataFrame:

@@ -69,7 +69,9 @@ def evaluation_table(
     """The images to evaluate, their root folder, and the dataset's name (the model's where not given).
     `saved` is the split the model was trained with (`SavedSplit.of`): `split` test or val evaluates its
     held-out images; with "all" on its own dataset, the images it trained on are counted in `trained_on`
-    of the table's attrs, and a warning says how many."""
+    of the table's attrs, and a warning says how many. The table's attrs also hold the data root read
+    (`data_root`: for a CSV the file, not the images' folder) and, with "all", the dataset's rows left out,
+    by reason (`removed`: the adapter's, then those outside `min_age`-`max_age`)."""
     if dataset is None and data_root is not None and meta is None:
         dataset = dataset_at(Path(data_root), saved.dataset if saved else None)
     dataset = dataset or (saved.dataset if saved else None)
@@ -93,10 +95,12 @@ def evaluation_table(
                 "was trained on"
             )
         images = with_columns(images, by, dataset, Path(data_root), meta)
+        images.attrs["data_root"] = str(data_root)
         return images, prepared.root, dataset
     data_root = Path(data_root or (saved.data_root if own_dataset else None) or "data/raw")
     table, root = load_table(dataset, data_root, meta=Path(meta) if meta else None)
     check_columns(by, set(table.columns), data_root)
+    removed = dict(table.attrs.get("removed", {}))
     in_range = table["age"].between(min_age, max_age)  # the exact age, or an age group's middle
     if not in_range.all():
         log.warning(
@@ -108,10 +112,12 @@ def evaluation_table(
             min_age,
             max_age,
         )
+    removed[f"images labelled outside ages {min_age:g}-{max_age:g}"] = int((~in_range).sum())
     table = table[in_range]
     if limit is not None:
         table = table.sample(min(limit, len(table)), random_state=0)
     table = table.reset_index(drop=True)
+    table.attrs.update(removed=removed, data_root=str(data_root))
     # The same dataset in the same folder (or, for the bundled model, whose folder is unknown, by name)
     same_images = own_dataset and (
         saved.data_root is None or image_root(dataset, saved.data_root).resolve() == root.resolve()
@@ -313,6 +319,8 @@ def evaluate_model(
     if table.empty:
         raise ConfigError("no images to evaluate (check --data-root and the age range)")
     trained_on = table.attrs.get("trained_on")
+    left_out = table.attrs.get("removed", {})
+    read_from = table.attrs.get("data_root", root)  # a CSV named by its file, not the images' folder
     # person_id too: the error of two photos of one person is one draw for the groups' intervals
     by = list(by)
     by_columns_kept = [*by, "person_id"] if by else []
@@ -342,9 +350,10 @@ def evaluate_model(
         metrics["by"] = group_errors(frame, by)
     extra = {
         "model": str(model_path) + ("" if backend == "torch" else f" on --backend {backend}"),
-        "dataset": f"{dataset} at {root}",
+        "dataset": f"{dataset} at {read_from}",
         "split": split,
         "test-time flip": tta,
+        **{f"{reason} skipped": count for reason, count in left_out.items()},
         "unreadable images skipped": len(table) - len(frame),
     }
     if trained_on is not None:

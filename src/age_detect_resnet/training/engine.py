@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from age_detect_resnet.data.dataset import Batch
+from age_detect_resnet.data.sources import DataError
 from age_detect_resnet.modeling.model import AgeModel, raw_outputs
 from age_detect_resnet.training.ema import ModelEma
 
@@ -120,6 +122,16 @@ def train_one_epoch(
         "skipped": totals[3].item(),
         "seconds": time.perf_counter() - start,
     }
+
+
+def check_images_read(metrics: dict[str, float], what: str, root: Path) -> None:
+    """Stop where every image of a pass (`train_one_epoch`, `evaluate`) was skipped as unreadable
+    (--skip-bad-images): its loss and MAE would read 0, and a model of no validation error be kept."""
+    if not metrics["images"]:
+        raise DataError(
+            f"{what}: all {metrics['skipped']:,.0f} image(s) were unreadable and skipped "
+            f"(--skip-bad-images); check that the dataset's image files are in {root} and can be opened"
+        )
 
 
 def optimizer_step(

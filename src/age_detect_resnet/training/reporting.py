@@ -26,7 +26,7 @@ from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.run_folder import RunFolder
 from age_detect_resnet.training.config import Config
 from age_detect_resnet.training.distributed import Distributed
-from age_detect_resnet.training.engine import evaluate
+from age_detect_resnet.training.engine import check_images_read, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def final_test(
     best = checkpoint.load_model(run.best, dist.device)
     if config.train.channels_last:
         best = best.to(memory_format=torch.channels_last)
-    _, predictions = evaluate(
+    tested, predictions = evaluate(
         best,
         loader,
         device=dist.device,
@@ -74,6 +74,7 @@ def final_test(
         desc="test",
         progress=progress,
     )
+    check_images_read(tested, "the final test", prepared.root)
     test_table = prepared.split("test")
     frame = prediction_frame(test_table, predictions, best)
     metrics = evaluation_metrics(frame, best.head)

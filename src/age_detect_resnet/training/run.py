@@ -36,7 +36,7 @@ from age_detect_resnet.training.best_statistics import recompute_best_statistics
 from age_detect_resnet.training.config import Config, resolve_config, save_config
 from age_detect_resnet.training.distributed import Distributed, setup_distributed
 from age_detect_resnet.training.ema import ModelEma
-from age_detect_resnet.training.engine import evaluate, train_one_epoch
+from age_detect_resnet.training.engine import check_images_read, evaluate, train_one_epoch
 from age_detect_resnet.training.loaders import EpochSampler, build_loaders
 from age_detect_resnet.training.models import build_model, model_metadata
 from age_detect_resnet.training.optim import (
@@ -217,6 +217,7 @@ def fit(
     main_progress = progress and dist.is_main
     common = {"device": dist.device, "autocast": autocast, "channels_last": config.train.channels_last}
     stop_reason, skipped = f"all {config.train.epochs} epochs", 0
+    root = image_root(config.data.dataset, config.data.data_root)  # named where no image can be read
     for epoch in range(state.epoch + 1, config.train.epochs + 1):
         if train_sampler is not None:
             train_sampler.set_epoch(epoch)
@@ -237,6 +238,7 @@ def fit(
             ema=state.ema,
             **common,
         )
+        check_images_read(trained, f"epoch {epoch} training", root)
         # The EMA weights are a plain module: validated as they are (every process holds all of them).
         evaluated = state.evaluated_model
         validated, val_predictions = evaluate(
@@ -248,6 +250,7 @@ def fit(
             module=evaluated,
             **common,
         )
+        check_images_read(validated, f"epoch {epoch} validation", root)
         skipped += int(trained["skipped"] + validated["skipped"])
         row = {
             "epoch": epoch,
