@@ -348,6 +348,18 @@ def test_the_bundle_is_evaluated_on_the_faces_its_run_never_saw(tiny_run, tiny_b
     assert "images evaluated are ones the bundled model trained on" in caplog.text
     document = json.loads((whole / "evaluation.json").read_text())
     assert document["images the model trained on"] == trained
+    # The same faces listed by a CSV are known by their file names (the check was by path alone).
+    caplog.clear()
+    listed = (
+        split[split["split"] == "train"].head(3).assign(path=lambda t: [f"{root}/{p}" for p in t["path"]])
+    )
+    listed[["path", "age"]].to_csv(tmp_path / "mine.csv", index=False)
+    csv_args = ["--split", "all", "--dataset", "csv", "--data-root", str(tmp_path / "mine.csv")]
+    assert evaluate_main([*csv_args, "--out", str(tmp_path / "csv"), *common]) == 0
+    assert (
+        "3 of the 3 images evaluated have the file names of utkface images the bundled model" in caplog.text
+    )
+    assert json.loads((tmp_path / "csv" / "evaluation.json").read_text())["images the model trained on"] == 3
 
 
 def test_the_bundles_export_is_checked_on_its_held_out_faces(tiny_run, tiny_bundle, tmp_path):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 
 # The splits a run saves in split.csv that can be evaluated by name (`--split test|val`).
 SAVED_SPLITS = ("test", "val")
+
+
+# Datasets whose file names identify one photo (UTKFace's hold its capture time to the millisecond,
+# IMDB-WIKI's a person and picture id): one of their images copied elsewhere or listed by a CSV is still
+# known by its name, so evaluation can say when a model is judged on faces it trained on.
+NAMES_IDENTIFY_PHOTOS = ("utkface", "imdb-wiki")
 
 
 def evaluation_table(
@@ -125,17 +131,27 @@ def evaluation_table(
     if same_images:
         trained_on = int(table["path"].astype(str).isin(saved.paths("train")).sum())
         table.attrs["trained_on"] = trained_on
+        which = "are ones"
+    elif saved is not None and saved.dataset in NAMES_IDENTIFY_PHOTOS:
+        # Its images in another folder, or listed by a CSV: known by their file names.
+        names = {PurePath(path).name for path in saved.paths("train")}
+        trained_on = int(table["path"].astype(str).map(lambda path: PurePath(path).name).isin(names).sum())
         if trained_on:
-            held_out = len(saved.paths("test"))
-            log.warning(
-                "%s of the %s images evaluated are ones %s trained on, so their errors flatter it: "
-                "--split test evaluates it on the %s %s images it never saw",
-                f"{trained_on:,}",
-                f"{len(table):,}",
-                saved.owner,
-                f"{held_out:,}",
-                dataset,
-            )
+            table.attrs["trained_on"] = trained_on
+        which = f"have the file names of {saved.dataset} images"
+    else:
+        return table, root, dataset
+    if trained_on:
+        log.warning(
+            "%s of the %s images evaluated %s %s trained on, so their errors flatter it: "
+            "--split test evaluates it on the %s %s images it never saw",
+            f"{trained_on:,}",
+            f"{len(table):,}",
+            which,
+            saved.owner,
+            f"{len(saved.paths('test')):,}",
+            saved.dataset,
+        )
     return table, root, dataset
 
 
