@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from age_detect_resnet.cli.common import DETECTOR_MODEL_HELP
 from age_detect_resnet.faces.detection import DetectorUnavailableError, create_detector
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--show", action="store_true", help="open the annotated photo in an image viewer")
     parser.add_argument("--no-detect", action="store_true", help="the photo is already a face crop")
-    parser.add_argument("--detector-model", type=Path, help="YuNet ONNX file (default: downloaded once)")
+    parser.add_argument("--detector-model", type=Path, help=DETECTOR_MODEL_HELP)
     args = parser.parse_args(argv)
     try:
         image = load_rgb(args.photo)  # first: a wrong file is named before the model and detector load

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 from age_detect_resnet.cli.evaluate import main as evaluate_main
 from age_detect_resnet.evaluation.evaluate import evaluate_model
 from age_detect_resnet.evaluation.metrics import age_group_label, age_metrics, classification_metrics
+from age_detect_resnet.run_folder import evaluation_name
 from age_detect_resnet.training.config import ConfigError
 from conftest import TEST_IMAGES, require
 
@@ -82,6 +84,27 @@ def test_evaluate_any_csv_dataset_with_split_all(tiny_run, tmp_path):
     )
     document = json.loads((out / "evaluation.json").read_text())
     assert document["metrics"]["count"] == 12 and document["test-time flip"] is True
+
+
+def test_evaluations_of_other_csvs_or_views_report_into_folders_of_their_own(tiny_run, tmp_path):
+    """Without --out, a second CSV, or the same one with --tta, overwrote the first report
+    (both went to <run>/eval-csv-all)."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    root = json.loads((run / "config.json").read_text())["data"]["data_root"]
+    names = sorted(p.name for p in Path(root).iterdir())[:4]
+    table = pd.DataFrame(
+        {"path": [f"{root}/{n}" for n in names], "age": [int(n.split("_")[0]) for n in names]}
+    )
+    for stem in ("mine", "theirs"):
+        table.to_csv(tmp_path / f"{stem}.csv", index=False)
+    common = ["--model", str(run), "--dataset", "csv", "--split", "all", "--num-workers", "0"]
+    for extra in (["--data-root", str(tmp_path / "mine.csv")], ["--data-root", str(tmp_path / "theirs.csv")]):
+        assert evaluate_main([*common, *extra]) == 0
+    assert evaluate_main([*common, "--data-root", str(tmp_path / "mine.csv"), "--tta"]) == 0
+    reports = sorted(p.name for p in run.glob("eval-*") if (p / "evaluation.json").is_file())
+    assert reports == ["eval-csv-mine-all", "eval-csv-mine-all-tta", "eval-csv-theirs-all"]
+    assert evaluation_name("utkface", "test") == "eval-utkface-test"  # a run's own test split, as before
+    assert evaluation_name("csv", "all", csv="x/photos.csv", backend="onnx") == "eval-csv-photos-all-onnx"
 
 
 def test_split_test_on_another_dataset_is_refused_with_advice(tiny_run, tmp_path, caplog):

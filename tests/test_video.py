@@ -311,6 +311,31 @@ def test_detection_on_a_smaller_copy_maps_boxes_and_landmarks_back_to_the_frame(
         assert np.abs(np.subtract(a.landmarks, b.landmarks)).max() < 4
 
 
+@pytest.mark.parametrize(("detect_side", "looked_at"), [(None, 640), (320, 320), (0, None)])
+def test_detect_side_0_looks_at_the_full_frame(predictor, clips, detect_side, looked_at):
+    """0 kept the detector's own 640 px (the README and --help say full size): small faces in a
+    1920-pixel frame were never found."""
+    import copy
+
+    from age_detect_resnet.video.process import predict_video
+
+    class Recording:  # the longer side each look was made at; copies (with_max_side) share the record
+        name = "recording"
+
+        def __init__(self):
+            self.max_side, self.seen = 640, set()
+
+        def detect(self, image):
+            self.seen.add(self.max_side)
+            return []
+
+    recording = Recording()
+    mine = copy.copy(predictor)
+    mine.detector = recording
+    predict_video(mine, clips["one"], every=10, detect_max_side=detect_side, progress=False)
+    assert recording.seen == {looked_at}
+
+
 # --- the CLI ----------------------------------------------------------------------------------------------
 
 

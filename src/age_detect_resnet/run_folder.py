@@ -7,7 +7,8 @@
         last.pt                  the training state after the last finished epoch (--resume)
         metrics.csv, plots/      the learning curves; run.json + report.md: the run's summary
         predictions.csv, evaluation.json/.md   the best model on the test split
-        eval-<dataset>-<split>/  reports of `age-detect evaluate`
+        eval-<dataset>-<split>/  reports of `age-detect evaluate` (the name says what was evaluated:
+                                 eval-csv-photos-all-onnx/: `evaluation_name`)
         age_model.onnx, age_model.torchscript.pt + .json   exports of `age-detect export`
 
 Training writes it; evaluate, export, predict and serve find a run's parts through `RunFolder.of`.
@@ -97,8 +98,9 @@ class RunFolder:
         """evaluation.json of the final test (evaluation.md and predictions.csv lie beside it)."""
         return self.path / "evaluation.json"
 
-    def evaluation_dir(self, dataset: str, split: str) -> Path:
-        return self.path / f"eval-{dataset}-{split}"
+    def evaluation_dir(self, name: str) -> Path:
+        """Where `age-detect evaluate` reports on this run's model by default (`evaluation_name`)."""
+        return self.path / name
 
     def export(self, fmt: str) -> Path:
         """The default file of `age-detect export --format fmt` (onnx or torchscript)."""
@@ -197,6 +199,17 @@ class SavedSplit:
 
         table = pd.read_csv(self.path, usecols=["path", "split"], dtype={"path": str})
         return set(table.loc[table["split"].isin(splits), "path"])
+
+
+def evaluation_name(
+    dataset: str, split: str, *, csv: str | Path | None = None, tta: bool = False, backend: str = "torch"
+) -> str:
+    """The folder name of an `age-detect evaluate` report: one per thing evaluated, so that a second
+    evaluation does not overwrite the first: the dataset (a CSV's file name too), the split, and the flip
+    views or another backend where used (eval-utkface-test, eval-csv-photos-all-tta-onnx)."""
+    parts = [dataset, Path(csv).stem if csv is not None else None, split, "tta" if tta else None]
+    parts.append(backend if backend != "torch" else None)
+    return "-".join(["eval", *(part for part in parts if part)])
 
 
 def exported_from(path: Path) -> str | None:

@@ -8,15 +8,30 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+DETECTOR_MODEL_HELP = (
+    "YuNet ONNX file (default: $AGE_DETECT_YUNET_MODEL, else the package's copy where the build includes "
+    "it, else downloaded once and checksum verified)"
+)
+
 
 def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
     """The face detector's options (predict, serve and evaluate)."""
-    parser.add_argument("--detector", choices=("auto", "yunet", "haar"), default="auto")
     parser.add_argument(
-        "--detector-model",
-        type=Path,
-        help="YuNet ONNX file (default: $AGE_DETECT_YUNET_MODEL, else the package's copy where the build "
-        "includes it, else downloaded once and checksum verified)",
+        "--detector",
+        choices=("auto", "yunet", "haar"),
+        default="auto",
+        help="face detector; auto: YuNet where its file is found or downloaded, else OpenCV's Haar cascade",
+    )
+    parser.add_argument("--detector-model", type=Path, help=DETECTOR_MODEL_HELP)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """Where the model runs (every command that runs one)."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the model runs; auto: a CUDA GPU where one is visible, else the CPU",
     )
 
 
@@ -85,6 +100,19 @@ def non_negative_int(text: str) -> int:
     return _count(text, 0)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The command's description as written, and each option's default where its help does not say it
+    already (as `train --help` does for every setting)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        unstated = default is None or default is False or default == "" or default == argparse.SUPPRESS
+        if not action.option_strings or "default" in text or unstated:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def command_main(
     prog: str,
     doc: str | None,
@@ -95,15 +123,16 @@ def command_main(
     check: Callable[[argparse.ArgumentParser, argparse.Namespace], None] | None = None,
 ) -> int:
     """Parse `argv` with the command's options (its module docstring's first paragraph as the
-    description), let `check` refuse combinations argparse cannot (through `parser.error`), and run it."""
+    description, and the next where the first introduces it with a colon), let `check` refuse
+    combinations argparse cannot (through `parser.error`), and run it."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(doc or "").split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    paragraphs = (doc or "").split("\n\n")
+    description = paragraphs[0]
+    if description.rstrip().endswith(":") and len(paragraphs) > 1:
+        description += "\n\n" + paragraphs[1]  # the examples it introduces
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
     if check is not None:

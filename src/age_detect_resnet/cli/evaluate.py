@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 from age_detect_resnet.cli.common import (
     add_detector_arguments,
+    add_device_argument,
     command_main,
+    non_negative_int,
     positive_int,
     user_errors,
     user_message,
@@ -43,7 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="test or val: the test or validation split the model was trained with (its run's split.csv, or "
         "the bundled model's); all: every image of the dataset",
     )
-    parser.add_argument("--out", help="report folder (default: <run>/eval-<dataset>-<split>)")
+    parser.add_argument(
+        "--out",
+        help="report folder (default: <run>/eval-<dataset>-<split>, with a CSV's name, tta and the backend "
+        "where used, e.g. eval-csv-photos-all-onnx)",
+    )
     parser.add_argument("--min-age", type=float, default=0, help="--split all: youngest age evaluated")
     parser.add_argument("--max-age", type=float, default=100, help="--split all: oldest age evaluated")
     parser.add_argument(
@@ -65,10 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--detect also head_pose (frontal or turned sideways, from the landmarks)",
     )
     parser.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per model batch")
+    parser.add_argument(
+        "--num-workers", type=non_negative_int, default=2, help="processes reading images beside the model"
+    )
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device_argument(parser)
     parser.add_argument(
         "--backend",
         choices=("torch", "onnx"),

@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="run folder, its best.safetensors, or default: the bundled model",
     )
-    parser.add_argument("--format", choices=FORMATS, default="onnx")
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="file format of the export")
     parser.add_argument(
         "--out",
         type=Path,

@@ -12,7 +12,7 @@ Videos (.mp4, .mov, .avi, .mkv, .webm, ...: whatever OpenCV decodes) are read fr
 so tracking holds), or `--every N`-th frame (`--every 1`: all). Each face is followed from frame to frame
 (video/tracking.py) and each person gets a steady age: the median of their per-frame ages, with an
 interval narrowed by the frames that disagree (see the tracking module). Detection runs on a copy of the
-frame at most `--detect-side` pixels on its longer side (default 640; 0: the detector's own limit).
+frame at most `--detect-side` pixels on its longer side (default 640; 0: the full frame).
 The terminal shows one line per track. Outputs:
 * `--output ages.csv`: one row per face per sampled frame, after the photo rows. Video rows add the
   columns frame, time (seconds), track_id, steady_age, steady_low, steady_high (the track's steady age
@@ -55,7 +55,15 @@ import pandas as pd
 import torch
 
 from age_detect_resnet.atomic import atomic_path, unwritable_reason, write_text_atomic
-from age_detect_resnet.cli.common import add_detector_arguments, command_main, user_errors, user_message
+from age_detect_resnet.cli.common import (
+    add_detector_arguments,
+    add_device_argument,
+    command_main,
+    non_negative_int,
+    positive_int,
+    user_errors,
+    user_message,
+)
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import IMAGE_SUFFIXES, VIDEO_SUFFIXES, ImageReadError, load_rgb
 from age_detect_resnet.inference.annotate import age_label, draw_predictions
@@ -347,15 +355,20 @@ def predict_videos(
                 every=args.every,
                 fps=None if args.every else args.fps or VIDEO_FPS,
                 annotate_to=annotate,
-                detect_max_side=args.detect_side or None,
+                detect_max_side=args.detect_side,
             )
         except (ImageReadError, OSError) as err:
             entry.error = str(err)
         else:
             if not entry.result.tracks:
+                full = (
+                    ""
+                    if args.detect_side == 0
+                    else ", or --detect-side 0 to find small faces in the full frame"
+                )
                 entry.error = (
                     f"no face found in the {entry.result.frames} sampled frames of {path}; "
-                    "pass --every 1 to look at every frame"
+                    f"pass --every 1 to look at every frame{full}"
                 )
         yield entry
 
@@ -485,9 +498,9 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-detect", action="store_true", help="treat each whole image as the face")
     add_detector_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=32, help="faces per model batch")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="faces per model batch")
     parser.add_argument("--tta", action="store_true", help="average each face with its mirror image")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_device_argument(parser)
     parser.add_argument(
         "--backend",
         choices=("torch", "onnx"),
@@ -622,10 +635,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stride.add_argument("--every", type=int, help="videos: predict every N-th frame instead (1: all)")
     parser.add_argument(
         "--detect-side",
-        type=int,
+        type=non_negative_int,
         default=VIDEO_DETECT_SIDE,
         help=f"videos: detect faces on the frame scaled to this longer side (default {VIDEO_DETECT_SIDE}; "
-        "0: the detector's own setting, as for photos); smaller is faster but misses small faces",
+        "0: the full frame); smaller is faster but misses small faces",
     )
 
 

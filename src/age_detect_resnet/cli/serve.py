@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address to listen on; 0.0.0.0 for the whole network (the camera needs https "
         "or localhost in the browser)",
     )
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument(
         "--max-upload-mb", type=float, default=web_app.DEFAULT_MAX_UPLOAD_MB, help="larger uploads get 413"
     )

@@ -8,8 +8,9 @@
     age-detect evaluate --model runs/NAME --by gender,ethnicity            # error per group of people
     age-detect evaluate --model age-int8.onnx --backend onnx --dataset csv --data-root photos.csv --split all
 
-Writes predictions.csv, evaluation.json, evaluation.md and plots/ into --out
-(default: <run>/eval-<dataset>-<split>). `evaluate_model` is the evaluation; cli/evaluate.py the command.
+Writes predictions.csv, evaluation.json, evaluation.md and plots/ into --out (default:
+<run>/eval-<dataset>-<split>, with a CSV's name, --tta and another backend: `run_folder.evaluation_name`).
+`evaluate_model` is the evaluation; cli/evaluate.py the command.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.modeling.heads import AgeHead, create_head
 from age_detect_resnet.modeling.model import AgeModel
-from age_detect_resnet.run_folder import RunFolder, SavedSplit
+from age_detect_resnet.run_folder import RunFolder, SavedSplit, evaluation_name
 from age_detect_resnet.runtime import autocast_factory, resolve_precision, select_device
 from age_detect_resnet.training.config import ConfigError
 from age_detect_resnet.training.engine import Predictions, evaluate
@@ -381,9 +382,10 @@ def evaluate_model(
         extra["no face found (whole image used)"] = int((~found).sum())
     if out:
         report_dir = Path(out)
-    elif run:
-        report_dir = run.evaluation_dir(dataset, split)
     else:
-        report_dir = Path("runs") / f"eval-{dataset}-{split}"
+        name = evaluation_name(
+            dataset, split, csv=read_from if dataset == "csv" else None, tta=tta, backend=backend
+        )
+        report_dir = run.evaluation_dir(name) if run else Path("runs") / name
     write_evaluation(frame, metrics, report_dir, title=f"Evaluation of {model_path}", extra=extra)
     return metrics, report_dir

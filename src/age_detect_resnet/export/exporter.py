@@ -159,6 +159,9 @@ def export_model(
             "could then not be loaded; choose another file name, or delete that export first"
         )
     model = model.float().eval().to("cpu")
+    # Each step below takes from seconds to minutes on a CPU (int8: the faces found and aligned, then the
+    # calibration): said as it starts, so a long export does not look stuck.
+    log.info("preparing the check images (faces detected and aligned as in training)")
     images, used = check_batch(
         check_images, model.metadata, limit=INT8_CHECK_IMAGES if quantize == "int8" else 32
     )
@@ -175,6 +178,11 @@ def export_model(
     if check_ages is not None and used and all(path in check_ages for path in used):
         ages = np.array([check_ages[path] for path in used])
     reference = reference_outputs(model, images)
+    log.info(
+        "exporting to %s%s",
+        fmt,
+        f", then quantising to int8 on {len(calibration)} faces" if calibration is not None else "",
+    )
     with atomic_path(out) as tmp:
         if fmt == "torchscript":
             export_torchscript(model, tmp)
@@ -187,6 +195,7 @@ def export_model(
                     export_onnx(model, Path(scratch) / "float.onnx")
                     quantize_int8(Path(scratch) / "float.onnx", tmp, calibration)
             runner = OnnxRunner(tmp, providers=["CPUExecutionProvider"])
+        log.info("checking the export's outputs against PyTorch's on %d images", len(images))
         stats, outputs = check_export(runner, reference, images)
         check = {"images": "real" if check_images else "random", "count": len(images), **stats}
         if quantize == "int8":

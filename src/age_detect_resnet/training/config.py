@@ -46,7 +46,9 @@ def _setting(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _setting("imdb-wiki", "dataset adapter", choices=DATASETS)
+    dataset: str = _setting(
+        "imdb-wiki", "dataset adapter; given --data-root alone, the kind found there", choices=DATASETS
+    )
     data_root: str = _setting(
         "data/raw", "dataset folder (imdb-wiki: holds imdb_crop/ and/or wiki_crop/; csv: the CSV file)"
     )
@@ -383,7 +385,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, only: tuple[str, ..
         type=Path,
         action="append",
         default=None,
-        help="TOML/JSON settings file or packaged recipe name (cpu); repeat to layer files",
+        help=f"TOML/JSON settings file or packaged recipe ({', '.join(recipes())}); repeat to layer files",
     )
     for name, (group, f) in setting_fields().items():
         if only is not None and name not in only:

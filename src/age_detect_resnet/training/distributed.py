@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -49,6 +50,10 @@ def setup_distributed(device_name: str = "auto") -> Distributed:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if rank != 0:
+        # The main process reports the run for all (its metrics are summed over every process); the
+        # others would repeat each line once per process. Their warnings and errors still show.
+        logging.getLogger().setLevel(logging.WARNING)
     return Distributed(rank=rank, world=world, device=device)
 
 

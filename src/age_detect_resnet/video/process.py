@@ -12,7 +12,8 @@ Speed, and what each shortcut costs:
 * `detect_max_side` runs the face detector on a copy of the frame scaled down to that longer side (the
   crops the model sees are still cut from the full frame). Detection is most of a frame's time at 720p
   and above; a smaller copy misses faces smaller than about 10 pixels at that scale (e.g. 30 pixels wide
-  in a 1920-pixel frame at 640). None keeps the detector's own setting (640 by default, as for photos).
+  in a 1920-pixel frame at 640); 0 looks at the full frame. None keeps the detector's own setting (640
+  by default, as for photos).
 * The stride (`every` / `fps`) is the caller's choice of which frames to predict at all.
 
 Memory is bounded for a video of any length: frames are read one at a time and at most one batch of
@@ -117,7 +118,7 @@ def predict_video(
     # frame), plus half a frame against the rounding of frame times
     gap = (math.ceil(info.fps / stride.rate - 1e-9) + 0.5) / info.fps
     tracker = tracker or FaceTracker(max_missed=max_missed_for(gap))
-    if detect_max_side and predictor.detector is not None:
+    if detect_max_side is not None and predictor.detector is not None:
         predictor = copy.copy(predictor)  # the caller's predictor keeps its own detector
         predictor.detector = with_max_side(predictor.detector, detect_max_side)
     frame_bytes = 3 * info.width * info.height
