@@ -93,6 +93,19 @@ def test_dataset_kind_is_recognised_from_the_folder(tmp_path):
         guess_dataset(tmp_path / "nothing-here")
 
 
+def test_a_folder_whose_dataset_is_one_level_down_names_that_folder(tmp_path):
+    """An archive unpacked into its own folder (UTKFace/): the generic 'download it' advice misled."""
+    (tmp_path / "UTKFace").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "UTKFace" / "30_0_0_20170101000000000.jpg.chip.jpg")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(
+        DatasetNotFoundError, match=rf"holds a utkface dataset: pass --data-root {tmp_path}/UTKFace$"
+    ):
+        guess_dataset(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match=rf"{tmp_path}/UTKFace holds a utkface dataset"):
+        load_table("utkface", tmp_path)
+
+
 def test_a_utkface_folder_without_utkface_images_says_what_to_put_there(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "named").mkdir()

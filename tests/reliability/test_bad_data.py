@@ -155,6 +155,27 @@ def one_face_wiki(root: Path, write_mat, face_jpeg: bytes) -> Path:
     return root
 
 
+def test_a_metadata_table_given_without_its_data_root_is_refused_naming_the_root_it_was_built_from(
+    tmp_path, write_mat, face_jpeg, monkeypatch
+):
+    """`train --meta M` without --data-root split and prepared the whole table, then stopped at its
+    first image with advice to skip files."""
+    from age_detect_resnet.data.sources import DatasetNotFoundError, load_table
+
+    root = one_face_wiki(tmp_path / "raw", write_mat, face_jpeg)
+    meta = tmp_path / "meta.csv"
+    assert build_meta_module.main(["--data-root", str(root), "--out", str(meta)]) == 0
+    table, _ = load_table("imdb-wiki", root, meta=meta)
+    assert len(table) == 1
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        DatasetNotFoundError,
+        match=rf"none of the first 1 images of {meta} is in data/raw .*"
+        rf"pass --data-root .* \(it was built from {root.resolve()}\)",
+    ):
+        load_table("imdb-wiki", Path("data/raw"), meta=meta)
+
+
 def test_build_meta_that_filters_out_every_row_says_which_filters_did(tmp_path, write_mat, face_jpeg):
     root = one_face_wiki(tmp_path / "raw", write_mat, face_jpeg)
     with pytest.raises(MetaError) as caught:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from age_detect_resnet.data.csv_table import load_csv_table
-from age_detect_resnet.data.imdb_wiki import SOURCES, build_meta, read_table
+from age_detect_resnet.data.imdb_wiki import SOURCES, build_meta, read_table, table_provenance
 from age_detect_resnet.data.utkface import is_image_file, load_utkface
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,14 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def dataset_help(data_root: Path) -> str:
+    """What to do where `data_root` holds no dataset: the folder below it that holds one (a tarball
+    unpacked into its own folder: UTKFace/), or where to get one."""
+    below = dataset_below(Path(data_root))
+    if below is not None:
+        folder, kind = below
+        return (
+            f"no dataset found at {data_root}, but {folder} holds a {kind} dataset: pass --data-root {folder}"
+        )
     return (
         f"no dataset found at {data_root}. Either\n"
         "  * IMDB-WIKI: download imdb_crop.tar and/or wiki_crop.tar from "
@@ -36,8 +44,9 @@ def dataset_help(data_root: Path) -> str:
     )
 
 
-def guess_dataset(data_root: Path) -> str:
-    """Which adapter reads `data_root`: a CSV file, an IMDB-WIKI tree, or a folder of UTKFace images."""
+def kind_of(data_root: Path) -> str | None:
+    """Which adapter reads `data_root`: a CSV file, an IMDB-WIKI tree, or a folder of UTKFace images;
+    None where it holds none of them."""
     data_root = Path(data_root)
     if data_root.is_file() and data_root.suffix.lower() == ".csv":
         return "csv"
@@ -45,7 +54,26 @@ def guess_dataset(data_root: Path) -> str:
         return "imdb-wiki"
     if data_root.is_dir() and any(is_image_file(p) for p in data_root.iterdir()):
         return "utkface"
-    raise DatasetNotFoundError(dataset_help(data_root))
+    return None
+
+
+def dataset_below(data_root: Path) -> tuple[Path, str] | None:
+    """The first folder right below `data_root` that holds a dataset, and its kind."""
+    if not data_root.is_dir():
+        return None
+    for folder in sorted(p for p in data_root.iterdir() if p.is_dir()):
+        kind = kind_of(folder)
+        if kind is not None:
+            return folder, kind
+    return None
+
+
+def guess_dataset(data_root: Path) -> str:
+    """`kind_of` a folder or file that must hold a dataset; DatasetNotFoundError saying what to do."""
+    kind = kind_of(data_root)
+    if kind is None:
+        raise DatasetNotFoundError(dataset_help(data_root))
+    return kind
 
 
 def dataset_at(data_root: Path, otherwise: str | None) -> str | None:
@@ -128,13 +156,36 @@ def load_table(
     raise DataError(f"unknown dataset {dataset!r}; use imdb-wiki, utkface or csv")
 
 
+# How many of a metadata table's first images `check_table_root` looks for: enough that a few missing
+# files (counted later, or skipped with --skip-bad-images) do not refuse a table, few enough to be instant.
+ROOT_CHECK_IMAGES = 20
+
+
+def check_table_root(table: pd.DataFrame, meta: Path, data_root: Path) -> None:
+    """Refuse a `--meta` table none of whose first images is under `data_root`: its paths are relative to
+    the folder build-meta read, and without the right `--data-root` the run would split and prepare the
+    whole table, then stop at its first image. The folder it was built from is named where recorded."""
+    paths = table["path"].astype(str).head(ROOT_CHECK_IMAGES)
+    if any((data_root / path).is_file() for path in paths):
+        return
+    built_from = (table_provenance(meta) or {}).get("data_root")
+    hint = f" (it was built from {built_from})" if built_from else ""
+    raise DatasetNotFoundError(
+        f"none of the first {len(paths)} images of {meta} is in {data_root} (e.g. "
+        f"{data_root / paths.iloc[0]}): pass --data-root with the folder holding imdb_crop/ and wiki_crop/ "
+        f"that build-meta read{hint}"
+    )
+
+
 def _imdb_wiki_table(data_root: Path, meta: Path | None, min_face_score: float | None) -> pd.DataFrame:
     if meta is not None:
         if not Path(meta).is_file():
             raise DatasetNotFoundError(
                 f"metadata file {meta} does not exist; run `age-detect build-meta` first"
             )
-        return read_table(Path(meta))
+        table = read_table(Path(meta))
+        check_table_root(table, Path(meta), data_root)
+        return table
     if not any((data_root / rel).is_file() for rel in SOURCES.values()):
         raise DatasetNotFoundError(dataset_help(data_root))
     log.info("building the IMDB-WIKI metadata from %s (pass --meta to reuse a built table)", data_root)
