@@ -187,6 +187,29 @@ def test_export_never_overwrites_the_metadata_of_another_export(varied_run: Path
     assert export_cli.main(["--model", str(varied_run), "--format", "torchscript", "--out", str(script)]) == 0
 
 
+def test_an_out_that_cannot_be_the_exported_file_is_refused_before_the_export(
+    varied_run: Path, tmp_path: Path, caplog, monkeypatch
+):
+    """A folder, a path under a file, or a .JSON name (the metadata's own on macOS and Windows): the
+    folder was found only at the save, after the whole export, naming a temporary file."""
+    from age_detect_resnet.export import exporter
+
+    def no_export(*_args, **_kwargs):
+        raise AssertionError("the export ran before --out was checked")
+
+    monkeypatch.setattr(exporter, "export_onnx", no_export)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    for out, message in (
+        (tmp_path / "folder", "is a folder; give the exported file's name"),
+        (tmp_path / "file" / "age.onnx", f"cannot be written: {tmp_path / 'file'} is a file, not a folder"),
+        (tmp_path / "age.JSON", "the metadata goes to <stem>.json"),
+    ):
+        caplog.clear()
+        assert export_cli.main(["--model", str(varied_run), "--out", str(out)]) == 2
+        assert message in caplog.text, caplog.text
+
+
 def test_int8_needs_real_images_to_calibrate_and_check(varied_run: Path, tmp_path: Path):
     for name in ("best.safetensors", "best.json"):  # the model alone, without its run's test images
         shutil.copy(varied_run / name, tmp_path / name)

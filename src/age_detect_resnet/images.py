@@ -116,8 +116,8 @@ def load_rgb(
         raise ImageReadError(f"{label} is not an image file PIL can read (JPEG, PNG, WebP, ...)") from err
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL refuses huge headers itself in Image.open, before our own size check can run.
-        raise ImageTooLargeError(
-            f"{label} is over the {max_pixels // 1_000_000} MP limit ({err}); downscale it before use"
+        raise ImageTooLargeError(  # PIL's message names its own, higher limit: not repeated here
+            f"{label} is over the {max_pixels // 1_000_000} MP limit; downscale it before use"
         ) from err
     except Exception as err:
         # PIL's decoders raise many types on hostile bytes (NotImplementedError, OverflowError, ...).

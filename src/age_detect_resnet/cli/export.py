@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         help="exported file; its metadata goes to the same name with .json "
-        "(default: <run>/age_model.onnx or age_model.torchscript.pt)",
+        "(default: <run>/age_model.onnx or age_model.torchscript.pt; for the bundled model, in the current "
+        "folder)",
     )
     parser.add_argument(
         "--quantize",

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from age_detect_resnet.atomic import atomic_path, write_text_atomic
+from age_detect_resnet.atomic import atomic_path, unwritable_reason, write_text_atomic
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.export.graph import FORMATS, ExportError, export_onnx, export_torchscript
 from age_detect_resnet.export.quantize import quantize_int8
@@ -142,10 +142,15 @@ def export_model(
         )
     out = Path(out)
     meta = metadata_path(out)
-    if out.suffix == ".json":
+    if out.suffix.lower() == ".json":  # any case: x.JSON and x.json are one file on macOS and Windows
         raise ExportError(
             f"{out}: the metadata goes to <stem>.json; give the model file another suffix (.onnx)"
         )
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; give the exported file's name, e.g. {out / 'age.onnx'}")
+    unwritable = unwritable_reason(out.parent)  # before the minutes of export, not at the save
+    if unwritable:
+        raise ExportError(f"--out {out} cannot be written: {unwritable}; choose another place")
     existing = _json_fields(meta) if meta.is_file() else None
     if existing is not None and existing.get("format") != EXPORT_FORMAT:
         raise ExportError(

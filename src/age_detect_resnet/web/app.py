@@ -459,11 +459,12 @@ def create_app(
         title="age-detect", summary="Age estimation from face photos", docs_url=None, redoc_url=None
     )
 
-    @app.get("/", response_class=HTMLResponse)
+    # HEAD too: uptime monitors and load balancers probe with it, and a 405 reads as the service down.
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/api/health")
+    @app.api_route("/api/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
