@@ -4,7 +4,9 @@ from the shared photos, and `age-detect predict` on videos (outputs, annotated M
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import struct
 from pathlib import Path
 
 import cv2
@@ -18,8 +20,8 @@ from age_detect_resnet.cli.predict import main as predict_main
 from age_detect_resnet.faces.detection import box_iou
 from age_detect_resnet.images import ImageReadError, load_rgb
 from age_detect_resnet.inference.predictor import FacePrediction
-from age_detect_resnet.video.reader import Stride, VideoReadError, read_frames
-from age_detect_resnet.video.tracking import FaceTracker, max_missed_for
+from age_detect_resnet.video.reader import Stride, VideoReadError, frame_time, probe_video, read_frames
+from age_detect_resnet.video.tracking import MAX_SHIFT, FaceTracker, max_missed_for, max_shift
 from conftest import TEST_IMAGES, YUNET, require
 
 CLIP_FPS = 10
@@ -52,6 +54,37 @@ def make_clip(
         writer.write(cv2.cvtColor(np.asarray(canvas), cv2.COLOR_RGB2BGR))
     writer.release()
     return thumbs
+
+
+def make_variable_rate_clip(path: Path, photos: list[str], *, fast: int, slow: int) -> None:
+    """A clip as a phone records one: `fast` frames 0.1 s apart, then `slow` frames 1 s apart. OpenCV
+    writes MP4s at a constant rate, so the clip's sample durations (its `stts` box) are rewritten, and
+    its edit list (`edts`, which would cut it at the old duration) dropped; the boxes holding them are
+    resized. Their frames (`mdat`) come before them, so no offset into the file changes."""
+    make_clip(path, photos, frames=fast + slow)
+    data = path.read_bytes()
+
+    def rewrite(start: int, end: int) -> bytes:
+        out = b""
+        while start < end:
+            size, kind = struct.unpack(">I4s", data[start : start + 8])
+            box = data[start : start + size]
+            if kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl"):
+                body = rewrite(start + 8, start + size)
+                box = struct.pack(">I4s", len(body) + 8, kind) + body
+            elif kind == b"edts":
+                box = b""
+            elif kind == b"stts":
+                (entries, _, delta) = struct.unpack(">III", box[12:24])  # one entry: all frames alike
+                assert entries == 1
+                body = box[8:12] + struct.pack(">IIIII", 2, fast, delta, slow, 10 * delta)
+                box = struct.pack(">I4s", len(body) + 8, kind) + body
+            out += box
+            start += size
+        return out
+
+    assert data.index(b"mdat") < data.index(b"moov")
+    path.write_bytes(rewrite(0, len(data)))
 
 
 def frame_count(path: Path) -> int:
@@ -141,6 +174,65 @@ def test_two_people_crossing_keep_their_ids():
     assert [round(s.age) for s in tracker.summaries()] == [25, 70]
 
 
+def test_a_face_walking_past_at_5_frames_a_second_stays_one_track():
+    """An 87-pixel face moving 60 pixels between sampled frames overlaps its last box by IoU 0.18: with
+    overlap alone each sighting was a new track (22 tracks for one person crossing a 1280-pixel frame)."""
+    tracker = FaceTracker()
+    ids = {
+        tracker.update([face((60 * step, 40, 60 * step + 87, 150))], step / 5)[0].track_id
+        for step in range(20)
+    }
+    assert ids == {1}
+
+
+def test_the_shift_a_face_may_make_grows_with_the_time_since_its_track_was_seen():
+    assert max_shift(0.1) < max_shift(0.2) < max_shift(0.25) == max_shift(10.0) == MAX_SHIFT
+    tracker = FaceTracker()
+    tracker.update([face((0, 0, 100, 100))], 0.0)
+    assert (
+        tracker.update([face((120, 0, 220, 100))], 0.1)[0].track_id == 2
+    )  # 1.2 sizes in 0.1 s: someone else
+    tracker = FaceTracker()
+    tracker.update([face((0, 0, 100, 100))], 0.0)
+    tracker.update([], 0.1)  # missed once
+    assert tracker.update([face((120, 0, 220, 100))], 0.2)[0].track_id == 1  # 1.2 sizes in 0.2 s
+    tracker.update([], 0.4)
+    assert tracker.update([face((300, 0, 400, 100))], 0.9)[0].track_id == 2  # 1.8 sizes: never, however late
+
+
+def test_two_faces_side_by_side_moving_fast_keep_their_ids_one_face_to_one_track():
+    # 100-pixel faces 150 pixels apart, both moving 90 pixels (0.9 sizes) between frames: the left face
+    # is then nearer the right one's last box (0.6) than its own, but the right face can continue no
+    # other track, and each track takes one face.
+    tracker = FaceTracker()
+    for step in range(10):
+        x = 90 * step
+        faces = [face((x, 0, x + 100, 100), 30), face((x + 150, 0, x + 250, 100), 60)]
+        assert [t.track_id for t in tracker.update(faces, step / 5)] == [1, 2]
+    # the left one missed: the right one keeps its own id, and the left one's when it is back
+    assert [t.track_id for t in tracker.update([face((990, 0, 1090, 100))], 2.0)] == [2]
+    again = [face((910, 0, 1010, 100)), face((990, 0, 1090, 100))]
+    assert [t.track_id for t in tracker.update(again, 2.2)] == [1, 2]
+
+
+def test_two_people_crossing_at_the_same_height_keep_their_ids_through_the_frames_one_hides_the_other():
+    """Both faces 100 pixels wide, 46 pixels nearer each other each frame; while they overlap only the
+    one in front (B) is found. After they pass, each is nearer the other's last box: where each would
+    have gone on to decides (by nearness to the last boxes, A and B swapped ids)."""
+    tracker = FaceTracker()
+    seen = []
+    for step in range(20):
+        a, b = 46 * step, 900 - 46 * step
+        faces = [face((b, 0, b + 100, 100), 70)] + (
+            [face((a, 0, a + 100, 100), 25)] if abs(a - b) > 100 else []
+        )
+        seen += [
+            (round(f.age), t.track_id) for f, t in zip(faces, tracker.update(faces, step / 5), strict=True)
+        ]
+    assert {(age, track_id) for age, track_id in seen} == {(70, 1), (25, 2)}
+    assert [round(s.age) for s in tracker.summaries()] == [70, 25]
+
+
 def test_steady_age_is_the_median_and_ignores_a_wild_frame():
     tracker = FaceTracker()
     ages = [40, 41, 39, 40, 95, 40, 41]
@@ -216,6 +308,37 @@ def test_read_frames_yields_the_sampled_frames_with_their_times(clips):
     assert frames[1][1] == pytest.approx(0.3)
     assert frames[0][2] == (320, 240)
     assert len(list(read_frames(clips["one"], fps=4))) == 10  # 2.5 s at 4 a second
+
+
+def test_a_variable_frame_rate_video_gives_each_frame_its_own_time_and_is_sampled_by_time(tmp_path):
+    """Frames 0.1 s apart, then 1 s apart: the header's rate is the average (2.5 a second), and index /
+    average rate put frame 6 at 2.4 s instead of 0.6 s; --fps 5 kept every frame as the average is below
+    5, though the first 2 s have 10 a second."""
+    clip = tmp_path / "phone.mp4"
+    make_variable_rate_clip(clip, ["obama.jpg"], fast=20, slow=10)
+    assert probe_video(clip).fps == pytest.approx(30 / 12)
+    times = {index: time for index, time, _ in read_frames(clip)}
+    assert times[6] == pytest.approx(0.6) and times[19] == pytest.approx(1.9)
+    assert times[20] == pytest.approx(2.0) and times[29] == pytest.approx(11.0)
+    sampled = [(index, round(time, 3)) for index, time, _ in read_frames(clip, fps=5)]
+    assert sampled == [(i, i / 10) for i in range(0, 20, 2)] + [(i, i - 18.0) for i in range(20, 30)]
+    assert [index for index, _, _ in read_frames(clip, every=4)] == list(range(0, 30, 4))  # by frame
+
+
+def test_frames_without_usable_timestamps_are_timed_by_the_header_rate():
+    class Capture:  # what OpenCV says of the frame just grabbed
+        def __init__(self, ms):
+            self.ms = ms
+
+        def get(self, prop):
+            assert prop == cv2.CAP_PROP_POS_MSEC
+            return self.ms
+
+    times = [0.0]
+    # none (0), then a real one, one going back, one not after the previous time
+    for index, ms in enumerate([0, 0, 0, 500, 400, 600, math.nan]):
+        times.append(frame_time(Capture(ms), index, times[-1], 10))
+    assert times[1:] == pytest.approx([0, 0.1, 0.2, 0.5, 0.6, 0.7, 0.8])
 
 
 def test_broken_videos_raise_an_error_naming_the_file(tmp_path, clips):
@@ -381,6 +504,12 @@ def test_predict_cli_json_and_a_mixed_folder_with_a_broken_video(clips, tmp_path
     clip = document["clip.mp4"]
     assert clip["video"]["sampled_frames"] == 13 and clip["video"]["fps"] == CLIP_FPS  # default --fps 5
     assert len(clip["tracks"]) == 1 and len(clip["faces"]) == 13 and clip["error"] is None
+    # each face has its landmarks, as a photo's face has (they were left out)
+    row = clip["faces"][0]
+    assert list(row["landmarks"]) == list(document["portrait.jpg"]["faces"][0]["landmarks"])
+    assert all(
+        row["x1"] <= x <= row["x2"] and row["y1"] <= y <= row["y2"] for x, y in row["landmarks"].values()
+    )
     assert document["broken.mp4"]["error"] and document["broken.mp4"]["faces"] == []
 
     assert predict_main([str(folder), "--output", str(csv), "--every", "5"]) == 1
@@ -396,6 +525,27 @@ def test_predict_cli_json_and_a_mixed_folder_with_a_broken_video(clips, tmp_path
     assert text.loc[str(folder / "portrait.jpg"), ["frame", "track_id", "track_frames"]].tolist() == [""] * 3
 
 
+def test_folders_give_every_video_suffix_opencv_reads_and_not_macos_appledouble_files(clips, tmp_path):
+    folder = tmp_path / "card"
+    folder.mkdir()
+    suffixes = (".3gp", ".MTS", ".m2ts", ".ts", ".flv", ".ogv", ".mp4")
+    for suffix in suffixes:
+        shutil.copy(clips["one"], folder / f"clip{suffix}")  # OpenCV goes by the content, not the name
+    # AppleDouble files (Finder metadata a Mac leaves beside each file on a USB stick) are no photos
+    appledouble = b"\x00\x05\x16\x07" + bytes(4000)
+    for name in ("._clip.mp4", "._obama.jpg"):
+        (folder / name).write_bytes(appledouble)
+    found, problems = expand_inputs([str(folder)])
+    assert sorted(p.name for p in found) == sorted(f"clip{suffix}" for suffix in suffixes) and not problems
+    # ... named on the command line, one is read like any file (and fails as not a photo)
+    assert expand_inputs([str(folder / "._obama.jpg")])[0] == [folder / "._obama.jpg"]
+
+    (folder / "clip.mp4").unlink()
+    for suffix in suffixes[1:-1]:
+        (folder / f"clip{suffix}").unlink()
+    assert predict_main([str(folder), "--every", "10"]) == 0  # clip.3gp, as a video
+
+
 def test_predict_cli_annotates_videos_sharing_a_stem_into_distinct_files(tmp_path):
     folder = tmp_path / "clips"
     folder.mkdir()
@@ -407,5 +557,46 @@ def test_predict_cli_annotates_videos_sharing_a_stem_into_distinct_files(tmp_pat
     assert all(frame_count(p) == 3 for p in out.iterdir())
 
 
-def test_predict_cli_rejects_a_zero_stride(clips):
-    assert predict_main([str(clips["one"]), "--every", "0"]) == 2
+@pytest.mark.parametrize(
+    "stride", [["--every", "0"], ["--fps", "1e-320"], ["--fps", "inf"], ["--fps", "nan"]]
+)
+def test_predict_cli_rejects_a_stride_no_video_can_have(clips, stride, caplog):
+    """--fps 1e-320 passed as above 0, then overflowed computing the gap between sampled frames."""
+    assert predict_main([str(clips["one"]), *stride]) == 2
+    assert stride[0] in caplog.text
+
+
+def test_ctrl_c_on_videos_says_they_are_not_kept_and_a_plain_rerun_starts(
+    clips, tmp_path, monkeypatch, caplog
+):
+    """It said "interrupted after 0 of 0 photos; they are kept in ages.csv.partial: ... --resume", and
+    left a journal of no photo that made a plain rerun refuse to start."""
+    from age_detect_resnet.inference.predictor import AgePredictor
+
+    def stopped(self, images):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "ages.csv"
+    args = [str(clips["one"]), "--every", "10", "--output", str(out)]
+    with monkeypatch.context() as patch:
+        patch.setattr(AgePredictor, "predict_images", stopped)
+        assert predict_main(args) == 130
+        assert "videos are not kept" in caplog.text and "photos" not in caplog.text
+        assert not out.with_name("ages.csv.partial").exists()
+        # without --output: one line too, not a traceback (KeyboardInterrupt went through)
+        caplog.clear()
+        assert predict_main(args[:-2]) == 130 and "interrupted; with --output FILE a run keeps" in caplog.text
+    assert predict_main(args) == 0 and len(pd.read_csv(out)) == 3
+
+
+def test_a_video_without_faces_suggests_full_frame_detection_only_where_its_frames_were_scaled(
+    tmp_path, caplog
+):
+    """A 320-pixel clip is already searched at full size: --detect-side 0 could not help it."""
+    clip = tmp_path / "empty.mp4"
+    make_clip(clip, ["obama.jpg"], frames=6, hidden=range(6))  # grey frames, no face
+    for side, hinted in (("640", False), ("160", True)):
+        caplog.clear()
+        assert predict_main([str(clip), "--every", "3", "--detect-side", side]) == 1
+        assert "no face found in the 2 sampled frames" in caplog.text
+        assert ("--detect-side 0" in caplog.text) == hinted, caplog.text

@@ -35,7 +35,11 @@ DOWNLOAD_TIMEOUT_S = 30
 CHANNEL_ORDERS = ("rgb", "bgr")
 _EXIF_ORIENTATION = 0x0112
 # Files `age-detect predict` treats as videos (read frame by frame with OpenCV, see video/reader.py).
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv")
+# .3gp: older phones; .mts/.m2ts: camcorders (AVCHD); .ts: MPEG transport streams (broadcast recordings).
+VIDEO_SUFFIXES = (
+    *(".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv"),
+    *(".3gp", ".mts", ".m2ts", ".ts", ".flv", ".ogv"),
+)
 
 
 @functools.cache

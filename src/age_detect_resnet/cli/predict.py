@@ -15,12 +15,14 @@ interval narrowed by the frames that disagree (see the tracking module). Detecti
 frame at most `--detect-side` pixels on its longer side (default 640; 0: the full frame).
 The terminal shows one line per track. Outputs:
 * `--output ages.csv`: one row per face per sampled frame, after the photo rows. Video rows add the
-  columns frame, time (seconds), track_id, steady_age, steady_low, steady_high (the track's steady age
-  and interval up to that frame) and track_frames; their age/age_low/age_high are that frame's own. Beside
-  it, `ages_tracks.csv`: one row per person (path, track_id, first_time, last_time, frames, age, age_low,
-  age_high). Without videos the file is exactly the photo table.
+  columns frame, time (seconds: the frame's own timestamp), track_id, steady_age, steady_low,
+  steady_high (the track's steady age and interval up to that frame) and track_frames; their
+  age/age_low/age_high are that frame's own. Beside it, `ages_tracks.csv`: one row per person (path,
+  track_id, first_time, last_time, frames, age, age_low, age_high). Without videos the file is exactly
+  the photo table.
 * `--output ages.json`: photos as before; each video is {"path", "video": {fps, frame_count, width, height,
-  sampled_fps, sampled_frames}, "tracks": [...], "faces": [per-frame rows], "error"}.
+  sampled_fps, sampled_frames}, "tracks": [...], "faces": [per-frame rows, with landmarks as photos' faces],
+  "error"}.
 * `--annotate DIR`: `DIR/<stem>_ages.mp4`, the sampled frames with boxes, track ids and steady ages.
   Inputs that would share an annotated name (a/p.jpg and b/p.jpg, clip.mp4 and clip.avi) get their
   extension, their folders below the ones they share, or both in it instead: a_p_ages.jpg, b_p_ages.jpg,
@@ -30,7 +32,7 @@ A long batch loses nothing when it stops: with `--output`, each photo's faces ar
 is predicted, to `<output>.partial` (JSON lines), which is removed once the output is written. After an
 interruption (Ctrl-C, a crash, a full disk), the same command with `--resume` predicts only the photos not
 in it; without `--resume` the command refuses to start over it. Photos that failed and videos are
-predicted again.
+predicted again (a run stopped before it kept a photo leaves no `.partial`).
 
 Each face is detected, cropped with the model's training margins and predicted in batches. A file that
 cannot be used (missing, not an image or video, truncated, empty, too large) or has no face is reported by
@@ -72,6 +74,7 @@ from age_detect_resnet.modeling import bundled
 from age_detect_resnet.progress import progress as show_progress
 from age_detect_resnet.runtime import resolve_precision, select_device
 from age_detect_resnet.video.process import VideoResult, is_video, predict_video
+from age_detect_resnet.video.reader import MAX_FPS, MIN_FPS
 from age_detect_resnet.video.tracking import TrackSummary
 
 log = logging.getLogger(__name__)
@@ -204,10 +207,15 @@ def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
+            # Not macOS's AppleDouble files (._obama.jpg beside obama.jpg: its Finder metadata, left on
+            # USB sticks, network shares and in zip files): they are no photos and would each count as a
+            # failed input. A file named on the command line is read whatever its name.
             matches = sorted(
                 p
                 for p in path.rglob("*")
-                if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+                if p.is_file()
+                and p.name.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+                and not p.name.startswith("._")
             )
         elif any(ch in item for ch in "*?["):
             # glob.glob, unlike Path.glob, takes absolute patterns such as /data/*/*.jpg
@@ -322,7 +330,7 @@ def video_document(entry: VideoEntry) -> dict:
             "sampled_frames": result.frames,
         },
         "tracks": [t.as_dict() for t in result.tracks],
-        "faces": [f.as_dict() for f in result.faces],
+        "faces": [f.as_json() for f in result.faces],
         "error": entry.error,
     }
 
@@ -361,11 +369,9 @@ def predict_videos(
             entry.error = str(err)
         else:
             if not entry.result.tracks:
-                full = (
-                    ""
-                    if args.detect_side == 0
-                    else ", or --detect-side 0 to find small faces in the full frame"
-                )
+                info = entry.result.info
+                scaled = args.detect_side and max(info.width, info.height) > args.detect_side
+                full = ", or --detect-side 0 to find small faces in the full frame" if scaled else ""
                 entry.error = (
                     f"no face found in the {entry.result.frames} sampled frames of {path}; "
                     f"pass --every 1 to look at every frame{full}"
@@ -519,8 +525,17 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and not args.output:
         log.error("--resume goes on from an interrupted run's --output; pass the same --output FILE")
         return 2
-    if (args.every is not None and args.every < 1) or (args.fps is not None and not args.fps > 0):
-        log.error("--every must be at least 1 and --fps above 0")
+    if args.every is not None and args.every < 1:
+        log.error("--every must be at least 1 (1: every frame), not %d", args.every)
+        return 2
+    if args.fps is not None and not MIN_FPS <= args.fps <= MAX_FPS:  # also NaN
+        log.error(
+            "--fps must be from %g (a frame every %g s) to %g frames a second, not %s",
+            MIN_FPS,
+            1 / MIN_FPS,
+            MAX_FPS,
+            args.fps,
+        )
         return 2
     try:
         check_output_paths(args)
@@ -584,17 +599,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             for track in entry.result.tracks:
                 print(track_line(entry.path, track))
-    except KeyboardInterrupt:
-        if journal is None:
-            raise
-        journal.close()
-        log.error(
-            "interrupted after %d of %d photos; they are kept in %s: run the same command with --resume "
-            "to go on",
-            len(journal.done) + journal.recorded,
-            len(photos),
-            journal.path,
-        )
+    except KeyboardInterrupt:  # one line, as for any user error: the traceback says nothing to them
+        log.error("%s", close_interrupted(journal, len(photos), len(videos)))
         return 130
     results = [new.get(str(p)) or done[str(p)] for p in photos]
     if journal:
@@ -606,6 +612,26 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         log.error("%d of %d input(s) failed", failed, len(paths) + len(problems))
     return 1 if failed else 0
+
+
+def close_interrupted(journal: PredictionJournal | None, photos: int, videos: int) -> str:
+    """Close the journal of a run of `photos` and `videos` stopped by Ctrl-C, and say what it kept and
+    how to go on. Videos are never kept (a rerun, --resume too, predicts them from the start). A journal
+    that kept no photo is removed: it would only make a plain rerun refuse to start."""
+    if journal is None:
+        return "interrupted; with --output FILE a run keeps its photos' ages as it goes, for --resume"
+    kept = len(journal.done) + journal.recorded
+    if not kept:
+        journal.finish()
+        if not photos:
+            return "interrupted; videos are not kept: run the same command to predict them again"
+        return "interrupted before any photo was kept: run the same command to start over"
+    journal.close()
+    return (
+        f"interrupted after {kept} of {photos} photos; they are kept in {journal.path}: run the same "
+        "command with --resume to go on"
+        + (" (it predicts the videos again: they are not kept)" if videos else "")
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -623,7 +649,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="go on from an interrupted run with the same --output: photos in <output>.partial are not "
-        "predicted again",
+        "predicted again (videos are)",
     )
     parser.add_argument("--max-file-mb", type=float, default=MAX_FILE_MB, help="skip larger photos")
     stride = parser.add_mutually_exclusive_group()

@@ -78,6 +78,12 @@ class FrameFace:
             **{k: v for k, v in tracked.items() if k.startswith("steady") or k == "track_frames"},
         }
 
+    def as_json(self) -> dict[str, Any]:
+        """The face in JSON answers (`predict --output x.json`): `as_dict`'s fields (the CSV row's), and
+        `landmarks` by name where the detector gives them, as a photo's face (`FacePrediction.as_json`)."""
+        landmarks = self.face.named_landmarks()
+        return {**self.as_dict(), "landmarks": landmarks} if landmarks else self.as_dict()
+
 
 @dataclass
 class VideoResult:
@@ -128,6 +134,9 @@ def predict_video(
         total=stride.count(info.frame_count), desc=path.name, unit="frame", disable=not progress or None
     )
     try:
+        # The copy has a constant rate (the header's, an average where the video's rate varies): the
+        # frames of a variable-frame-rate video are evenly spaced in it, so its clock runs ahead of or
+        # behind the original's where the rate varied; the rows' times are the frames' own.
         with mp4_writer(annotate_to, stride.rate) as write:
             for chunk in _chunks(read_frames(path, every=every, fps=fps), held):
                 predictions = predictor.predict_images([image for _, _, image in chunk])

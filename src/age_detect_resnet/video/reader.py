@@ -1,6 +1,11 @@
 """Reading video files frame by frame with OpenCV (any container and codec its FFmpeg build decodes),
 at a chosen stride, one frame in memory at a time; a file that cannot be used is a `VideoReadError`
-naming it, which callers treat like an unreadable photo."""
+naming it, which callers treat like an unreadable photo.
+
+Times are each frame's own timestamp, not its index over the header's frame rate: phones record at a
+variable frame rate (slower in low light, or in a slow-motion clip's normal-speed parts), where the
+header's rate is an average and index / rate may be seconds off. A target rate (`fps`) samples by those
+times too."""
 
 from __future__ import annotations
 
@@ -19,6 +24,11 @@ FALLBACK_FPS = 25.0
 # The header's frame count is exact for MP4/MOV but estimated from duration × rate for some containers
 # (AVI, MKV, WebM), so a video may end a little before it; ending before this share of it is a broken file.
 COMPLETE_SHARE = 0.95
+# The target rates a stride takes: a frame every 1000 s at least (lower ones made the gaps derived from
+# 1 / fps overflow), and at most 1000 a second (every frame of any camera's video; far higher ones made
+# the slots of frame times overflow).
+MIN_FPS = 0.001
+MAX_FPS = 1000.0
 
 
 class VideoReadError(ImageReadError):
@@ -77,7 +87,8 @@ def probe_video(path: Path | str) -> VideoInfo:
 @dataclass(frozen=True)
 class Stride:
     """Which frames of a `video_fps` video are sampled: every `every`-th frame, or about `fps` frames
-    a second (all frames when the video has fewer), or every frame when neither is given."""
+    a second of the frames' times (all frames where the video has fewer), or every frame when neither
+    is given."""
 
     video_fps: float
     every: int | None = None
@@ -88,25 +99,32 @@ class Stride:
             raise ValueError("give either every (frames) or fps (frames per second), not both")
         if self.every is not None and self.every < 1:
             raise ValueError(f"every must be at least 1 frame, not {self.every}")
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"fps must be above 0, not {self.fps}")
+        if self.fps is not None and not MIN_FPS <= self.fps <= MAX_FPS:
+            raise ValueError(f"fps must be from {MIN_FPS:g} to {MAX_FPS:g}, not {self.fps}")
+
+    def slot(self, index: int, time: float) -> int:
+        """The slot of frame `index`, shown at `time` seconds: a frame is sampled when it is the first
+        one in its slot (`read_frames`). Slots are `every` frames, or 1/fps seconds of the frames'
+        own times, so the kept frames are spread evenly over real time whatever the two rates are and
+        however the video's rate varies; or one frame each."""
+        if self.every is not None:
+            return index // self.every
+        if self.fps is None:
+            return index
+        # the tolerance keeps 6 / 30 * 5 in slot 1 however the division rounds
+        return math.floor(time * self.fps + 1e-9)
 
     def keeps(self, index: int) -> bool:
-        """Whether frame `index` is sampled. At a target rate a frame is kept when it is the first one
-        in its 1/fps slot, so the kept frames are spread evenly whatever the two rates are."""
-        if self.every is not None:
-            return index % self.every == 0
-        if self.fps is None or self.fps >= self.video_fps:
-            return True
-        return index == 0 or self._slot(index) > self._slot(index - 1)
-
-    def _slot(self, index: int) -> int:
-        # the tolerance keeps 6 * 5 / 30 in slot 1 however the division rounds
-        return math.floor(index * self.fps / self.video_fps + 1e-9)
+        """Whether frame `index` is sampled where frames come at the header's rate (a constant-rate
+        video: its frame times are index / video_fps)."""
+        return index == 0 or self.slot(index, index / self.video_fps) > self.slot(
+            index - 1, (index - 1) / self.video_fps
+        )
 
     @property
     def rate(self) -> float:
-        """Sampled frames per second of video (the frame rate of an annotated copy)."""
+        """Sampled frames per second of video (the frame rate of an annotated copy), at the header's
+        rate: the average one, for a variable-frame-rate video."""
         if self.every is not None:
             return self.video_fps / self.every
         return min(self.fps, self.video_fps) if self.fps is not None else self.video_fps
@@ -116,24 +134,38 @@ class Stride:
         return None if frame_count is None else sum(map(self.keeps, range(frame_count)))
 
 
+def frame_time(capture: cv2.VideoCapture, index: int, previous: float, fps: float) -> float:
+    """Seconds into the video of frame `index`, just grabbed from `capture`: its own timestamp (see the
+    module docstring), or, where the container gives none that can be used (none, or not after the
+    previous frame's, `previous` seconds), the previous frame's time plus one frame at `fps`."""
+    ms = capture.get(cv2.CAP_PROP_POS_MSEC)
+    if math.isfinite(ms) and ms >= 0 and (index == 0 or ms / 1000 > previous):
+        return ms / 1000
+    return previous + 1 / fps if index else 0.0
+
+
 def read_frames(
     path: Path | str, *, every: int | None = None, fps: float | None = None
 ) -> Iterator[tuple[int, float, Image.Image]]:
-    """(frame index, time in seconds, RGB image) of the sampled frames, in order. Skipped frames are
-    only grabbed (demuxed and decoded by FFmpeg, not converted). Raises `VideoReadError` when the file
-    cannot be opened, has no frame, or ends well before the frame count its header declares."""
+    """(frame index, time in seconds, RGB image) of the sampled frames, in order; times are the frames'
+    own (`frame_time`). Skipped frames are only grabbed (demuxed and decoded by FFmpeg, not converted).
+    Raises `VideoReadError` when the file cannot be opened, has no frame, or ends well before the frame
+    count its header declares."""
     capture, info = open_video(path)
     stride = Stride(info.fps, every=every, fps=fps)
-    index = 0
+    index, time, last_slot = 0, 0.0, None
     try:
         while capture.grab():
-            if stride.keeps(index):
+            time = frame_time(capture, index, time, info.fps)
+            slot = stride.slot(index, time)
+            if last_slot is None or slot > last_slot:
+                last_slot = slot
                 ok, bgr = capture.retrieve()
                 if not ok:
                     raise VideoReadError(
                         f"{info.path}: frame {index} cannot be decoded; the file is corrupt, re-download it"
                     )
-                yield index, index / info.fps, Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+                yield index, time, Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
             index += 1
     finally:
         capture.release()

@@ -6,11 +6,18 @@
             print(face.track_id, face.age, face.steady_age)
     tracker.summaries()            # one TrackSummary per person seen
 
-Matching: a face belongs to the track whose last box overlaps it most (intersection over union, one face
-per track, solved as an assignment problem so that two people passing each other keep their ids as long
-as their boxes overlap their own previous boxes more than each other's); a face overlapping no track by
-`iou_threshold` starts a new one. A track not seen for `max_missed` seconds has ended (the person left,
-or was hidden too long to be sure it is the same one when a face reappears there). Frames sampled far
+Matching: a face may continue a track whose last box it overlaps by `iou_threshold` (intersection over
+union), or whose face it is near: its centre within `max_shift(gap)` face sizes of where the track's
+face would be now, had it gone on moving as it did between its last two sightings. The shift allowed
+grows with the seconds since the track was last seen (`SHIFT_BASE` + `SHIFT_PER_SECOND` a second, at
+most `MAX_SHIFT`). Overlap alone split a walking person at the default 5 frames a second: a face moving
+more than about half its width between sampled frames overlaps its last box by less than 0.3, so each
+sighting became a track of its own. Among the allowed pairs, each track takes at most one face and each
+face one track, the pairs' total distance (in face sizes) as small as possible (an assignment problem):
+two people side by side keep their ids, and so do two passing each other, even at the same height with
+one hidden behind the other for a while, as long as each keeps its direction. A face allowed to continue
+no track starts a new one. A track not seen for `max_missed` seconds has ended (the person left, or was
+hidden too long to be sure it is the same one when a face reappears there). Frames sampled far
 apart (`predict --fps 0.5`) need longer: `max_missed_for(gap)` also lets a face miss `MISSED_FRAMES`
 sampled frames, or a still face would become one track per frame.
 
@@ -58,12 +65,26 @@ MAD_TO_SD = 1.4826
 MAX_MISSED = 1.0
 # ... and, in sampled video, than this many sampled frames (a blink of the detector, a turned head).
 MISSED_FRAMES = 2
+# How far a face's centre may move between two sightings and still continue its track, in face sizes
+# (the mean side of its two boxes): SHIFT_BASE, plus SHIFT_PER_SECOND for each second between them (a
+# person walking past moves their face several widths a second; 0.2 s apart, at the default 5 frames a
+# second, that allows 1.3), at most MAX_SHIFT however long the gap. The cap stays below the ~2.5 face
+# widths between the faces of two people standing shoulder to shoulder: beyond it, a face is as likely
+# someone else's.
+SHIFT_BASE = 0.5
+SHIFT_PER_SECOND = 4.0
+MAX_SHIFT = 1.5
 
 
 def max_missed_for(frame_gap: float) -> float:
     """`max_missed` for frames up to `frame_gap` seconds apart: `MAX_MISSED` seconds or `MISSED_FRAMES`
     frames without the face, whichever is longer, so that sparse sampling keeps one person one track."""
     return max(MAX_MISSED, (MISSED_FRAMES + 1) * frame_gap)
+
+
+def max_shift(gap: float) -> float:
+    """How many face sizes a face's centre may move in `gap` seconds and still continue its track."""
+    return min(SHIFT_BASE + SHIFT_PER_SECOND * gap, MAX_SHIFT)
 
 
 @dataclass
@@ -118,12 +139,14 @@ class TrackSummary:
 
 
 class _Track:
-    """A live track: its last box and its most recent observations (bounded by `window`)."""
+    """A live track: its last box, how fast its centre moved, and its most recent observations (bounded
+    by `window`)."""
 
     def __init__(self, track_id: int, time: float, window: int) -> None:
         self.track_id = track_id
         self.first_time = self.last_time = time
         self.box: Box = (0, 0, 0, 0)
+        self.velocity = np.zeros(2)  # pixels a second, between the last two sightings
         self.frames = 0
         # time, age, interval's lower and upper bound (NaN without an interval); newest last
         self.times: deque[float] = deque(maxlen=window)
@@ -132,7 +155,10 @@ class _Track:
         self.highs: deque[float] = deque(maxlen=window)
 
     def observe(self, face: FacePrediction, time: float) -> None:
-        self.box = tuple(int(v) for v in face.box)
+        box = tuple(int(v) for v in face.box)
+        if self.frames and time > self.last_time:
+            self.velocity = (_centre(box) - _centre(self.box)) / (time - self.last_time)
+        self.box = box
         self.last_time = time
         self.frames += 1
         self.times.append(time)
@@ -141,9 +167,17 @@ class _Track:
         self.lows.append(float(low))
         self.highs.append(float(high))
 
+    def expected_centre(self, time: float) -> np.ndarray:
+        """Where the face's centre would be at `time`, moving on as between its last two sightings."""
+        return _centre(self.box) + self.velocity * (time - self.last_time)
+
+
+def _centre(box: Sequence[float]) -> np.ndarray:
+    return (np.asarray(box[:2], dtype=np.float64) + np.asarray(box[2:], dtype=np.float64)) / 2
+
 
 class FaceTracker:
-    """Assigns each frame's faces to tracks by box overlap and keeps each track's steady age
+    """Assigns each frame's faces to tracks by box overlap or nearness and keeps each track's steady age
     (see the module docstring for the rules)."""
 
     def __init__(
@@ -181,7 +215,7 @@ class FaceTracker:
             raise ValueError(f"frame times must not go back: {time} s after {self._time} s")
         self._time = time
         self._end_missed(time)
-        assignment = self._match(faces)
+        assignment = self._match(faces, time)
         tracked = []
         for index, face in enumerate(faces):
             track = assignment.get(index)
@@ -206,20 +240,25 @@ class FaceTracker:
             self._ended.append(self._summary(track))
             self._live.remove(track)
 
-    def _match(self, faces: Sequence[FacePrediction]) -> dict[int, _Track]:
-        """Face index -> live track, maximising the total overlap, pairs below the threshold left out."""
+    def _match(self, faces: Sequence[FacePrediction], time: float) -> dict[int, _Track]:
+        """Face index -> live track: the allowed pairs (module docstring) with the smallest total
+        centre distance."""
         if not faces or not self._live:
             return {}
-        iou = box_iou(
-            np.asarray([f.box for f in faces], dtype=np.float64),
-            np.asarray([t.box for t in self._live], dtype=np.float64),
-        )
-        rows, cols = linear_sum_assignment(iou, maximize=True)
-        return {
-            int(r): self._live[int(c)]
-            for r, c in zip(rows, cols, strict=True)
-            if iou[r, c] >= self.iou_threshold
-        }
+        boxes = np.asarray([f.box for f in faces], dtype=np.float64)[:, None, :]
+        last = np.asarray([t.box for t in self._live], dtype=np.float64)[None, :, :]
+        iou = box_iou(boxes[:, 0], last[0])
+        expected = np.asarray([t.expected_centre(time) for t in self._live])[None, :, :]
+        offsets = (boxes[..., :2] + boxes[..., 2:]) / 2 - expected
+        sides = (boxes[..., 2:] - boxes[..., :2]).sum(-1) + (last[..., 2:] - last[..., :2]).sum(-1)
+        distance = np.hypot(offsets[..., 0], offsets[..., 1]) / np.maximum(sides / 4, 1.0)
+        shifts = np.asarray([max_shift(time - t.last_time) for t in self._live])
+        allowed = (iou >= self.iou_threshold) | (distance <= shifts[None, :])
+        # a pair not allowed costs more than all allowed ones together (so as many allowed pairs as
+        # possible are made), and is dropped afterwards
+        forbidden = 1.0 + float(distance[allowed].sum())
+        rows, cols = linear_sum_assignment(np.where(allowed, distance, forbidden))
+        return {int(r): self._live[int(c)] for r, c in zip(rows, cols, strict=True) if allowed[r, c]}
 
     def _steady(self, track: _Track) -> tuple[float, tuple[float, float] | None]:
         ages = np.asarray(track.ages)
