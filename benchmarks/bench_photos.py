@@ -82,9 +82,9 @@ def main() -> None:
         help="the same model for --backend onnx (default: the bundle's export): adds that path",
     )
     args = parser.parse_args()
-    photos, _ = expand_inputs([str(args.photos)])
-    if not photos:
-        raise SystemExit(f"no photos in {args.photos}")
+    photos, problems = expand_inputs([str(args.photos)])
+    if not args.photos.exists() or problems or not photos:
+        parser.error("; ".join(problems) or f"no photos in {args.photos}")
     model = load_trained_model(args.model, "cpu")
     kind, yunet = ("yunet", YUNET) if YUNET.is_file() else ("auto", None)
     detector = create_detector(kind, yunet)

@@ -29,6 +29,7 @@ import torch
 from common import TEST_IMAGES, YUNET, machine, print_table
 from PIL import Image
 
+from age_detect_resnet.cli.common import positive_int
 from age_detect_resnet.faces.detection import create_detector
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, TorchRunner, load_trained_model
@@ -87,10 +88,10 @@ def tracked_ages(result) -> list[list[float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="run folder, .safetensors or default (bundled)")
-    parser.add_argument("--frames", type=int, default=60, help="frames per clip (all predicted)")
+    parser.add_argument("--frames", type=positive_int, default=60, help="frames per clip (all predicted)")
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=1,
         help="time the three paths in turn this many times and keep each one's fastest round "
         "(raise it on a busy machine)",

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 from rotation import SHARED, cut  # the one cut of the robustness figures
 
+from age_detect_resnet.cli.common import positive_int
 from age_detect_resnet.data.splits import load_split
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.run_folder import SavedSplit
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--split", choices=("test", "val"), default="test", help="the run's split whose photos are copied"
     )
-    parser.add_argument("--every", type=int, default=1, help="keep every Nth photo")
+    parser.add_argument("--every", type=positive_int, default=1, help="keep every Nth photo")
     parser.add_argument("--share", type=float, required=True, help="central share of width and height kept")
     parser.add_argument("--grey", action="store_true", help="also turn each copy grey (as old scans are)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the copies and labels.csv")
@@ -50,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"{args.test_of} saved no split: --test-of needs a run folder with a split.csv, or default"
         )
-    test = load_split(saved.path, args.photos).split(args.split).iloc[:: max(1, args.every)]
+    test = load_split(saved.path, args.photos).split(args.split).iloc[:: args.every]
+    missing = [path for path in test["path"] if not (args.photos / path).is_file()]
+    if missing:  # before --out is made: a wrong --photos left an empty folder and a traceback
+        parser.error(
+            f"{len(missing)} of the {len(test)} {args.split} photos are not in {args.photos} "
+            f"(e.g. {missing[0]}): pass --photos with the run's data root"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for path, age in zip(test["path"], test["age"], strict=True):

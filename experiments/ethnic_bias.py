@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     summary = []
     for spec in args.reports:
-        label, _, folder = spec.partition("=")
+        label, equals, folder = spec.partition("=")
+        if not equals or not folder:
+            parser.error(f"{spec!r}: expected LABEL=DIR, e.g. 'UTKFace test=results/NAME/utkface-test'")
         path = Path(folder) / "predictions.csv"
         if not path.is_file():
             print(
@@ -83,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.column not in frame.columns:
             print(f"{path} has no {args.column} column: evaluate with --by {args.column}")
             return 2
+        present = set(frame[args.column].dropna().astype(str))
+        absent = [value for value in args.values if value not in present]
+        if absent:  # the spread would be over the others alone, silently
+            print(
+                f"note: {label} has no {args.column} {', '.join(absent)} (its values: "
+                f"{', '.join(sorted(present))}); the spread is over the rest: choose them with --values",
+                file=sys.stderr,
+            )
         table = standardised(frame, args.column, args.values)
         spread = (table["standardised signed"] - table["standardised signed"].mean()).abs().mean()
         summary.append((label, len(frame), frame["error"].abs().mean(), spread, table["standardised signed"]))

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from age_detect_resnet.cli.common import positive_int
 from age_detect_resnet.cli.predict import expand_inputs
 from age_detect_resnet.data.dataset import pixels_to_input
 from age_detect_resnet.faces.detection import (
@@ -49,6 +50,7 @@ from age_detect_resnet.faces.detection import (
 )
 from age_detect_resnet.images import load_rgb
 from age_detect_resnet.inference.predictor import AgePredictor, FacePrediction, load_trained_model
+from age_detect_resnet.modeling.checkpoint import ModelFileError
 from age_detect_resnet.run_folder import SavedSplit
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default", help="run folder, .safetensors or default (bundled)")
     parser.add_argument("--photos", type=Path, default=SHARED / "test_images")
-    parser.add_argument("--every", type=int, default=1, help="use every N-th photo (sorted by path)")
+    parser.add_argument("--every", type=positive_int, default=1, help="use every N-th photo (sorted by path)")
     parser.add_argument(
         "--test-of",
         type=Path,
@@ -106,17 +108,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--scales and --crops are shares of the photo's size, between 0 and 1")
     if not args.detector_model.is_file():
         parser.error(f"{args.detector_model} does not exist: pass --detector-model FILE (YuNet's ONNX file)")
+    if not args.photos.exists():
+        parser.error(f"{args.photos} does not exist: pass --photos FOLDER (or a photo)")
     photos, problems = expand_inputs([str(args.photos)])
     if problems or not photos:
         parser.error("; ".join(problems) or f"no photos in {args.photos}")
     if args.test_of is not None:
         photos = test_photos(photos, args.photos, args.test_of, parser)
-    photos = photos[:: max(1, args.every)]
+    photos = photos[:: args.every]
     settings = dict(DETECTORS[args.detector])
     if args.upright_min_degrees is not None:
         settings["upright_min_degrees"] = args.upright_min_degrees
     detector = YuNetDetector(args.detector_model, **settings)
-    predictor = AgePredictor(load_trained_model(args.model, "cpu"), detector=detector)
+    try:
+        model = load_trained_model(args.model, "cpu")
+    except ModelFileError as err:
+        parser.error(str(err))
+    predictor = AgePredictor(model, detector=detector)
     shrinks = {
         f"shrunk to {scale:g} of their size"
         + (", the original's landmarks" if args.same_landmarks else ""): [

@@ -467,6 +467,21 @@ def rotation_experiment():
     return load_script("experiments/rotation.py")
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--photos", "/nonexistent", "--angles", "15"], "/nonexistent does not exist"),  # was a traceback
+        (["--model", "runs/nope", "--angles", "15"], "runs/nope does not exist"),  # was a traceback
+        (["--every", "0", "--angles", "15"], "--every: must be at least 1"),  # was taken as 1
+    ],
+)
+def test_the_robustness_experiment_refuses_what_it_cannot_use_in_one_line(args, message, capsys):
+    require(YUNET)
+    with pytest.raises(SystemExit) as stopped:
+        rotation_experiment().main(["--detector-model", str(YUNET), *args])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_the_resolution_experiment_can_align_smaller_copies_with_the_originals_landmarks(tiny_bundle, capsys):
     require(YUNET)
     tool = rotation_experiment()
