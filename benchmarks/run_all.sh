@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The speed figures of the README, in one go (about 6 minutes on 2 CPU cores; run it on an idle machine):
+# The README's speed figures of data loading, training, batch inference and one-photo latency, in one go
+# (about 6 minutes on 2 CPU cores; run it on an idle machine; the end-to-end photo and video figures come
+# from benchmarks/bench_photos.py and bench_video.py, run on their own):
 #   ./benchmarks/run_all.sh [RUN_DIR] > speed.md
 # RUN_DIR is a trained run for the accuracy columns of batch inference (its own image size).
 set -uo pipefail   # no -e: one failing benchmark must not hide the others

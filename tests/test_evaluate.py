@@ -107,6 +107,27 @@ def test_evaluations_of_other_csvs_or_views_report_into_folders_of_their_own(tin
     assert evaluation_name("csv", "all", csv="x/photos.csv", backend="onnx") == "eval-csv-photos-all-onnx"
 
 
+def test_a_report_written_over_an_earlier_one_keeps_none_of_its_figures(tiny_run, tmp_path):
+    """An earlier --by's plots/by_gender.png survived a rerun without --by, read as the new report's."""
+    root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
+    names = sorted(p.name for p in Path(root).iterdir())[:6]
+    csv = tmp_path / "faces.csv"
+    pd.DataFrame(
+        {
+            "path": [f"{root}/{n}" for n in names],
+            "age": [int(n.split("_")[0]) for n in names],
+            "gender": ["female", "male"] * 3,
+        }
+    ).to_csv(csv, index=False)
+    out = tmp_path / "report"
+    common = ["--model", str(tiny_run), "--dataset", "csv", "--data-root", str(csv), "--split", "all"]
+    common += ["--out", str(out), "--num-workers", "0"]
+    assert evaluate_main([*common, "--by", "gender"]) == 0
+    assert (out / "plots" / "by_gender.png").is_file()
+    assert evaluate_main(common) == 0
+    assert not (out / "plots" / "by_gender.png").exists() and (out / "plots" / "cs_curve.png").is_file()
+
+
 def test_split_test_on_another_dataset_is_refused_with_advice(tiny_run, tmp_path, caplog):
     csv = tmp_path / "x.csv"
     csv.write_text("path,age\na.jpg,20\n")

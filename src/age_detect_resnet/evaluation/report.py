@@ -179,6 +179,10 @@ def write_evaluation(
         written["confusion"] = plot_confusion(cl["confusion"], cl["groups"], plots / "confusion.png")
     if "by" in metrics:
         written.update(plot_groups(metrics["by"], plots))
+    # Written into the folder of an earlier report, the figures of that one that this one does not make
+    # (an earlier --by's by_gender.png, a classifier's confusion.png) would be read as this report's.
+    for stale in {path.name for path in plots.glob("*.png")} - {path.name for path in written.values()}:
+        (plots / stale).unlink()
     markdown = [f"# {title}", ""]
     markdown += [f"- {key}: {value}" for key, value in (extra or {}).items()] + [""]
     markdown += [metrics_markdown(metrics)]
