@@ -181,8 +181,11 @@ def write_evaluation(
         written.update(plot_groups(metrics["by"], plots))
     # Written into the folder of an earlier report, the figures of that one that this one does not make
     # (an earlier --by's by_gender.png, a classifier's confusion.png) would be read as this report's.
-    for stale in {path.name for path in plots.glob("*.png")} - {path.name for path in written.values()}:
-        (plots / stale).unlink()
+    # Only a report's own kinds of figure: a run folder's plots/ also holds its training curves.
+    made = {path.name for path in written.values()}
+    for stale in [*plots.glob("by_*.png"), plots / "confusion.png"]:
+        if stale.name not in made:
+            stale.unlink(missing_ok=True)
     markdown = [f"# {title}", ""]
     markdown += [f"- {key}: {value}" for key, value in (extra or {}).items()] + [""]
     markdown += [metrics_markdown(metrics)]
