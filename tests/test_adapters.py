@@ -106,6 +106,17 @@ def test_a_folder_whose_dataset_is_one_level_down_names_that_folder(tmp_path):
         load_table("utkface", tmp_path)
 
 
+def test_an_imdb_wiki_crop_folder_given_itself_names_the_folder_above_it(tmp_path):
+    """wiki_crop/ holds wiki.mat and numbered folders of images: not a UTKFace set one level down."""
+    crop = tmp_path / "raw" / "wiki_crop"
+    (crop / "00").mkdir(parents=True)
+    (crop / "wiki.mat").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(crop / "00" / "10_1980-03-10_2010.jpg")
+    expected = rf"IMDB-WIKI's crop folders; pass --data-root {tmp_path}/raw,"
+    with pytest.raises(DatasetNotFoundError, match=expected):
+        guess_dataset(crop)
+
+
 def test_a_utkface_folder_without_utkface_images_says_what_to_put_there(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "named").mkdir()

@@ -25,9 +25,16 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def dataset_help(data_root: Path) -> str:
-    """What to do where `data_root` holds no dataset: the folder below it that holds one (a tarball
-    unpacked into its own folder: UTKFace/), or where to get one."""
-    below = dataset_below(Path(data_root))
+    """What to do where `data_root` holds no dataset: the folder above it for one of IMDB-WIKI's crop
+    folders (imdb_crop/ itself, whose numbered folders of images are no UTKFace set), the folder below it
+    that holds one (a tarball unpacked into its own folder: UTKFace/), or where to get one."""
+    data_root = Path(data_root)
+    if any((data_root / Path(rel).name).is_file() for rel in SOURCES.values()):
+        return (
+            f"no dataset found at {data_root}: it is one of IMDB-WIKI's crop folders; pass --data-root "
+            f"{data_root.parent}, the folder holding imdb_crop/ and/or wiki_crop/"
+        )
+    below = dataset_below(data_root)
     if below is not None:
         folder, kind = below
         return (
