@@ -26,9 +26,9 @@ from pathlib import Path
 from age_detect_resnet.cli.common import (
     add_detector_arguments,
     add_device_argument,
+    add_loader_arguments,
     command_main,
     non_negative_int,
-    positive_int,
     user_errors,
     user_message,
 )
@@ -69,10 +69,7 @@ def add_combining_arguments(parser: argparse.ArgumentParser, order: str) -> None
         "the result keeps (default: the last MODEL that is a run folder)",
     )
     add_detector_arguments(parser)
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per model batch")
-    parser.add_argument(
-        "--num-workers", type=non_negative_int, default=2, help="processes reading images beside the model"
-    )
+    add_loader_arguments(parser)
     add_device_argument(parser)
 
 

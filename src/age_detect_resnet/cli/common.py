@@ -25,6 +25,14 @@ def add_detector_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector-model", type=Path, help=DETECTOR_MODEL_HELP)
 
 
+def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a dataset's images are fed to the model (evaluate, average, ensemble)."""
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per model batch")
+    parser.add_argument(
+        "--num-workers", type=non_negative_int, default=2, help="processes reading images beside the model"
+    )
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """Where the model runs (every command that runs one)."""
     parser.add_argument(

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from age_detect_resnet.cli.common import (
     add_detector_arguments,
     add_device_argument,
+    add_loader_arguments,
     command_main,
-    non_negative_int,
     positive_int,
     user_errors,
     user_message,
@@ -71,10 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--detect also head_pose (frontal or turned sideways, from the landmarks)",
     )
     parser.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per model batch")
-    parser.add_argument(
-        "--num-workers", type=non_negative_int, default=2, help="processes reading images beside the model"
-    )
+    add_loader_arguments(parser)
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
     add_device_argument(parser)
     parser.add_argument(
