@@ -119,6 +119,20 @@ def test_filters_remove_exactly_the_rows_they_should(tmp_path):
     assert strict_filters.removed["face score below 3"] == 4
 
 
+def test_a_path_leaving_the_crop_folder_is_dropped_and_counted(tmp_path):
+    ok = {"face_score": 2.5, "second_face_score": np.nan, "photo_taken": 2009, "dob": datenum(1981, 5, 5)}
+    rows = [
+        {**ok, "full_path": "17/10000217_1981-05-05_2009.jpg"},
+        {**ok, "full_path": "../outside/10000218_1981-05-05_2009.jpg"},  # a real file, beside wiki_crop/
+    ]
+    write_wiki(tmp_path, rows)
+    assert (tmp_path / "outside" / "10000218_1981-05-05_2009.jpg").is_file()
+    df, filters = build_meta(tmp_path)
+    assert df["path"].tolist() == ["wiki_crop/17/10000217_1981-05-05_2009.jpg"]
+    assert filters.removed["path leaves its crop folder"] == 1
+    assert "path leaves its crop folder" in filters.summary(len(df))
+
+
 def test_missing_dataset_says_what_to_download(tmp_path):
     with pytest.raises(MetaError, match="imdb-wiki"):
         build_meta(tmp_path)

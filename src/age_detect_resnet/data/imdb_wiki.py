@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -171,10 +171,21 @@ def read_source(data_root: Path, source: str) -> pd.DataFrame:
     )
 
 
+def stays_inside(path: str) -> bool:
+    """Whether a table path (`wiki_crop/17/x.jpg`) names a file inside its crop folder: a damaged or
+    hand-made `.mat` whose full_path holds `..` would have the table read (and hash) files elsewhere."""
+    parts = PurePosixPath(path.replace("\\", "/")).parts
+    return ".." not in parts
+
+
 def filter_rows(df: pd.DataFrame, *, min_face_score: float | None = None) -> tuple[pd.DataFrame, FilterLog]:
     """The seed's cleaning: valid birth date, one face found (optionally confident), plausible age; and
-    a person to keep the splits apart by (counted only where a row lacks one: a damaged imdb.mat)."""
+    a person to keep the splits apart by and a path inside the crop folder (both counted only where a
+    row fails them: a damaged or hand-made `.mat`)."""
     log_ = FilterLog(total=len(df))
+    inside = df["path"].map(stays_inside)
+    if not inside.all():
+        df = log_.drop(df, inside, "path leaves its crop folder")
     if df["person_id"].isna().any():
         df = log_.drop(df, df["person_id"].notna(), "celeb_id not a whole number")
     df = log_.drop(df, df["age"].notna(), "broken date of birth")
