@@ -128,14 +128,26 @@ def load_rgb(
         raise ImageReadError(f"{label} is truncated or corrupt ({err}); re-download or remove it") from err
 
 
+def _grey_to_8_bit(array: np.ndarray, mode: str) -> np.ndarray:
+    """PIL's wide grey modes to 0-255. 16-bit grey (PIL reads some as 32-bit "I"): 0-65535 to 0-255, as
+    PIL does for 16-bit colour, so that a dark photo stays as dark as its 8-bit copy; beyond 16 bits, by
+    its own peak. An "I" or "F" image within 0-255 (`convert("I")` of an 8-bit one) is kept as it is, and
+    an "F" image within 0-1 is taken as 0-1 brightness: scaled as 16-bit, both came out black."""
+    array = np.nan_to_num(array, posinf=0.0, neginf=0.0)
+    peak = float(array.max()) if array.size else 0.0
+    if mode == "F" and peak <= 1.0:
+        scale = 255.0
+    elif mode in ("I", "F") and peak <= 255:
+        scale = 1.0
+    else:
+        scale = 255.0 / max(65535.0, peak)
+    return np.round(np.clip(array * scale, 0, 255)).astype(np.uint8)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparent pixels become white."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grey (PIL reads some as 32-bit "I"): 0-65535 to 0-255, as PIL does for 16-bit colour, so
-        # a dark photo stays as dark as its 8-bit copy; a 32-bit image beyond 16 bits by its own peak
-        array = np.asarray(image, dtype=np.float64)
-        peak = max(65535.0, array.max()) if array.size else 65535.0
-        image = Image.fromarray(np.round(np.clip(array, 0, None) * (255.0 / peak)).astype(np.uint8), mode="L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = Image.fromarray(_grey_to_8_bit(np.asarray(image, dtype=np.float64), image.mode), mode="L")
     if image.mode in ("P", "RGBa"):
         image = image.convert("RGBA")
     if image.mode == "La":  # premultiplied alpha, as RGBa

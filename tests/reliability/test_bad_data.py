@@ -29,7 +29,7 @@ from age_detect_resnet.data.sources import DataError, load_table
 from age_detect_resnet.data.splits import prepare_splits
 from age_detect_resnet.data.tabular import drop_duplicate_images
 from age_detect_resnet.data.utkface import load_utkface
-from age_detect_resnet.images import ImageReadError, load_rgb
+from age_detect_resnet.images import ImageReadError, as_rgb, load_rgb
 from age_detect_resnet.training.config import DataConfig
 from conftest import train_tiny
 
@@ -508,6 +508,22 @@ def test_any_colour_mode_becomes_8_bit_rgb(image, fmt, expected):
     assert loaded.mode == "RGB" and loaded.size == (8, 8)
     if expected is not None:
         assert np.abs(np.asarray(loaded, dtype=int) - expected).max() <= 3, np.asarray(loaded)[0, 0]
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (Image.new("L", (8, 8), 90).convert("I"), 90),  # 8-bit values in a 32-bit image: not 16-bit
+        (Image.fromarray(np.full((8, 8), 90 * 257, dtype=np.int32)), 90),  # 16-bit values read as "I"
+        (Image.fromarray(np.full((8, 8), 90 / 255, dtype=np.float32)), 90),  # "F", brightness 0-1
+        (Image.fromarray(np.full((8, 8), 90.0, dtype=np.float32)), 90),  # "F", 0-255
+    ],
+    ids=["I of 8-bit values", "I of 16-bit values", "F in 0-1", "F in 0-255"],
+)
+def test_a_wide_grey_image_a_caller_holds_keeps_its_brightness(image, expected):
+    assert image.mode in ("I", "F")
+    rgb = as_rgb(image)
+    assert rgb.mode == "RGB" and np.abs(np.asarray(rgb, dtype=int) - expected).max() <= 1
 
 
 def test_prepared_cache_remembers_unreadable_images(tmp_path, face_jpeg):
