@@ -7,14 +7,18 @@ zoomed (README, "More views of each face at test time"). Every other option is e
 
 `--views` lists DEGREES:ZOOM pairs (0:1 is the crop as it is); the network's raw outputs are averaged
 over them, each view flipped too where `--tta` asks. A view is warped from the model's input crop with
-its edge repeated where it reaches past it. An experiment only: the project's own path averages the
-mirror views alone (`modeling.model.raw_outputs`), which this wraps for the one process."""
+its edge repeated where it reaches past it. `--out` is required: the views and evaluate's options are
+written beside the report (`views.json`), which alone cannot tell them. An experiment only: the
+project's own path averages the mirror views alone (`modeling.model.raw_outputs`), which this wraps for
+the one process."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -61,14 +65,36 @@ def main() -> int:
     args = parser.parse_args()
     views = args.views
     options = args.evaluate[1:] if args.evaluate[:1] == ["--"] else args.evaluate
+    out = out_folder(options)
+    if out is None:
+        parser.error("give evaluate's --out FOLDER (after --): the views are recorded beside its report")
 
     def raw_outputs(model, images, *, tta_flip=False):
         outputs = [_one_view(model, warp(images, d, z), tta_flip=tta_flip) for d, z in views]
         return torch.stack(outputs).mean(0)
 
-    for module in (model_module, engine, backends):
+    modules = (model_module, engine, backends)
+    for module in modules:
         module.raw_outputs = raw_outputs
-    return cli_main(["evaluate", *options])
+    try:
+        status = cli_main(["evaluate", *options])
+    finally:  # the project's own path again, for a caller in the same process (the tests)
+        for module in modules:
+            module.raw_outputs = _one_view
+    if status == 0:
+        record = {"views": [{"degrees": d, "zoom": z} for d, z in views], "evaluate": options}
+        (out / "views.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return status
+
+
+def out_folder(options: list[str]) -> Path | None:
+    """The folder evaluate's `--out` names in its options (`--out X` or `--out=X`), or None."""
+    for i, option in enumerate(options):
+        if option == "--out" and i + 1 < len(options):
+            return Path(options[i + 1])
+        if option.startswith("--out="):
+            return Path(option.removeprefix("--out="))
+    return None
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ do not correspond, and a run folder whose interval is calibrated on the run's va
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import sys
 
 import pandas as pd
 import pytest
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 from age_detect_resnet.cli.average import main as average_main
 from age_detect_resnet.cli.evaluate import main as evaluate_main
 from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling import model as model_module
 from age_detect_resnet.modeling.averaging import AveragingError, average_models, mixture_weights
 from age_detect_resnet.modeling.ensemble import AgeEnsemble
 from age_detect_resnet.modeling.model import create_model
@@ -237,6 +240,24 @@ def test_a_pretrained_start_is_imagenet_under_the_runs_head_and_averages_with_th
     assert "is not a run folder" in capsys.readouterr().err
     assert tool.main([str(tiny_run), str(tmp_path / "no.safetensors"), str(tmp_path / "third")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "third").exists()
+
+
+def test_test_time_views_record_their_views_beside_the_report(tiny_run, tmp_path, monkeypatch, capsys):
+    views = load_script("experiments/test_time_views.py")
+    script = "test_time_views.py"
+    monkeypatch.setattr(sys, "argv", [script, "--views", "0:1,6:1.06", "--", "--model", str(tiny_run)])
+    with pytest.raises(SystemExit):  # no --out: the views could not be recorded
+        views.main()
+    assert "--out" in capsys.readouterr().err
+    out = tmp_path / "views"
+    options = ["--model", str(tiny_run), "--out", str(out), "--num-workers", "0"]
+    monkeypatch.setattr(sys, "argv", [script, "--views", "0:1,6:1.06", "--", *options])
+    assert views.main() == 0
+    record = json.loads((out / "views.json").read_text())
+    assert record["views"] == [{"degrees": 0.0, "zoom": 1.0}, {"degrees": 6.0, "zoom": 1.06}]
+    assert record["evaluate"] == options
+    assert (out / "evaluation.json").is_file()
+    assert model_module.raw_outputs is views._one_view  # the project's path is given back
 
 
 def test_test_time_views_turn_and_zoom_the_crop_about_its_centre():
