@@ -426,6 +426,30 @@ def test_init_warns_where_the_model_trained_on_the_new_runs_held_out_faces(tiny_
     assert warning in caplog.text and "validation and test images" in caplog.text
 
 
+def test_init_warns_where_a_model_its_start_was_made_from_trained_on_the_held_out_faces(
+    tiny_run, tmp_path, caplog
+):
+    """--init mid, where mid started from tiny_run: the faces tiny_run trained on, mid has seen."""
+    from types import SimpleNamespace
+
+    from age_detect_resnet.training.run import warn_if_init_saw_held_out
+
+    mid = shutil.copytree(tiny_run, tmp_path / "mid")
+    split = pd.read_csv(mid / "split.csv")
+    split.assign(split="val").to_csv(mid / "split.csv", index=False)  # mid itself trained on none of them
+    config = json.loads((mid / "config.json").read_text())
+    config["model"]["init"] = str(tiny_run)
+    (mid / "config.json").write_text(json.dumps(config))
+    trained = pd.read_csv(tiny_run / "split.csv").query("split == 'train'")["path"]
+    table = pd.DataFrame({"path": trained.iloc[:3].tolist(), "split": ["test"] * 3})
+    run = SimpleNamespace(
+        model=SimpleNamespace(init=str(mid)), data=SimpleNamespace(dataset=config["data"]["dataset"])
+    )
+    with caplog.at_level(logging.WARNING):
+        warn_if_init_saw_held_out(run, SimpleNamespace(table=table))
+    assert f"{tiny_run} (which --init {mid} was made from) trained on 3 of this run's 3" in caplog.text
+
+
 def test_the_shipped_bundle_is_pinned_and_loads():
     assert bundled.AGE_MODEL_SHA256, "bundled.py must pin the SHA-256 of the shipped model"
     assert bundled.AGE_MODEL.stat().st_size < 60e6  # the issue's size budget

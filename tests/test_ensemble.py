@@ -255,3 +255,48 @@ def test_ensemble_weights_gives_the_mae_of_each_mix_and_how_alike_the_members_er
 
     assert tool.main([str(first), str(tmp_path / "missing.csv")]) == 2
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_a_member_made_from_a_model_that_saw_the_held_out_faces_is_refused(tiny_run, tmp_path, caplog):
+    """The faces an --init start, or a model averaged into a member, trained on, the member has seen."""
+    import json
+
+    from age_detect_resnet.run_folder import RunFolder, lineage
+    from age_detect_resnet.training.combined_run import check_held_out
+    from age_detect_resnet.training.config import ConfigError
+
+    calibration = shutil.copytree(tiny_run, tmp_path / "calibration")
+    split = pd.read_csv(calibration / "split.csv")
+    split.loc[split.index[split["split"] == "train"][:2], "split"] = "test"  # tiny_run trained on these
+    split.to_csv(calibration / "split.csv", index=False)
+
+    def member(name: str, *, init: str | None = None, averaged_from: str | None = None) -> str:
+        folder = shutil.copytree(calibration, tmp_path / name)  # its own split is the calibration's
+        config = json.loads((folder / "config.json").read_text())
+        config["model"]["init"] = init
+        (folder / "config.json").write_text(json.dumps(config))
+        metadata = json.loads((folder / "best.json").read_text())
+        if averaged_from:
+            metadata["averaged_from"] = [{"model": averaged_from, "sha256": None, "weight": 1.0}]
+        (folder / "best.json").write_text(json.dumps(metadata))
+        return str(folder)
+
+    check_held_out([member("plain")], RunFolder(calibration))  # nothing seen: its own split alone
+    started = member("started", init=str(tiny_run))
+    with pytest.raises(ConfigError, match=rf"{tiny_run} \(which {started} was made from\) trained on 2 of"):
+        check_held_out([started], RunFolder(calibration))
+    averaged = member("averaged", averaged_from=str(tiny_run))
+    with pytest.raises(ConfigError, match=r"which .*averaged was made from"):
+        check_held_out([averaged], RunFolder(calibration))
+    # two levels down, and a start that is gone only warns
+    grandchild = member("grandchild", init=started)
+    assert lineage(grandchild) == [grandchild, started, str(tiny_run)]
+    with caplog.at_level(logging.WARNING):
+        check_held_out([member("gone", init=str(tmp_path / "deleted"))], RunFolder(calibration))
+    assert f"{tmp_path / 'deleted'} (which {tmp_path / 'gone'} was made from) has no split.csv" in caplog.text
+    # a loop in the records ends
+    looped = member("looped")
+    config = json.loads((tmp_path / "looped" / "config.json").read_text())
+    config["model"]["init"] = looped
+    (tmp_path / "looped" / "config.json").write_text(json.dumps(config))
+    assert lineage(looped) == [looped]

@@ -19,6 +19,7 @@ for the bundled model the copy of its run's split shipped beside it.
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -143,6 +144,24 @@ class RunFolder:
         except KeyError as err:
             raise RunFolderError(f"{self.config} names no dataset and data root") from err
 
+    def made_from(self) -> list[str]:
+        """The models this run's model was made from, as recorded: its `--init` (config.json) and the
+        models it averages or ensembles (best.json); [] for a run started from ImageNet."""
+        sources = []
+        init = self.saved_config.get("model", {}).get("init")
+        if init:
+            sources.append(str(init))
+        try:
+            metadata = json.loads(self.best.with_suffix(".json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            metadata = {}
+        for key in ("averaged_from", "ensemble_of"):
+            entries = metadata.get(key) if isinstance(metadata, dict) else None
+            for entry in entries if isinstance(entries, list) else []:
+                if isinstance(entry, dict) and entry.get("model"):
+                    sources.append(str(entry["model"]))
+        return sources
+
     def load_split(self) -> PreparedData:
         """The run's images with their splits, rooted where config.json says its data lives."""
         return self.saved_split().load()
@@ -199,6 +218,33 @@ class SavedSplit:
 
         table = pd.read_csv(self.path, usecols=["path", "split"], dtype={"path": str})
         return set(table.loc[table["split"].isin(splits), "path"])
+
+
+def lineage(model: Path | str) -> list[str]:
+    """`model` and every model it was made from (`RunFolder.made_from`, run after run), each once, nearest
+    first: the faces any of them trained on, the model has seen. The chain ends at a model that is no run
+    folder (the bundled model, whose shipped split covers its own making; a loose file; a path that is
+    gone)."""
+    chain, seen, queue = [], set(), [str(model)]
+    while queue:
+        current = queue.pop(0)
+        run = RunFolder.of(current)
+        key = str(run.path.resolve()) if run is not None else current
+        if key in seen:
+            continue
+        seen.add(key)
+        chain.append(current)
+        if run is not None:
+            with suppress(RunFolderError):  # an unreadable config.json: its starts are unknown
+                queue.extend(run.made_from())
+    return chain
+
+
+def named_in_lineage(source: str, model: Path | str, *, given: str | None = None) -> str:
+    """`source` of `lineage(model)` for a message: the model as `given` (default: its path), or the
+    source with which model was made from it."""
+    given = given or str(model)
+    return given if source == str(model) else f"{source} (which {given} was made from)"
 
 
 def evaluation_name(

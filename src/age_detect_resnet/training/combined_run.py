@@ -24,7 +24,7 @@ from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.averaging import average_models, mixture_weights
 from age_detect_resnet.modeling.ensemble import AgeEnsemble
 from age_detect_resnet.modeling.norm_statistics import recompute_norm_statistics
-from age_detect_resnet.run_folder import RunFolder, SavedSplit
+from age_detect_resnet.run_folder import RunFolder, SavedSplit, lineage, named_in_lineage
 from age_detect_resnet.training.config import ConfigError, resolve_config
 from age_detect_resnet.training.distributed import Distributed
 from age_detect_resnet.training.loaders import build_loaders
@@ -209,27 +209,31 @@ def write_averaged_run(
 
 def check_held_out(models: Sequence[str | Path], calibration: RunFolder) -> None:
     """Refuse an ensemble member that trained on images of the calibration run's validation or test split
-    (ConfigError): the ensemble is calibrated, and its test MAE measured, on them. A member without a
-    saved split (a loose file) cannot be checked: a warning says so."""
+    (ConfigError): the ensemble is calibrated, and its test MAE measured, on them. So did a member that
+    started from (`--init`), averaged or ensembled a model that trained on them: each member's `lineage`
+    is checked. A model without a saved split (a loose file, a run folder that is gone) cannot be
+    checked: a warning says so."""
     held_out = calibration.saved_split().paths("val", "test")
     for model in models:
-        saved = SavedSplit.of(model)
-        if saved is None:
-            log.warning(
-                "%s has no split.csv beside it: make sure it never trained on the validation and test "
-                "images of %s",
-                model,
-                calibration.path,
-            )
-            continue
-        seen = held_out & saved.paths("train")
-        if seen:
-            raise ConfigError(
-                f"{model} trained on {len(seen):,} of the validation and test images of "
-                f"{calibration.path} (e.g. {sorted(seen)[0]}); ensemble models trained on one split "
-                "(train them with the same --split-seed), or pass --calibrate-on a run whose held-out "
-                "images none of them saw"
-            )
+        for source in lineage(model):
+            name = named_in_lineage(source, model)
+            saved = SavedSplit.of(source)
+            if saved is None:
+                log.warning(
+                    "%s has no split.csv beside it: make sure it never trained on the validation and test "
+                    "images of %s",
+                    name,
+                    calibration.path,
+                )
+                continue
+            seen = held_out & saved.paths("train")
+            if seen:
+                raise ConfigError(
+                    f"{name} trained on {len(seen):,} of the validation and test images of "
+                    f"{calibration.path} (e.g. {sorted(seen)[0]}); ensemble models trained on one split "
+                    "(train them with the same --split-seed), or pass --calibrate-on a run whose held-out "
+                    "images none of them saw"
+                )
 
 
 def write_ensemble_run(

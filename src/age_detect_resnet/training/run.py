@@ -30,7 +30,7 @@ from age_detect_resnet.data.splits import PreparedData, load_split, prepare_spli
 from age_detect_resnet.faces.detection import training_framing
 from age_detect_resnet.modeling import checkpoint
 from age_detect_resnet.modeling.model import AgeModel
-from age_detect_resnet.run_folder import RunFolder, RunFolderError, SavedSplit
+from age_detect_resnet.run_folder import RunFolder, RunFolderError, SavedSplit, lineage, named_in_lineage
 from age_detect_resnet.runtime import autocast_factory, hardware_summary, resolve_precision, seed_everything
 from age_detect_resnet.training.best_statistics import recompute_best_statistics
 from age_detect_resnet.training.config import Config, resolve_config, save_config
@@ -143,21 +143,27 @@ def split_for_run(config: Config, run: RunFolder, dist: Distributed, *, resume: 
 
 
 def warn_if_init_saw_held_out(config: Config, prepared: PreparedData) -> None:
-    """With --init from a model trained on this dataset (its split saved: a run, the bundled model),
-    warn where it trained on this run's validation or test images: their MAE would flatter the run."""
-    saved = SavedSplit.of(config.model.init) if config.model.init else None
-    if saved is None or saved.dataset != config.data.dataset:
+    """With --init from a model trained on this dataset (its split saved: a run, the bundled model), or
+    made from one (its `lineage`: its own --init, the models it averages or ensembles), warn where that
+    model trained on this run's validation or test images: their MAE would flatter the run."""
+    if not config.model.init:
         return
     held_out = prepared.table.loc[prepared.table["split"].isin(["val", "test"]), "path"].astype(str)
-    seen = int(held_out.isin(saved.paths("train")).sum())
-    if seen:
-        log.warning(
-            "--init %s trained on %s of this run's %s validation and test images, so their MAE flatters "
-            "this run: split as its run did (its data settings and --split-seed) to keep them apart",
-            config.model.init,
-            f"{seen:,}",
-            f"{len(held_out):,}",
-        )
+    for source in lineage(config.model.init):
+        saved = SavedSplit.of(source)
+        if saved is None or saved.dataset != config.data.dataset:
+            continue
+        seen = int(held_out.isin(saved.paths("train")).sum())
+        if seen:
+            log.warning(
+                "%s trained on %s of this run's %s validation and test images, so their MAE "
+                "flatters this run: split as its run did (its data settings and --split-seed) to keep them "
+                "apart",
+                named_in_lineage(source, config.model.init, given=f"--init {config.model.init}"),
+                f"{seen:,}",
+                f"{len(held_out):,}",
+            )
+            return
 
 
 def split_seed(config: Config) -> int:
