@@ -173,6 +173,14 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
     assert "no validation images" in caplog.text
     assert average_main([*files, "--out", str(tmp_path / "other")]) == 2
     assert "--calibrate-on" in caplog.text and not (tmp_path / "other").exists()
+    # Calibrated on faces a model trained on: refused, as ensemble refuses it.
+    shifted = shutil.copytree(second, tmp_path / "shifted")
+    split = pd.read_csv(shifted / "split.csv")
+    split.loc[split.index[split["split"] == "train"][:1], "split"] = "val"
+    split.to_csv(shifted / "split.csv", index=False)
+    seen = tmp_path / "seen"
+    assert average_main([str(first), "--out", str(seen), "--calibrate-on", str(shifted)]) == 2
+    assert f"{first} trained on 1 of the validation and test images" in caplog.text and not seen.exists()
     other = tmp_path / "other"
     assert (
         average_main(

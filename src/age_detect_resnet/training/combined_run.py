@@ -165,8 +165,9 @@ def write_averaged_run(
     (default: equal) into the run folder `out`, which must not hold a model yet; recompute the batch-norm
     statistics on `norm_batches` training batches of the calibration run (0: keep the averaged ones).
     Returns the saved metadata (`val_mae`, `averaged_from`, `norm_statistics`) with `val_images` and
-    `calibrated_on`. Raises ConfigError, AveragingError and the errors of loading the models or the
-    training and validation images; nothing is written unless all of it succeeds."""
+    `calibrated_on`. Raises ConfigError (also where a model trained on the calibration run's held-out
+    images: `check_held_out`), AveragingError and the errors of loading the models or the training and
+    validation images; nothing is written unless all of it succeeds."""
     run = _new_run(out)
     fractions = mixture_weights(weights, len(models))
     device = device or torch.device("cpu")
@@ -174,6 +175,7 @@ def write_averaged_run(
     loaded = [checkpoint.load_model(model, "cpu") for model in models]
     averaged = average_models(loaded, fractions, names=[str(m) for m in models]).to(device)
     calibration = calibration_run(models, calibrate_on)
+    check_held_out(models, calibration)
     table, root = _validation_table(calibration)
     norm_images = 0
     if norm_batches > 0:
@@ -208,10 +210,10 @@ def write_averaged_run(
 
 
 def check_held_out(models: Sequence[str | Path], calibration: RunFolder) -> None:
-    """Refuse an ensemble member that trained on images of the calibration run's validation or test split
-    (ConfigError): the ensemble is calibrated, and its test MAE measured, on them. So did a member that
-    started from (`--init`), averaged or ensembled a model that trained on them: each member's `lineage`
-    is checked. A model without a saved split (a loose file, a run folder that is gone) cannot be
+    """Refuse a model to average or ensemble that trained on images of the calibration run's validation or
+    test split (ConfigError): the result is calibrated, and its test MAE measured, on them. So did a
+    model that started from (`--init`), averaged or ensembled a model that trained on them: each model's
+    `lineage` is checked. A model without a saved split (a loose file, a run folder that is gone) cannot be
     checked: a warning says so."""
     held_out = calibration.saved_split().paths("val", "test")
     for model in models:
@@ -230,7 +232,7 @@ def check_held_out(models: Sequence[str | Path], calibration: RunFolder) -> None
             if seen:
                 raise ConfigError(
                     f"{name} trained on {len(seen):,} of the validation and test images of "
-                    f"{calibration.path} (e.g. {sorted(seen)[0]}); ensemble models trained on one split "
+                    f"{calibration.path} (e.g. {sorted(seen)[0]}); combine models trained on one split "
                     "(train them with the same --split-seed), or pass --calibrate-on a run whose held-out "
                     "images none of them saw"
                 )
