@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,11 @@ def test_onnx_export_gives_pytorch_ages_on_real_faces(onnx_file: Path, varied_ru
 )  # TorchScript's deprecation, documented in export.py
 def test_torchscript_export_gives_pytorch_ages_on_real_faces(varied_run: Path, tmp_path: Path):
     out = tmp_path / "age.torchscript.pt"
-    assert export_cli.main(["--model", str(varied_run), "--format", "torchscript", "--out", str(out)]) == 0
+    arguments = ["--model", str(varied_run), "--format", "torchscript", "--out", str(out)]
+    with warnings.catch_warnings():  # PyTorch's torch.jit deprecation, once per call: said once, by us
+        warnings.simplefilter("error", FutureWarning)
+        assert export_cli.main(arguments) == 0
+        load_runner(out, backend="torchscript")
     assert json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["check"]["images"] == "real"
     model = checkpoint.load_model(varied_run)
     images = real_faces(model.metadata["image_size"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from age_detect_resnet.inference.backends import INPUT_NAME
+from age_detect_resnet.inference.backends import INPUT_NAME, torchscript_warnings_said
 from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.modeling.model import AgeModel
 
@@ -102,5 +102,6 @@ def export_torchscript(model: AgeModel, path: Path) -> None:
     """Write `ExportedAgeModel(model)` as traced TorchScript (the batch axis stays dynamic)."""
     log.info("TorchScript is deprecated by PyTorch; ONNX is the export format this project recommends")
     # check_trace=False: `export_model` checks the saved file itself, on other images and batch sizes.
-    traced = torch.jit.trace(ExportedAgeModel(model).eval(), _example(model), check_trace=False)
-    torch.jit.save(traced, str(path))
+    with torchscript_warnings_said():
+        traced = torch.jit.trace(ExportedAgeModel(model).eval(), _example(model), check_trace=False)
+        torch.jit.save(traced, str(path))

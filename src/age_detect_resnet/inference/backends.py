@@ -13,7 +13,9 @@ is defined here too, where it is read; export/ writes it.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -88,11 +90,22 @@ class OnnxRunner:
         )
 
 
+@contextmanager
+def torchscript_warnings_said() -> Iterator[None]:
+    """Without the FutureWarning of recent PyTorch that torch.jit is deprecated, printed on every trace,
+    save and load: `age-detect export --format torchscript` says it once, in its own words, and a
+    TorchScript file that loads is run as before."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
 class TorchScriptRunner:
     """A TorchScript export (float32 on the CPU)."""
 
     def __init__(self, path: Path | str, outputs: Sequence[str]) -> None:
-        self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        with torchscript_warnings_said():
+            self.module = torch.jit.load(str(path), map_location="cpu").eval()
         self.outputs = list(outputs)
 
     @torch.inference_mode()
