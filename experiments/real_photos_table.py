@@ -4,8 +4,9 @@
 
 DIR holds `portraits/` and `fairface/` (and, where the model has a run folder, `utkface-test/`), each with
 the `evaluation.json` that `age-detect evaluate` wrote; UTKFACE_EVALUATION_JSON names another UTKFace test
-evaluation where DIR has none. Prints two Markdown tables: the headline figures per model, then FairFace's
-mean distance to each labelled age group; where the reports were made with `--by head_pose`, a third:
+evaluation where DIR has none (either must be of the model's test split: `--split test`). Prints two
+Markdown tables: the headline figures per model, then FairFace's mean distance to each labelled age group
+(every model's groups); where the reports were made with `--by head_pose`, a third:
 FairFace's distance for frontal and for sideways-turned faces.
 """
 
@@ -16,11 +17,37 @@ import sys
 from pathlib import Path
 
 
-def metrics(path: Path) -> dict:
+def report(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())["metrics"]
-    except (OSError, ValueError, KeyError) as err:
+        document = json.loads(path.read_text())
+        document["metrics"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"{path}: not an evaluation report of `age-detect evaluate` ({err})") from err
+    return document
+
+
+def metrics(path: Path) -> dict:
+    return report(path)["metrics"]
+
+
+def test_split_metrics(path: Path) -> dict:
+    """The metrics of a UTKFace evaluation on a model's own test split: the column's figure is only
+    comparable between models measured on their held-out faces (`--split test`), never on all images."""
+    document = report(path)
+    if document.get("split") != "test":
+        raise SystemExit(
+            f"{path}: an evaluation of --split {document.get('split', '(unknown)')}, not of the model's test "
+            "split: name the evaluation.json of `age-detect evaluate --split test`"
+        )
+    return document["metrics"]
+
+
+def group_order(name: str) -> float:
+    """A labelled group's place in age order, from its name's lower end (0-2, 3-9, ..., 70+)."""
+    try:
+        return float(name.split("-")[0].rstrip("+"))
+    except ValueError:
+        return float("inf")  # a name without bounds: after the others, in the order first met
 
 
 def parse(argument: str) -> tuple[str, Path, Path | None]:
@@ -41,7 +68,7 @@ def main(arguments: list[str]) -> int:
         portraits = metrics(folder / "portraits" / "evaluation.json")
         fairface_report = metrics(folder / "fairface" / "evaluation.json")
         fairface = fairface_report["labelled_groups"]
-        utk = metrics(utkface) if utkface else None
+        utk = test_split_metrics(utkface) if utkface else None
         utk_cell = f"{utk['mae']:.2f} ({utk['count']:,} faces)" if utk else "–"
         rows.append(
             f"| {label} | {utk_cell} | {portraits['mae']:.2f} | {100 * fairface['inside']:.1f}% | "
@@ -57,7 +84,8 @@ def main(arguments: list[str]) -> int:
     )
     print("|---|---:|---:|---:|---:|")
     print("\n".join(rows))
-    names = list(next(iter(groups.values())))
+    # Every model's groups, in age order: a group one model's report lacks is a dash in its row.
+    names = sorted(dict.fromkeys(n for per_group in groups.values() for n in per_group), key=group_order)
     print()
     print("| FairFace mean distance (inside) | " + " | ".join(names) + " |")
     print("|---|" + "---:|" * len(names))

@@ -206,17 +206,19 @@ def test_interval_labels_report_the_share_inside_and_the_distance_to_the_group()
 
 def test_a_csv_labelled_with_age_groups_is_evaluated_by_group(tiny_run, tmp_path, caplog):
     root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
-    names = sorted(p.name for p in __import__("pathlib").Path(root).iterdir())[:10]
+    *names, other = sorted(p.name for p in __import__("pathlib").Path(root).iterdir())[:11]
     csv = tmp_path / "groups.csv"
     rows = [{"path": f"{root}/{n}", "age_group": "20-39", "age_low": 20, "age_high": 39} for n in names]
     rows.append({"path": f"{root}/{names[0]}", "age_group": "bad", "age_low": "x", "age_high": 3})
-    rows.append({"path": f"{root}/{names[1]}", "age_group": "100-109", "age_low": 100, "age_high": 109})
+    # Another image: one listed with two groups is left out as conflicting (test_evaluation_labels.py);
+    # a group with none of its ages in 0-100 (110-119; 100-109 would overlap at 100 and be kept).
+    rows.append({"path": f"{root}/{other}", "age_group": "110-119", "age_low": 110, "age_high": 119})
     pd.DataFrame(rows).to_csv(csv, index=False)
     out = tmp_path / "eval"
     args = ["--model", str(tiny_run), "--dataset", "csv", "--data-root", str(csv), "--split", "all"]
     assert evaluate_main([*args, "--out", str(out), "--num-workers", "0"]) == 0
     assert "skipped 1 row" in caplog.text and "lines 12" in caplog.text  # the bad label, by line
-    # The group beyond the evaluated ages (its middle, 104.5, above 100) is left out, and said to be.
+    # The group beyond the evaluated ages (none of its ages in 0-100) is left out, and said to be.
     assert "1 of the 11 images in" in caplog.text and "outside ages 0-100" in caplog.text
     # Both are counted in the report too, beside the unreadable images: they change its figures.
     document = json.loads((out / "evaluation.json").read_text())

@@ -50,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="report folder (default: <run>/eval-<dataset>-<split>, with a CSV's name, tta and the backend "
         "where used, e.g. eval-csv-photos-all-onnx)",
     )
-    parser.add_argument("--min-age", type=float, default=0, help="--split all: youngest age evaluated")
-    parser.add_argument("--max-age", type=float, default=100, help="--split all: oldest age evaluated")
+    # No defaults here (evaluate_model's are 0 and 100): given with --split test|val they are refused,
+    # as that split is evaluated whole.
+    parser.add_argument("--min-age", type=float, help="--split all: youngest age evaluated (default 0)")
+    parser.add_argument("--max-age", type=float, help="--split all: oldest age evaluated (default 100)")
     parser.add_argument(
         "--limit", type=positive_int, help="--split all: evaluate a random sample of N images"
     )
@@ -70,7 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma list of label columns to break the error down by, e.g. gender,ethnicity; with "
         "--detect also head_pose (frontal or turned sideways, from the landmarks)",
     )
-    parser.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average each prediction with its mirror image's (built into a mirrored ensemble already)",
+    )
     add_loader_arguments(parser)
     parser.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted)")
     add_device_argument(parser)

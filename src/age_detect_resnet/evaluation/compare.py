@@ -48,6 +48,31 @@ def load_run(run_dir: Path) -> dict[str, Any]:
         raise RunReadError(f"{run_dir}'s evaluation.json has no {err} entry; {AGAIN}") from err
 
 
+def interval_level(run: dict[str, Any]) -> float | None:
+    """The nominal coverage of a run's age interval (0.8, 0.9, ...), None for a head without one: as its
+    evaluation measured it, else as it was configured (`model.interval`)."""
+    interval = run["metrics"].get("interval")
+    if interval is None:
+        return None
+    return interval.get("nominal", run["config"].get("model", {}).get("interval"))
+
+
+def interval_heading(runs: Sequence[dict[str, Any]]) -> str:
+    """The coverage column's heading: with the level where every run with an interval has the same one;
+    else plain, and each cell says its run's level (`coverage_cell`)."""
+    levels = {interval_level(r) for r in runs} - {None}
+    return f"{levels.pop():.0%} interval coverage" if len(levels) == 1 else "interval coverage"
+
+
+def coverage_cell(run: dict[str, Any], *, per_cell: bool) -> str:
+    interval = run["metrics"].get("interval")
+    if interval is None or interval.get("coverage") is None:  # None: only age groups' midpoints to test
+        return "-"
+    level = interval_level(run)
+    of = f" of {level:.0%}" if per_cell and level is not None else ""
+    return f"{interval['coverage']:.1%}{of}"
+
+
 def comparison_table(runs: Sequence[dict[str, Any]]) -> str:
     groups = sorted(
         {g for r in runs for g in r["metrics"]["groups"]}, key=lambda g: int(g.split("-")[0].rstrip("+"))
@@ -65,12 +90,12 @@ def comparison_table(runs: Sequence[dict[str, Any]]) -> str:
         "RMSE",
         "CS@5",
         *[f"MAE {g}" for g in groups],
-        "80% interval coverage",
+        interval_heading(runs),
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         m, c, info = r["metrics"], r["config"], r["run"]
-        coverage = f"{m['interval']['coverage']:.1%}" if "interval" in m else "-"
+        coverage = coverage_cell(r, per_cell=interval_heading(runs) == "interval coverage")
         cells = [
             r["name"],
             c["model"]["backbone"],

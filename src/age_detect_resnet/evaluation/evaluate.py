@@ -108,16 +108,17 @@ def evaluation_table(
     table, root = load_table(dataset, data_root, meta=Path(meta) if meta else None)
     check_columns(by, set(table.columns), data_root)
     removed = dict(table.attrs.get("removed", {}))
-    in_range = table["age"].between(min_age, max_age)  # the exact age, or an age group's middle
+    in_range = labelled_in_range(table, min_age, max_age)
     if not in_range.all():
         log.warning(
-            "%s of the %s images in %s are labelled outside ages %g-%g and are not evaluated "
+            "%s of the %s images in %s are labelled outside ages %g-%g%s and are not evaluated "
             "(--min-age/--max-age)",
             f"{int((~in_range).sum()):,}",
             f"{len(table):,}",
             data_root,
             min_age,
             max_age,
+            " (an age group: with none of its ages inside)" if "age_from_group" in table else "",
         )
     removed[f"images labelled outside ages {min_age:g}-{max_age:g}"] = int((~in_range).sum())
     table = table[in_range]
@@ -154,6 +155,39 @@ def evaluation_table(
             saved.dataset,
         )
     return table, root, dataset
+
+
+def labelled_in_range(table: pd.DataFrame, min_age: float, max_age: float) -> pd.Series:
+    """Which rows of `table` are labelled within `min_age`-`max_age`: an exact age inside it, or an age
+    group (whose `age` is only its midpoint: `age_from_group`) with any of its ages inside it, so that
+    90-130 on a model of 0-100 is evaluated (is the prediction inside 90-130?) though its midpoint is not."""
+    inside = table["age"].between(min_age, max_age)
+    if "age_from_group" not in table:
+        return inside
+    overlaps = (table["age_low"] <= max_age) & (table["age_high"] >= min_age)
+    return inside.where(~table["age_from_group"].astype(bool), overlaps)
+
+
+def check_saved_split_options(split: str, **options: float | None) -> None:
+    """Refuse `options` (--min-age, --max-age, --limit) given with a run's saved split: the report of
+    `--split test` is the run's test figure, comparable with its training report and other runs only
+    on the whole split, so a subset of it must not be written, silently, under the same name."""
+    given = [f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None]
+    if split in SAVED_SPLITS and given:
+        raise ConfigError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --split all (a dataset's "
+            f"images); --split {split} evaluates the whole {split} split the model was trained with: "
+            f"leave {'it' if len(given) == 1 else 'them'} out, or use --split all"
+        )
+
+
+def flip_text(metadata: dict[str, Any], tta: bool) -> str | bool:
+    """The report's "test-time flip": a model that averages each face with its mirror image itself (a
+    mirrored ensemble, as the bundled model) has it built in, whatever --tta says (flipping again changes
+    nothing: `raw_outputs`)."""
+    if metadata.get("model", {}).get("mirror"):
+        return "built into the model (it averages each face with its mirror image)"
+    return tta
 
 
 # Attributes of each photo that detection finds rather than the labels give (`--by head_pose`):
@@ -287,8 +321,8 @@ def evaluate_model(
     meta: str | Path | None = None,
     split: str = "test",
     out: str | Path | None = None,
-    min_age: float = 0,
-    max_age: float = 100,
+    min_age: float | None = None,
+    max_age: float | None = None,
     limit: int | None = None,
     detect: bool = False,
     detector: str = "auto",
@@ -303,12 +337,14 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], Path]:
     """Evaluate `model` (a run folder, its weights file, or "default") and write the report; returns
     the metrics and the report folder. `dataset`, `data_root` and `meta` default to the run's; `split`
-    is "test" or "val" (the run's saved test or validation split) or "all" (every image of the dataset, within
-    `min_age`-`max_age`, at most `limit` of them); `by` names the label columns to break the error down
+    is "test" or "val" (the run's saved test or validation split, whole: `min_age`, `max_age` and `limit` are
+    refused with it) or "all" (every image of the dataset, within `min_age`-`max_age`, default 0-100, at
+    most `limit` of them); `by` names the label columns to break the error down
     by; `detect` frames the face each uncropped photo is of (`subject_face`; always done for a model
     trained on aligned faces); `backend` "onnx" runs `model` as an exported file, a run folder's export
     or the bundle's (`backends.load_runner`), framed and reported like the PyTorch model. Raises
     ConfigError and the errors of loading the model, the data or the detector."""
+    check_saved_split_options(split, min_age=min_age, max_age=max_age, limit=limit)
     model_path = Path(model)
     torch_device = select_device(device) if backend == "torch" else torch.device("cpu")
     if backend == "torch":
@@ -329,8 +365,8 @@ def evaluate_model(
         meta=meta,
         split=split,
         by=[name for name in by if name not in DETECTED_ATTRIBUTES],
-        min_age=min_age,
-        max_age=max_age,
+        min_age=0 if min_age is None else min_age,
+        max_age=100 if max_age is None else max_age,
         limit=limit,
     )
     if table.empty:
@@ -369,7 +405,7 @@ def evaluate_model(
         "model": str(model_path) + ("" if backend == "torch" else f" on --backend {backend}"),
         "dataset": f"{dataset} at {read_from}",
         "split": split,
-        "test-time flip": tta,
+        "test-time flip": flip_text(metadata, tta),
         **{f"{reason} skipped": count for reason, count in left_out.items()},
         "unreadable images skipped": len(table) - len(frame),
     }

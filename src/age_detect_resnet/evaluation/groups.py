@@ -17,6 +17,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from age_detect_resnet.evaluation.metrics import (
+    MIN_RELIABLE_COUNT,
     age_group_label,
     age_group_order,
     age_metrics,
@@ -24,9 +25,8 @@ from age_detect_resnet.evaluation.metrics import (
 )
 from age_detect_resnet.evaluation.plots import _save
 
-# Under this many images a group's MAE moves by a year or more between samples of the same people:
-# such groups are reported but flagged, and kept out of the "largest gap" when reliable groups exist.
-MIN_RELIABLE_COUNT = 30
+# MIN_RELIABLE_COUNT (metrics.py): groups under it are reported but flagged, and kept out of the
+# "largest gap" when reliable groups exist.
 Z_95 = 1.959964  # two-sided 95% quantile of the standard normal
 WORST_CELLS = 3
 
@@ -76,8 +76,11 @@ def _value_stats(frame: pd.DataFrame, clusters: np.ndarray, min_count: int) -> d
         "reliable": overall["count"] >= min_count,
     }
     if {"age_low", "age_high"} <= set(frame.columns):
+        # Over the images labelled with a group only (None if this value has none: exact ages alone)
         labelled = interval_label_metrics(frame["age_low"], frame["age_high"], pred)
-        stats.update({k: labelled[k] for k in ("inside", "mean_distance", "mean_signed_distance")})
+        if labelled is not None:
+            stats.update({k: labelled[k] for k in ("inside", "mean_distance", "mean_signed_distance")})
+            stats["labelled_count"] = labelled["count"]
     cells = {
         group: {**cell, "reliable": cell["count"] >= min_count} for group, cell in overall["groups"].items()
     }
@@ -199,6 +202,16 @@ def _gap_sentence(attribute: str, gap: dict[str, Any], values: dict[str, Any]) -
     return text + "."
 
 
+def _labelled_cells(s: dict[str, Any]) -> str:
+    """The share inside the labelled group and the mean distance, saying over how many images where only
+    some have a group; dashes where none has."""
+    if "inside" not in s:
+        return " – | – |"
+    some = s.get("labelled_count", s["count"])
+    of = f" (of {some:,})" if some < s["count"] else ""
+    return f" {s['inside']:.1%}{of} | {s['mean_distance']:.2f} |"
+
+
 def attribute_markdown(attribute: str, stats: dict[str, Any], min_count: int) -> list[str]:
     values = stats["values"]
     if not values:
@@ -212,7 +225,7 @@ def attribute_markdown(attribute: str, stats: dict[str, Any], min_count: int) ->
         "|---|---:|---:|---:|" + ("---:|---:|" if labelled else "") + "---|",
     ]
     for value, s in values.items():
-        extra = f" {s['inside']:.1%} | {s['mean_distance']:.2f} |" if labelled else ""
+        extra = _labelled_cells(s) if labelled else ""
         note = "" if s["reliable"] else f"under {min_count} images: not reliable"
         people = f" ({s['people']:,} {'person' if s['people'] == 1 else 'people'})"
         people = people if s["people"] < s["count"] else ""
@@ -268,6 +281,16 @@ def groups_markdown(by: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def error_bars(values: dict[str, dict[str, Any]]) -> tuple[list[int], np.ndarray]:
+    """The positions (in `values`' order) of the values that have a 95% interval, and the (2, n)
+    distances from each of their MAEs down and up to it; a value of one person has none, and gets no
+    bar (a zero-width one would look certain)."""
+    with_ci = [i for i, s in enumerate(values.values()) if s["mae_ci95"] is not None]
+    stats = [list(values.values())[i] for i in with_ci]
+    yerr = np.array([[s["mae"] - s["mae_ci95"][0], s["mae_ci95"][1] - s["mae"]] for s in stats])
+    return with_ci, np.abs(yerr.reshape(-1, 2).T)
+
+
 def plot_attribute(attribute: str, stats: dict[str, Any], path: Path) -> Path:
     """MAE per value with 95% CI bars (faded: too few images), and a heat map of value x age group."""
     values = list(stats["values"])
@@ -276,16 +299,18 @@ def plot_attribute(attribute: str, stats: dict[str, Any], path: Path) -> Path:
     bars, heat = fig.subplots(1, 2, width_ratios=[1, 1.6])
     x = np.arange(len(values))
     maes = np.array([stats["values"][v]["mae"] for v in values])
-    # (2, values): distances from each MAE down and up to its interval (none for a single image)
-    cis = np.array([stats["values"][v]["mae_ci95"] or [m, m] for v, m in zip(values, maes, strict=True)])
-    yerr = np.abs(cis.T - maes)
     alphas = [1.0 if stats["values"][v]["reliable"] else 0.35 for v in values]
     for i in range(len(values)):
         bars.bar(x[i], maes[i], color="tab:blue", alpha=alphas[i])
-    bars.errorbar(x, maes, yerr=yerr, fmt="none", ecolor="black", capsize=4)
+    with_ci, yerr = error_bars(stats["values"])
+    if with_ci:
+        bars.errorbar(x[with_ci], maes[with_ci], yerr=yerr, fmt="none", ecolor="black", capsize=4)
+    for i in sorted(set(range(len(values))) - set(with_ci)):
+        # A bar without a whisker would read as exact: its MAE is one person's, with no interval at all.
+        bars.annotate("no CI", (x[i], maes[i]), xytext=(0, 3), textcoords="offset points", ha="center")
     bars.set_xticks(x, [f"{v}\n({stats['values'][v]['count']:,})" for v in values], rotation=30)
     bars.set_ylabel("MAE (years), 95% CI")
-    bars.set_title(f"MAE by {attribute} (faded: too few images)")
+    bars.set_title(f"MAE by {attribute} (faded: too few images; no CI: one person)")
     bars.grid(alpha=0.3, axis="y")
     matrix = np.full((len(values), len(groups)), np.nan)
     for i, v in enumerate(values):

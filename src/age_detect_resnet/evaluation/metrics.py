@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -9,6 +10,13 @@ import numpy as np
 CS_THRESHOLDS = tuple(range(1, 11))
 GROUP_WIDTH = 10
 OLDEST_GROUP_START = 70
+# Under this many images a group's MAE moves by a year or more between samples of the same people: such
+# groups are reported but flagged, and not called out as the worst (the age bands) or ranked in the
+# largest gap (`evaluate --by`, groups.py) when reliable groups exist.
+MIN_RELIABLE_COUNT = 30
+# An age group whose upper end is this or above is open-ended: 70,100 is named 70+ (the CSV adapter's
+# advice writes 70+ so; the ages a model is trained on end at 100).
+OPEN_GROUP_END = 100
 
 
 def age_group_label(age: float) -> str:
@@ -46,9 +54,10 @@ def age_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     }
 
 
-def worst_groups(metrics: dict[str, Any], n: int = 2) -> list[str]:
-    """The age groups with the highest MAE (the ones a report should call out)."""
-    groups = metrics["groups"]
+def worst_groups(metrics: dict[str, Any], n: int = 2, min_count: int = MIN_RELIABLE_COUNT) -> list[str]:
+    """The age groups with the highest MAE (the ones a report should call out), among those of
+    `min_count` images or more: a group of a few images is worst or best by chance as often as not."""
+    groups = {g: stats for g, stats in metrics["groups"].items() if stats["count"] >= min_count}
     return sorted(groups, key=lambda g: groups[g]["mae"], reverse=True)[:n]
 
 
@@ -77,20 +86,40 @@ def interval_coverage(true: np.ndarray, lower: np.ndarray, upper: np.ndarray) ->
     return {"coverage": float(inside.mean()), "mean_width": float(np.mean(upper - lower))}
 
 
+def group_name(low: float, high: float) -> str:
+    """An age group named from its bounds as the labelled groups are (20-29; 70+ for an open one)."""
+    return f"{low:g}+" if high >= OPEN_GROUP_END else f"{low:g}-{high:g}"
+
+
+def _blank(label: object) -> bool:
+    return label is None or (isinstance(label, float) and math.isnan(label)) or not str(label).strip()
+
+
 def interval_label_metrics(
     low: np.ndarray, high: np.ndarray, pred: np.ndarray, labels: np.ndarray | None = None
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """For datasets labelled with age GROUPS (`low`-`high` years, both inclusive): the share of
     predictions inside the labelled group, and the distance in years from each prediction to it
-    (0 inside; signed > 0 when predicted older than the group), overall and per labelled group."""
+    (0 inside; signed > 0 when predicted older than the group), overall and per labelled group.
+    Only rows with both bounds count (`count` says how many): a CSV may mix in rows with an exact age
+    alone. Groups without a name in `labels` are named from their bounds (`group_name`). None where no
+    row has bounds."""
     low, high, pred = (np.asarray(a, dtype=np.float64) for a in (low, high, pred))
     if pred.size == 0:
         raise ValueError("no predictions to evaluate")
+    bounded = np.isfinite(low) & np.isfinite(high)
+    if not bounded.any():
+        return None
+    names = np.array(
+        [
+            group_name(lo, hi) if labels is None or _blank(label) else str(label).strip()
+            for lo, hi, label in zip(low, high, [None] * len(low) if labels is None else labels, strict=True)
+        ],
+        dtype=object,
+    )
+    low, high, pred, labels = low[bounded], high[bounded], pred[bounded], names[bounded]
     signed = pred - np.clip(pred, low, high)
     distance = np.abs(signed)
-    if labels is None:
-        labels = np.array([f"{lo:g}-{hi:g}" for lo, hi in zip(low, high, strict=True)])
-    labels = np.asarray(labels).astype(str)
     order = sorted(set(labels), key=lambda g: low[labels == g].min())
     groups = {
         g: {

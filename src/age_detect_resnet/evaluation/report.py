@@ -14,6 +14,7 @@ import torch
 from age_detect_resnet.atomic import atomic_path, write_text_atomic
 from age_detect_resnet.evaluation.groups import groups_markdown, plot_groups
 from age_detect_resnet.evaluation.metrics import (
+    MIN_RELIABLE_COUNT,
     age_metrics,
     classification_metrics,
     interval_coverage,
@@ -30,8 +31,9 @@ from age_detect_resnet.modeling.heads import AgeHead
 from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.training.engine import Predictions
 
-# Label columns a dataset may carry that the predictions keep: age-group labels (see metrics).
-GROUP_LABEL_COLUMNS = ("age_group", "age_low", "age_high")
+# Label columns a dataset may carry that the predictions keep: age-group labels (see metrics), and which
+# rows' `age` is only their group's midpoint (csv_table).
+GROUP_LABEL_COLUMNS = ("age_group", "age_low", "age_high", "age_from_group")
 
 
 def prediction_frame(
@@ -72,23 +74,30 @@ def readout_frame(
     return frame
 
 
+def ages_from_group(frame: pd.DataFrame) -> np.ndarray:
+    """Which rows' `age` is only the midpoint of their labelled age group (no exact age given)."""
+    if "age_from_group" not in frame:
+        return np.zeros(len(frame), dtype=bool)
+    return frame["age_from_group"].fillna(False).to_numpy(dtype=bool)
+
+
 def evaluation_metrics(frame: pd.DataFrame, head: AgeHead) -> dict[str, Any]:
     """The report's metrics of `frame`; `head` gives the settings they are read against (the interval's
     nominal coverage, the bins' labels)."""
     metrics = age_metrics(frame["age"].to_numpy(), frame["predicted"].to_numpy())
     metrics["worst_groups"] = worst_groups(metrics)
+    midpoints = ages_from_group(frame)
     if {"age_low", "age_high"} <= set(frame.columns):
-        metrics["labelled_groups"] = interval_label_metrics(
+        labelled = interval_label_metrics(
             frame["age_low"].to_numpy(),
             frame["age_high"].to_numpy(),
             frame["predicted"].to_numpy(),
             frame["age_group"].to_numpy() if "age_group" in frame else None,
         )
+        if labelled is not None:
+            metrics["labelled_groups"] = {**labelled, "ages_from_group": int(midpoints.sum())}
     if "lower" in frame:
-        metrics["interval"] = {
-            "nominal": head.interval,
-            **interval_coverage(frame["age"], frame["lower"], frame["upper"]),
-        }
+        metrics["interval"] = interval_metrics(frame, head.interval, exact=~midpoints)
     if "predicted_group" in frame:
         metrics["classification"] = {
             "groups": head.labels(),
@@ -97,13 +106,47 @@ def evaluation_metrics(frame: pd.DataFrame, head: AgeHead) -> dict[str, Any]:
     return metrics
 
 
+def interval_metrics(frame: pd.DataFrame, nominal: float, *, exact: np.ndarray) -> dict[str, Any]:
+    """The age interval's mean width over every row, and its real coverage over the `exact` rows only
+    (None where there are none): an age group's midpoint is no person's age, so whether it falls in the
+    interval says nothing of the interval."""
+    lower, upper = frame["lower"].to_numpy(dtype=float), frame["upper"].to_numpy(dtype=float)
+    coverage = (
+        interval_coverage(frame["age"].to_numpy()[exact], lower[exact], upper[exact])["coverage"]
+        if exact.any()
+        else None
+    )
+    return {
+        "nominal": nominal,
+        "coverage": coverage,
+        "coverage_images": int(exact.sum()),
+        "mean_width": float(np.mean(upper - lower)),
+    }
+
+
 def labelled_groups_markdown(metrics: dict[str, Any]) -> list[str]:
-    """The table of a dataset labelled with age groups (MAE is then only to the group's midpoint)."""
+    """The table of a dataset labelled with age groups, saying over which images it is and what the MAE
+    below is measured to (each group's midpoint, the exact ages given, or both)."""
     stats = metrics["labelled_groups"]
+    which = (
+        f" ({stats['count']:,} of the {metrics['count']:,} images; the others have an exact age alone)"
+        if stats["count"] < metrics["count"]
+        else ""
+    )
+    midpoints = stats.get("ages_from_group", stats["count"])
+    if midpoints == metrics["count"]:
+        mae_to = "the MAE below is to each group's midpoint"
+    elif midpoints == 0:
+        mae_to = "the MAE below is to the exact ages given"
+    else:
+        mae_to = (
+            f"the MAE below is to the exact age where one is given, and to the group's midpoint for the "
+            f"{midpoints:,} images labelled with a group alone"
+        )
     lines = [
-        f"Labelled with age groups: {stats['inside']:.1%} of the predictions fall inside the labelled "
-        f"group; mean distance to it {stats['mean_distance']:.2f} years "
-        f"(signed {stats['mean_signed_distance']:+.2f}; the MAE below is to each group's midpoint).",
+        f"Labelled with age groups{which}: {stats['inside']:.1%} of the predictions fall inside the "
+        f"labelled group; mean distance to it {stats['mean_distance']:.2f} years "
+        f"(signed {stats['mean_signed_distance']:+.2f}; {mae_to}).",
         "",
         "| labelled group | images | inside | mean distance | mean signed distance |",
         "|---|---:|---:|---:|---:|",
@@ -116,6 +159,31 @@ def labelled_groups_markdown(metrics: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def interval_markdown(iv: dict[str, Any], count: int) -> str:
+    """The age interval's line: its real coverage where measured, on which images, and why not where not."""
+    width = f"mean width {iv['mean_width']:.1f} years"
+    if iv.get("coverage") is None:
+        return (
+            f"{iv['nominal']:.0%} age interval: {width}; its real coverage is not measured, as every age "
+            "here is an age group's midpoint, which is no person's true age."
+        )
+    on = iv.get("coverage_images", count)
+    where = (
+        f" on the {on:,} images with an exact age (not those labelled with an age group alone, whose "
+        "midpoint is no person's true age)"
+        if on < count
+        else ""
+    )
+    return f"{iv['nominal']:.0%} age interval: real coverage {iv['coverage']:.1%}{where}, {width}."
+
+
+def worst_groups_markdown(metrics: dict[str, Any]) -> str:
+    worst = metrics["worst_groups"]
+    if not worst:
+        return f"No age group has {MIN_RELIABLE_COUNT} images or more to call out as the worst."
+    return f"Worst groups (of {MIN_RELIABLE_COUNT}+ images): {', '.join(worst)}."
+
+
 def metrics_markdown(metrics: dict[str, Any]) -> str:
     lines = [
         *(labelled_groups_markdown(metrics) if "labelled_groups" in metrics else []),
@@ -124,25 +192,23 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
         f"| {metrics['count']:,} | {metrics['mae']:.2f} | {metrics['rmse']:.2f} | "
         f"{metrics['mean_signed_error']:+.2f} | {metrics['cs']['5']:.1%} |",
         "",
-        "Error per true age group (signed error > 0: predicted too old):",
+        "Error per true age group (signed error > 0: predicted too old; groups under "
+        f"{MIN_RELIABLE_COUNT} images are marked *: too few to compare):",
         "",
         "| age group | images | MAE | mean signed error |",
         "|---|---:|---:|---:|",
     ]
     for group, stats in metrics["groups"].items():
+        small = "*" if stats["count"] < MIN_RELIABLE_COUNT else ""
         lines.append(
-            f"| {group} | {stats['count']:,} | {stats['mae']:.2f} | {stats['mean_signed_error']:+.2f} |"
+            f"| {group} | {stats['count']:,}{small} | {stats['mae']:.2f} | "
+            f"{stats['mean_signed_error']:+.2f} |"
         )
-    lines += ["", f"Worst groups: {', '.join(metrics['worst_groups'])}.", ""]
+    lines += ["", worst_groups_markdown(metrics), ""]
     cs = metrics["cs"]
     lines += ["CS@k (share within k years): " + ", ".join(f"@{k} {v:.1%}" for k, v in cs.items()), ""]
     if "interval" in metrics:
-        iv = metrics["interval"]
-        lines += [
-            f"{iv['nominal']:.0%} age interval: real coverage {iv['coverage']:.1%}, "
-            f"mean width {iv['mean_width']:.1f} years.",
-            "",
-        ]
+        lines += [interval_markdown(metrics["interval"], metrics["count"]), ""]
     if "classification" in metrics:
         cl = metrics["classification"]
         lines += [f"Age groups: accuracy {cl['accuracy']:.1%}, macro F1 {cl['macro_f1']:.3f}.", ""]
