@@ -20,6 +20,22 @@ def test_written_files_get_the_permissions_of_any_new_file(tmp_path, umask, mode
     assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == mode
 
 
+def test_a_model_saved_by_safetensors_gets_the_permissions_of_any_new_file(tmp_path):
+    """safetensors' save_file replaces the temporary with a file of its own, 0600: a serving account or a
+    colleague could not read best.safetensors though every other file of the run was readable."""
+    from age_detect_resnet.modeling.checkpoint import save_model
+    from age_detect_resnet.modeling.model import create_model
+
+    previous = os.umask(0o022)
+    try:
+        model = create_model("mobilenet_v2", "regression", pretrained=False)
+        save_model(model, tmp_path / "best.safetensors", {})
+    finally:
+        os.umask(previous)
+    for name in ("best.safetensors", "best.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "best.json"
     target.write_text("old")

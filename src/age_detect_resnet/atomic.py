@@ -42,8 +42,13 @@ def atomic_path(path: Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_temporary(path.parent, f".{path.name}.", suffix)
+    mode = tmp.stat().st_mode & 0o777
     try:
         yield tmp
+        # A writer may have replaced the file with one of its own making (safetensors' save_file leaves
+        # it 0600): the saved file gets the permissions a new file gets here, whoever wrote it.
+        if tmp.stat().st_mode & 0o777 != mode:
+            tmp.chmod(mode)
         with tmp.open("rb+") as handle:
             os.fsync(handle.fileno())
         tmp.replace(path)
