@@ -114,6 +114,15 @@ def test_a_pickle_only_model_file_is_refused(tmp_path):
     assert "is not a .safetensors model" in str(caught.value)
 
 
+def test_a_training_state_given_as_a_model_names_the_run_folder_to_pass(tmp_path):
+    last = tmp_path / "last.pt"
+    torch.save({"epoch": 1}, last)
+    with pytest.raises(ModelFileError) as caught:  # was: "run it with --backend torchscript"
+        checkpoint.load_model(last)
+    assert "is a training state" in str(caught.value) and f"its run folder {tmp_path}" in str(caught.value)
+    assert "torchscript" not in str(caught.value)
+
+
 def test_training_state_with_code_is_refused_and_the_code_never_runs(tmp_path):
     marker, last = tmp_path / "code-ran", tmp_path / "last.pt"
     torch.save({"epoch": 3, "model": {"w": torch.zeros(2)}, "extra": CodeOnLoad(marker)}, last)

@@ -71,6 +71,11 @@ def resolve_model_path(path: Path | str | None) -> Path:
         path = RunFolder(path).best
     if not path.is_file():
         raise ModelFileError(f"{path} does not exist; pass a run folder (runs/NAME) or its best.safetensors")
+    if path.name == RunFolder(path.parent).last.name:
+        raise ModelFileError(
+            f"{path} is a training state (for `age-detect train --resume`), not a model: pass its run "
+            f"folder {path.parent} or its best.safetensors"
+        )
     if path.suffix != ".safetensors":
         export = {".onnx": "onnx", ".pt": "torchscript"}.get(path.suffix.lower())
         hint = (
