@@ -83,6 +83,34 @@ def test_the_gap_leaves_out_small_groups_and_the_worst_cells_compare_at_equal_ag
     assert stats["worst_cells"][1]["age_group_mae"] == pytest.approx(5 / 3)
 
 
+def test_a_gap_between_photos_of_the_same_people_compares_each_person_with_themselves():
+    """Neutral and smiling photos of the same 30 people: what a person adds to both errors cancels in the
+    gap, so its interval is the paired one (the spread of each person's difference), far narrower than
+    the one for two groups of different people."""
+    rng = np.random.default_rng(0)
+    people = [f"p{i}" for i in range(30)]
+    base = rng.uniform(0, 10, 30)  # how hard each face is, whatever its expression
+    smiling = base + 2 + rng.normal(0, 0.5, 30)
+    frame = pd.DataFrame(
+        {
+            "age": 30.0,
+            "predicted": 30.0 + np.concatenate([base, smiling]),
+            "expression": ["neutral"] * 30 + ["smiling"] * 30,
+            "person_id": people * 2,
+        }
+    )
+    by = group_errors(frame, ["expression"], min_count=30)
+    stats = by["attributes"]["expression"]
+    gap = stats["gap"]
+    difference = smiling - base
+    se = difference.std(ddof=1) / math.sqrt(30)  # the paired standard error
+    assert gap["mae_gap"] == pytest.approx(difference.mean())
+    assert gap["mae_gap_ci95"] == pytest.approx([difference.mean() - Z * se, difference.mean() + Z * se])
+    independent = math.hypot(*(stats["values"][v]["mae_se"] for v in ("neutral", "smiling")))
+    assert se < independent / 4 and gap["people_in_both"] == 30
+    assert "30 people in both groups" in groups_markdown(by)
+
+
 def test_with_too_few_images_everywhere_the_gap_says_it_is_not_reliable():
     stats = group_errors(hand_frame(), ["gender"], min_count=30)["attributes"]["gender"]
     # Nothing is reliable: the gap is among the values with an interval (c has one image), flagged.

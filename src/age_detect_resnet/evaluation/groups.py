@@ -87,9 +87,33 @@ def _value_stats(frame: pd.DataFrame, clusters: np.ndarray, min_count: int) -> d
     return {"stats": stats, "cells": cells}
 
 
-def _gap(values: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+def gap_standard_error(
+    worst: tuple[np.ndarray, np.ndarray], best: tuple[np.ndarray, np.ndarray]
+) -> float | None:
+    """Standard error of MAE(worst) - MAE(best), each given as (absolute errors, person clusters). With
+    different people in the two groups the variances add. Where people are in both (the same person
+    neutral and smiling, frontal and turned), their two errors move together: each person's shares of
+    both means are summed before squaring (the clustered standard error of the difference), so that what
+    the person adds to both cancels out instead of widening the interval. None below two people."""
+    (errors_w, people_w), (errors_b, people_b) = worst, best
+    if not set(people_w) & set(people_b):
+        errors = [standard_error(errors_w, people_w), standard_error(errors_b, people_b)]
+        return None if None in errors else math.hypot(*errors)
+    shares = np.concatenate(
+        [(errors_w - errors_w.mean()) / errors_w.size, (errors_b.mean() - errors_b) / errors_b.size]
+    )
+    sums = pd.Series(shares).groupby(np.concatenate([people_w, people_b])).sum().to_numpy()
+    if sums.size < 2:
+        return None
+    return math.sqrt(sums.size / (sums.size - 1) * float((sums**2).sum()))
+
+
+def _gap(
+    values: dict[str, dict[str, Any]], samples: dict[str, tuple[np.ndarray, np.ndarray]]
+) -> dict[str, Any] | None:
     """The best and the worst value by MAE, among the reliable values where there are two of them; else
-    among those with an interval at all (two people or more), flagged as not reliable."""
+    among those with an interval at all (two people or more), flagged as not reliable. `samples` holds
+    each value's absolute errors and person clusters, for the gap's interval (`gap_standard_error`)."""
     reliable = [v for v, s in values.items() if s["reliable"]]
     with_interval = [v for v, s in values.items() if s["mae_se"] is not None]
     candidates = next((c for c in (reliable, with_interval, list(values)) if len(c) >= 2), None)
@@ -98,16 +122,16 @@ def _gap(values: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     ranked = sorted(candidates, key=lambda v: values[v]["mae"])
     best, worst = ranked[0], ranked[-1]
     gap = values[worst]["mae"] - values[best]["mae"]
-    errors = [values[v]["mae_se"] for v in (best, worst)]
-    ci = None
-    if None not in errors:
-        half = Z_95 * math.hypot(*errors)  # different people in the two groups: the variances add
-        ci = [gap - half, gap + half]
+    se = None
+    if None not in (values[best]["mae_se"], values[worst]["mae_se"]):
+        se = gap_standard_error(samples[worst], samples[best])
+    shared = set(samples[worst][1]) & set(samples[best][1])
     return {
         "best": best,
         "worst": worst,
         "mae_gap": gap,
-        "mae_gap_ci95": ci,
+        "mae_gap_ci95": None if se is None else [gap - Z_95 * se, gap + Z_95 * se],
+        "people_in_both": len(shared),
         "reliable": len(reliable) >= 2,
     }
 
@@ -167,16 +191,17 @@ def group_errors(
     }
     for attribute in attributes:
         names = attribute_values(frame[attribute])
-        values, cells = {}, {}
+        values, cells, samples = {}, {}, {}
         for value in sorted(names.dropna().unique()):
             mask = (names == value).to_numpy()
             computed = _value_stats(frame[mask], clusters[mask], min_count)
             values[value], cells[value] = computed["stats"], computed["cells"]
+            samples[value] = (absolute_all[mask], clusters[mask])
         result["attributes"][attribute] = {
             "missing": int(names.isna().sum()),
             "values": values,
             "age_groups": cells,
-            "gap": _gap(values),
+            "gap": _gap(values, samples),
             "worst_cells": _worst_cells(cells, age_group_mae, WORST_CELLS),
         }
     return result
@@ -194,7 +219,9 @@ def _gap_sentence(attribute: str, gap: dict[str, Any], values: dict[str, Any]) -
     )
     ci = gap["mae_gap_ci95"]
     if ci:
-        text += f" (95% CI {ci[0]:.2f} to {ci[1]:.2f})"
+        paired = gap.get("people_in_both", 0)
+        within = f"; {paired:,} people in both groups, each compared with themselves" if paired else ""
+        text += f" (95% CI {ci[0]:.2f} to {ci[1]:.2f}{within})"
         if ci[0] <= 0:
             text += ": the interval includes 0, so this sample cannot tell the two apart"
     if not gap["reliable"]:
