@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import scipy.io
 from PIL import Image
 
 from age_detect_resnet.data.imdb_wiki import (
+    DATASET_PAGE,
     MetaError,
     build_meta,
     datenum_to_year_month,
@@ -175,3 +177,31 @@ def test_module_path_from_the_seed_writes_the_table(tmp_path):
     table = pd.read_csv(out)
     assert set(table["source"]) == {"imdb", "wiki"}
     assert table["age"].between(0, 100).all()
+
+
+def test_an_out_folder_is_refused_naming_out_before_the_metadata_is_built(tmp_path, caplog):
+    from age_detect_resnet.cli.build_meta import main
+
+    ok = {"face_score": 2.5, "second_face_score": np.nan, "photo_taken": 2009, "dob": datenum(1981, 5, 5)}
+    write_wiki(tmp_path / "raw", [{**ok, "full_path": "17/10000217_1981-05-05_2009.jpg"}])
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with caplog.at_level(logging.ERROR):
+        status = main(["--data-root", str(tmp_path / "raw"), "--out", str(folder)])
+    assert status == 2  # was "[Errno 21] Is a directory: '.../.meta.cc02dd74.tmp' -> ..."
+    assert f"--out {folder} is a folder: pass the CSV file to write, e.g. --out {folder / 'meta.csv'}" in (
+        caplog.text
+    )
+    assert list(folder.iterdir()) == [] and list(tmp_path.glob(".*.tmp")) == []
+
+
+def test_a_utkface_folder_is_named_as_one_that_needs_no_build_meta(tmp_path, caplog):
+    from age_detect_resnet.cli.build_meta import main
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "25_0_2_20170116174525125.jpg.chip.jpg")
+    with caplog.at_level(logging.ERROR):
+        status = main(["--data-root", str(tmp_path), "--out", str(tmp_path / "meta.csv")])
+    assert status == 2
+    assert "looks like UTKFace" in caplog.text and DATASET_PAGE not in caplog.text  # not: download IMDB-WIKI
+    assert f"train with --dataset utkface --data-root {tmp_path}" in caplog.text
+    assert not (tmp_path / "meta.csv").exists()

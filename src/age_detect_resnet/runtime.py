@@ -83,12 +83,29 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` becomes bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32."""
+    """`auto` becomes bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32; a precision
+    asked for is kept, except fp16 on a CPU: a `DeviceError` saying what to pass (`cpu_fp16_refusal`)."""
+    if precision == "fp16" and device.type == "cpu":
+        raise DeviceError(cpu_fp16_refusal())
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def cpu_fp16_refusal() -> str:
+    """Why fp16 is refused on a CPU: PyTorch's CPU fp16 kernels are mostly emulated (a tiny training run
+    took 74 s an epoch against 1-2 s in fp32) and its loss scaling (GradScaler) works on GPUs only, so
+    small gradients underflow too. `auto` never picks it there; bf16 is the CPU's half precision."""
+    if cpu_has_bf16():
+        instead = "--precision bf16 (native on this CPU), fp32 or auto"
+    else:
+        instead = "--precision fp32 or auto (this CPU has no native bf16: bf16 would be emulated too)"
+    return (
+        "--precision fp16 runs on a CUDA GPU only (on a CPU it is emulated, ~50x slower, and has no loss "
+        f"scaling): pass {instead}"
+    )
 
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -126,8 +143,10 @@ def onnx_session(
 
 
 def seed_everything(seed: int, *, deterministic: bool = False) -> None:
+    """Seed Python, numpy and torch with `seed` (a run's --seed plus the process's rank). numpy's seed
+    is 32-bit, so a seed past 2**32 - 1 (the highest --seed on a process of rank > 0) wraps there."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from age_detect_resnet.cli.common import command_main, user_message
-from age_detect_resnet.data.imdb_wiki import MetaError, build_meta, write_table
+from age_detect_resnet.data.imdb_wiki import SOURCES, MetaError, build_meta, check_output, write_table
+from age_detect_resnet.data.sources import kind_of
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +40,35 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--min-face-score must be a number, not {args.min_face_score}")
 
 
+def other_dataset(data_root: Path) -> str | None:
+    """Why build-meta has nothing to build where `data_root` holds another kind of dataset, as the
+    training commands recognise it (`kind_of`): UTKFace and CSV tables are read as they are."""
+    kind = kind_of(data_root)
+    if kind == "utkface":
+        return (
+            f"{data_root} holds face images and no IMDB-WIKI metadata ({SOURCES['imdb']}, "
+            f"{SOURCES['wiki']}): it looks like UTKFace (AGE_GENDER_RACE_DATE.jpg.chip.jpg), which needs "
+            f"no build-meta; train with --dataset utkface --data-root {data_root}"
+        )
+    if kind == "csv":
+        return (
+            f"{data_root} is a CSV table, which needs no build-meta; train with --dataset csv "
+            f"--data-root {data_root}"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        check_output(args.out)
+        elsewhere = other_dataset(args.data_root)
+        if elsewhere is not None:
+            raise MetaError(elsewhere)
         df, filters = build_meta(args.data_root, min_face_score=args.min_face_score)
+        write_table(df, args.out, data_root=args.data_root, min_face_score=args.min_face_score)
     except MetaError as err:  # the message names the file and what to do
         log.error("%s", user_message(err))
         return 2
-    write_table(df, args.out, data_root=args.data_root, min_face_score=args.min_face_score)
     print(filters.summary(len(df)))
     print(f"wrote {len(df):,} rows to {args.out}")
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 
-from age_detect_resnet.atomic import atomic_path, write_text_atomic
+from age_detect_resnet.atomic import atomic_path, unwritable_reason, write_text_atomic
 from age_detect_resnet.digests import file_digest
 from age_detect_resnet.progress import progress
 
@@ -256,9 +256,22 @@ def build_meta(data_root: Path, *, min_face_score: float | None = None) -> tuple
     return df.reset_index(drop=True), filters
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output path `write_table` cannot write, before the metadata is built (minutes on
+    IMDB): a folder, or a place no file can be made. Found only at the rename, the error would name the
+    temporary file beside it."""
+    out = Path(out)
+    if out.is_dir():
+        raise MetaError(f"--out {out} is a folder: pass the CSV file to write, e.g. --out {out / 'meta.csv'}")
+    reason = unwritable_reason(out.parent)
+    if reason is not None:
+        raise MetaError(f"cannot write --out {out}: {reason}; pass a writable path")
+
+
 def write_table(df: pd.DataFrame, out: Path, *, data_root: Path, min_face_score: float | None = None) -> None:
     """The table, and beside it (`provenance_path`) what it was built from, so that a later command can
     tell a table of this data root from one of another (the table's paths are relative to its root)."""
+    check_output(out)
     with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False)
     record = {"data_root": str(Path(data_root).resolve()), "min_face_score": min_face_score, "rows": len(df)}

@@ -60,11 +60,12 @@ def prepare_splits(data: SplitSettings, *, seed: int) -> PreparedData:
         min_face_score=data.min_face_score,
     )
     removed: dict[str, int] = dict(table.attrs.get("removed", {}))
+    read = len(table)
     table, duplicates = drop_duplicate_images(table, root)
     removed.update(duplicates)
     before = len(table)
     table = filter_age_range(table, data.min_age, data.max_age)
-    removed[f"age outside {data.min_age}-{data.max_age}"] = before - len(table)
+    removed[_age_reason(data)] = before - len(table)
     before = len(table)
     table = limit_classes_to_n(table, data.max_per_age, seed=seed)
     removed[f"over {data.max_per_age} per age"] = before - len(table)
@@ -72,7 +73,7 @@ def prepare_splits(data: SplitSettings, *, seed: int) -> PreparedData:
         removed["over --limit"] = len(table) - data.limit
         table = table.iloc[np.sort(np.random.default_rng(seed).choice(len(table), data.limit, replace=False))]
     if table.empty:
-        raise DataError(f"no images of ages {data.min_age}-{data.max_age} left in {data.data_root}")
+        raise DataError(nothing_left_message(data, read, removed))
     table = table.assign(
         split=assign_splits(
             table, val_fraction=data.val_fraction, test_fraction=data.test_fraction, seed=seed
@@ -86,6 +87,24 @@ def prepare_splits(data: SplitSettings, *, seed: int) -> PreparedData:
         table = table.assign(person_id=None)
     check_no_split_empty(table, data)
     return PreparedData(table.reset_index(drop=True), root, removed)
+
+
+def nothing_left_message(data: SplitSettings, read: int, removed: dict[str, int]) -> str:
+    """Why no image is left to split: how many were read and what removed them, so that the option
+    to change (the age range, above all) is named, not just the empty result. --limit and --max-per-age
+    cannot empty a table: the settings refuse values below 1."""
+    causes = [f"{count:,} {reason}" for reason, count in removed.items() if count]
+    text = f"no images of ages {data.min_age}-{data.max_age} left in {data.data_root}: {read:,} read"
+    if causes:
+        text += f", removed: {', '.join(causes)}"
+    if removed.get(_age_reason(data)):
+        text += f"; widen --min-age {data.min_age} / --max-age {data.max_age}"
+    return text
+
+
+def _age_reason(data: SplitSettings) -> str:
+    """The report's name of the rows the age range removed."""
+    return f"age outside {data.min_age}-{data.max_age}"
 
 
 def check_no_split_empty(table: pd.DataFrame, data: SplitSettings) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -34,6 +35,8 @@ HEADS = ("regression", "bins", "distribution")
 LABEL_SPREADS = ("fixed", "proportional", "capped")  # heads.LABEL_SPREADS (this module does not import torch)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ALIGNMENT_VERSIONS = (1, 2)  # faces.align.ALIGNMENT_VERSIONS (this module does not import OpenCV)
+# The seeds reach numpy (np.random.seed) and pandas (random_state), whose seeds are 32-bit.
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -41,6 +44,8 @@ class ConfigError(ValueError):
 
 
 def _setting(default: Any, help: str, **kwargs: Any) -> Any:
+    """A setting's default and help; `choices`, or a range (`at_least`, `at_most`) that `_check_range`
+    refuses values outside of, config files' as the command line's."""
     return field(default=default, metadata={"help": help, **kwargs})
 
 
@@ -56,7 +61,9 @@ class DataConfig:
     min_face_score: float | None = _setting(None, "imdb-wiki: drop faces scored below this")
     min_age: int = _setting(0, "youngest age kept for training and evaluation (the seed: 10)")
     max_age: int = _setting(100, "oldest age kept for training and evaluation (the seed: 75)")
-    max_per_age: int | None = _setting(5000, "at most this many images per age (balancing); none = no cap")
+    max_per_age: int | None = _setting(
+        5000, "at most this many images per age (balancing); none = no cap", at_least=1
+    )
     balance_by: str | None = _setting(
         None,
         "draw the training faces so that every value of this label column (e.g. ethnicity, gender) has "
@@ -65,7 +72,9 @@ class DataConfig:
     )
     val_fraction: float = _setting(0.1, "share of images (whole persons) in the validation split")
     test_fraction: float = _setting(0.1, "share of images (whole persons) in the test split")
-    limit: int | None = _setting(None, "use at most N images (quick runs), sampled before splitting")
+    limit: int | None = _setting(
+        None, "use at most N images (quick runs), sampled before splitting", at_least=1
+    )
     train_share: float = _setting(
         1.0,
         "train on this share of the training split, drawn within each age after splitting (learning "
@@ -75,6 +84,8 @@ class DataConfig:
         None,
         "seed of the balancing, --limit sample and person-disjoint split (default: --seed); fix it to "
         "train other seeds on one split",
+        at_least=0,
+        at_most=MAX_SEED,
     )
     image_size: int = _setting(224, "square input size in pixels")
     augment: str = _setting(
@@ -127,14 +138,14 @@ class DataConfig:
         "YuNet ONNX file to detect and frame the training faces (default: $AGE_DETECT_YUNET_MODEL, else the "
         "package's copy where the build includes it, else downloaded once)",
     )
-    num_workers: int = _setting(4, "DataLoader worker processes")
+    num_workers: int = _setting(4, "DataLoader worker processes (0 = load in the main process)", at_least=0)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: str = _setting("resnet50", "torchvision backbone", choices=BACKBONES)
     head: str = _setting("regression", "output head", choices=HEADS)
-    hidden_dim: int = _setting(256, "width of the head's hidden layer (seed: 256)")
+    hidden_dim: int = _setting(256, "width of the head's hidden layer (seed: 256)", at_least=1)
     pretrained: bool = _setting(True, "start from ImageNet weights (download, or --weights FILE)")
     weights: str | None = _setting(None, "local ImageNet weights for the backbone (.safetensors or .pth)")
     init: str | None = _setting(
@@ -142,7 +153,9 @@ class ModelConfig:
         "start from a trained age model instead of ImageNet: default (the bundled model), a run folder or "
         "a .safetensors file; its backbone and head replace --backbone/--head",
     )
-    label_sigma: float = _setting(2.0, "distribution head: std (years) of the Gaussian label; 0 = one-hot CE")
+    label_sigma: float = _setting(
+        2.0, "distribution head: std (years) of the Gaussian label; 0 = one-hot CE", at_least=0
+    )
     label_spread: str = _setting(
         "fixed",
         "distribution head: fixed = label_sigma at every age; proportional = label_sigma at 30, "
@@ -150,7 +163,7 @@ class ModelConfig:
         choices=LABEL_SPREADS,
     )
     expectation_weight: float = _setting(
-        0.0, "distribution head: weight of an L1 loss on the expected age (DLDL-v2: 1); 0 = off"
+        0.0, "distribution head: weight of an L1 loss on the expected age (DLDL-v2: 1); 0 = off", at_least=0
     )
     interval: float = _setting(0.8, "distribution head: nominal coverage of the predicted age interval")
 
@@ -160,10 +173,12 @@ class OptimConfig:
     lr: float = _setting(5e-5, "AdamW learning rate (seed: 5e-5)")
     weight_decay: float = _setting(0.01, "AdamW weight decay (PyTorch's default)")
     schedule: str = _setting("constant", "learning-rate schedule", choices=("constant", "cosine"))
-    warmup_epochs: float = _setting(0.0, "linear warm-up length in epochs")
+    warmup_epochs: float = _setting(0.0, "linear warm-up length in epochs", at_least=0)
     age_weighting: bool = _setting(False, "weight the loss by inverse age frequency (helps the rare ages)")
     age_weighting_power: float = _setting(
-        1.0, "--age-weighting: exponent of the inverse frequency (1 = fully inverse, 0.5 = its square root)"
+        1.0,
+        "--age-weighting: exponent of the inverse frequency (1 = fully inverse, 0.5 = its square root)",
+        at_least=0,
     )
     clip_grad_norm: float = _setting(
         0.0, "clip the gradients' total L2 norm to this before each step (0 = off)"
@@ -182,17 +197,21 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = _setting(20, "maximum number of epochs (seed: 20)")
     batch_size: int = _setting(128, "images per optimisation step, summed over processes (seed: 128)")
-    seed: int = _setting(0, "seed for the split, sampling and initialisation")
+    seed: int = _setting(0, "seed for the split, sampling and initialisation", at_least=0, at_most=MAX_SEED)
     out: str | None = _setting(None, "run folder (default: runs/<dataset>-<backbone>-<head>)")
     device: str = _setting("auto", "where to train", choices=("auto", "cpu", "cuda"))
     precision: str = _setting("auto", "auto = bf16 autocast where the hardware has it", choices=PRECISIONS)
     channels_last: bool = _setting(True, "NHWC memory layout (faster convolutions on CPU and GPU)")
     compile: bool = _setting(False, "torch.compile the model")
-    min_delta: float = _setting(1e-5, "stop when the validation loss changes by less than this (seed rule)")
-    patience: int = _setting(0, "stop after this many epochs without a better validation MAE (0 = off)")
+    min_delta: float = _setting(
+        1e-5, "stop when the validation loss changes by less than this (seed rule; 0 = off)", at_least=0
+    )
+    patience: int = _setting(
+        0, "stop after this many epochs without a better validation MAE (0 = off)", at_least=0
+    )
     deterministic: bool = _setting(False, "deterministic kernels and data order (reproducible, slower)")
     tensorboard: bool = _setting(True, "write TensorBoard logs when tensorboard is installed")
-    grid_size: int = _setting(16, "test photos in the prediction grid at the end (0 = none)")
+    grid_size: int = _setting(16, "test photos in the prediction grid at the end (0 = none)", at_least=0)
     norm_batches: int = _setting(
         40,
         "after the last epoch, recompute the best model's batch-norm statistics on this many training "
@@ -261,15 +280,26 @@ def read_config_file(path: Path) -> dict[str, Any]:
         path = recipes()[str(path)]
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (packaged recipes: {', '.join(recipes())})")
+    if path.suffix not in (".json", ".toml"):
+        raise ConfigError(f"config file {path} must end in .toml or .json")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix == ".json":
-            return json.loads(text)
-        if path.suffix == ".toml":
-            return _toml_loads(text)
+        document = json.loads(text) if path.suffix == ".json" else _toml_loads(text)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"cannot parse config file {path}: {err}") from err
-    raise ConfigError(f"config file {path} must end in .toml or .json")
+    return _settings_of(document, path)
+
+
+def _settings_of(document: Any, path: Path) -> dict[str, Any]:
+    """A config file's settings by name; valid JSON that is no object (`[1, 2]`, `null`, a number) holds
+    none, so it is refused naming the file, not read as a mapping (TOML is always a table)."""
+    if isinstance(document, dict):
+        return document
+    raise ConfigError(
+        f"config file {path} must hold an object of settings, by section "
+        f'({{"train": {{"epochs": 5}}}}, as a run\'s config.json) or flat ({{"epochs": 5}}); '
+        f"it holds {json.dumps(document)[:60]}"
+    )
 
 
 def save_config(config: Config, path: Path) -> None:
@@ -289,7 +319,12 @@ def _toml_loads(text: str) -> dict[str, Any]:
 def _merge(values: dict[str, dict[str, Any]], incoming: dict[str, Any], *, source: str) -> None:
     known = setting_fields()
     for key, value in incoming.items():
-        if key in GROUPS and isinstance(value, dict):
+        if key in GROUPS:
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"section '{key}' in {source} must hold settings by name (as [{key}] in TOML), "
+                    f"got {value!r}"
+                )
             _merge(values, value, source=source)
             continue
         name = key.replace("-", "_")
@@ -335,6 +370,24 @@ def _check_photo_shares(data: DataConfig) -> None:
         raise ConfigError(unused)
 
 
+def _check_range(f: dataclasses.Field, value: Any) -> None:
+    """Refuse a number no setting can mean (NaN, infinity: argparse's float() and JSON accept them) or
+    one outside the setting's declared range (`at_least`, `at_most`), naming the option and the range.
+    None (no cap, no limit, the default seed) is no number and is left alone."""
+    if value is None or isinstance(value, bool | str):
+        return
+    name = f.name
+    option = f"--{name.replace('_', '-')}"
+    if not math.isfinite(value):
+        raise ConfigError(f"{option} ({name}) must be a finite number, got {value}")
+    low, high = f.metadata.get("at_least"), f.metadata.get("at_most")
+    if (low is None or value >= low) and (high is None or value <= high):
+        return
+    kind = "a whole number" if isinstance(value, int) else "a number"
+    bounds = f"between {low} and {high}" if high is not None else f"of at least {low}"
+    raise ConfigError(f"{option} ({name}) must be {kind} {bounds}, got {value}")
+
+
 def _validate(config: Config) -> None:
     for group in GROUPS:
         section = getattr(config, group)
@@ -343,6 +396,7 @@ def _validate(config: Config) -> None:
             value = getattr(section, f.name)
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} = {value!r} is not one of {', '.join(map(str, choices))}")
+            _check_range(f, value)
     data, train = config.data, config.train
     if not 0 <= data.min_age <= data.max_age <= 100:
         raise ConfigError(f"need 0 <= min_age <= max_age <= 100, got {data.min_age}..{data.max_age}")
