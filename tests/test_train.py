@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 
@@ -98,7 +97,8 @@ def test_resume_refuses_changed_settings_and_leaves_the_run_as_it_was(utkface_sa
     run = train_tiny(utkface_sample, tmp_path / "run", "--epochs", "1")
     files = ("config.json", "split.csv", "metrics.csv", "last.pt")
     kept = {name: (run / name).read_bytes() for name in files}
-    moved = shutil.copytree(utkface_sample, tmp_path / "copy")
+    moved = tmp_path / "elsewhere"  # a data root without the run's images (one holding them all is a move)
+    moved.mkdir()
     for change, named in [
         (["--image-size", "64"], "--image-size 40 saved, 64 requested"),
         (["--head", "distribution"], "--head 'regression' saved, 'distribution' requested"),

@@ -1,5 +1,6 @@
-"""Interrupted training: a run stopped by Ctrl-C or killed outright continues with --resume to the same
-result as an uninterrupted run; saves are atomic; a diverging run stops and keeps its last good checkpoint."""
+"""Interrupted training: a run stopped by Ctrl-C or SIGTERM or killed outright continues with --resume to
+the same result as an uninterrupted run; saves are atomic; a diverging run stops and keeps its last good
+checkpoint."""
 
 from __future__ import annotations
 
@@ -234,12 +235,39 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
     assert any("at epoch 2, step 2" in r.getMessage() and "--lr" in r.getMessage() for r in caplog.records), (
         caplog.text
     )
+    # --resume keeps the run's --lr: a lower one is a new run, which may start from the kept best model.
+    assert f"kept in {out / 'last.pt'}" in caplog.text and "--resume keeps the run's --lr" in caplog.text
+    assert f"train into a new --out with a lower --lr, from this run's best model with --init {out}" in (
+        caplog.text
+    )
     state = training_state.read_state(out / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     model = checkpoint.load_model(out / "best.safetensors")
     assert model.metadata["epoch"] == 1
     assert len(pd.read_csv(out / "metrics.csv")) == 1
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_sigterm_mid_epoch_keeps_the_last_finished_epoch_as_ctrl_c_does(
+    utkface_sample, tmp_path, monkeypatch, caplog
+):
+    """A cluster scheduler ends a job with SIGTERM: during epoch 2 here. Exit status 143, epoch 1 kept,
+    and the message says how to continue."""
+    real_epoch = training_run.train_one_epoch
+
+    def terminated_in_epoch_2(*args, epoch, **kwargs):
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_epoch(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(training_run, "train_one_epoch", terminated_in_epoch_2)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.ERROR):
+        assert train_main(_train_args(utkface_sample, out, epochs=2)) == 128 + signal.SIGTERM
+    assert f"interrupted by SIGTERM; the last finished epoch is saved in {out / 'last.pt'}" in caplog.text
+    assert "the same command plus --resume" in caplog.text
+    assert _assert_saved_state_is_usable(out) == 1
     assert not list(out.glob(".*.tmp"))
 
 

@@ -8,7 +8,8 @@ The dataset kind is recognised from the folder. An IMDB-WIKI metadata table alre
 data/processed/meta.csv is reused where it was built from this --data-root (and --min-face-score), else
 built again. Without --config, the recipe of the bundled model is used: `--config cpu` without a GPU
 (128 px, aligned faces, photo augmentation, bf16, 4 epochs), since the seed's full-size settings would
-take days on a CPU, and `--config gpu` (224 px, 20 epochs) with one.
+take days on a CPU, and `--config gpu` (224 px, 20 epochs) with one. `--resume` continues the run in
+--out on the data and settings its config.json records.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     train_module.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.resume:
+        return resume(args, argv)
     data_root = Path(args.data_root or "data/raw")
     try:
         args.dataset = args.dataset or guess_dataset(data_root)
@@ -56,6 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = "cpu" if select_device(args.device or "auto").type == "cpu" else "gpu"
         log.info("using the packaged recipe --config %s; pass --config to choose another", recipe)
         args.config = [Path(recipe)]
+    return train_module.run(args, argv, prog="age-detect pipeline")
+
+
+def resume(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """`--resume`: continue the run in --out as `train --resume` does. Its config.json knows its data
+    and recipe, so the data root is not looked for (a --data-root given is checked against the run's,
+    as any setting is), no metadata is built and no packaged recipe is layered over the run's settings:
+    a recipe's epochs or other settings would change the run, or be refused as changes."""
     return train_module.run(args, argv, prog="age-detect pipeline")
 
 

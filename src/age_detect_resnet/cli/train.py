@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from age_detect_resnet.cli.common import command_main, user_errors, user_message
@@ -28,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def config_for_run(args: argparse.Namespace) -> Config:
-    """Defaults, the config file, the command line; on --resume the run's saved config replaces the
-    defaults and file, so a continued run keeps its settings (command-line values still apply)."""
+    """Defaults, the config files, the command line; on --resume the run's saved config replaces the
+    defaults, so a continued run keeps its settings: the config files and the command line still apply
+    over it, alike, and training refuses any of their changes but those a continued run may make."""
     overrides = overrides_from_args(args)
     config = resolve_config(args.config, overrides)
     if "data_root" in overrides and "dataset" not in overrides and config.data.meta is None:
@@ -39,7 +44,7 @@ def config_for_run(args: argparse.Namespace) -> Config:
             config = resolve_config(args.config, overrides)
     saved = RunFolder(config.run_dir()).config
     if args.resume and saved.is_file():
-        config = resolve_config(saved, overrides)
+        config = resolve_config([saved, *(args.config or [])], overrides)
     adopted = adopt_init_architecture(config)
     # A recipe's backbone and head give way to --init's; ones typed beside --init contradict it.
     contradicted = [
@@ -66,13 +71,18 @@ def run(
 ) -> int:
     config = None
     try:
-        config = config_for_run(args)
-        command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
-        train(config, resume=args.resume, progress=not args.no_progress, command=command)
-    except KeyboardInterrupt:
-        log.error("%s", interrupted_message(config, resume=args.resume))
-        return 130
-    except (*user_errors(), NonFiniteLossError) as err:
+        with sigterm_as_interrupt():
+            config = config_for_run(args)
+            command = " ".join([prog, *(argv if argv is not None else sys.argv[1:])])
+            train(config, resume=args.resume, progress=not args.no_progress, command=command)
+    except KeyboardInterrupt as err:
+        if is_main_process():  # under torchrun every process is interrupted: one says so
+            log.error("%s", interrupted_message(config, resume=args.resume, by=err))
+        return 128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT)
+    except NonFiniteLossError as err:
+        log.error("%s", non_finite_message(err, config))
+        return 2
+    except user_errors() as err:
         log.error("%s", user_message(err))
         return 2
     finally:
@@ -80,14 +90,65 @@ def run(
     return 0
 
 
-def interrupted_message(config: Config | None, *, resume: bool) -> str:
-    """What Ctrl-C left: the last finished epoch to continue from (last.pt), or, before the first epoch
-    finished, nothing that --resume could continue."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, as cluster schedulers and `kill` send it, raised where Ctrl-C raises KeyboardInterrupt:
+    either way the last finished epoch is kept and the message says how to continue. The exit status
+    is the shell's for the signal (143; Ctrl-C: 130)."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While training, SIGTERM raises `Terminated` (PyTorch's DataLoader workers, forked with this
+    handler, treat it as the KeyboardInterrupt it is). Only the main thread can set handlers: elsewhere
+    (a caller's thread) SIGTERM keeps its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (its RANK, as training/distributed.py reads it), or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def interrupted_message(config: Config | None, *, resume: bool, by: BaseException | None = None) -> str:
+    """What Ctrl-C or SIGTERM (`by`) left: the last finished epoch to continue from (last.pt), or, before
+    the first epoch finished, nothing that --resume could continue."""
     last = RunFolder(config.run_dir()).last if config is not None else None
+    interrupted = "interrupted by SIGTERM" if isinstance(by, Terminated) else "interrupted"
     if last is None or not last.is_file():
-        return "interrupted before an epoch finished: nothing was saved to resume; run the same command again"
+        return (
+            f"{interrupted} before an epoch finished: nothing was saved to resume; run the same command again"
+        )
     again = "the same command again" if resume else "the same command plus --resume"
-    return f"interrupted; the last finished epoch is saved in {last}: continue with {again}"
+    return f"{interrupted}; the last finished epoch is saved in {last}: continue with {again}"
+
+
+def non_finite_message(err: NonFiniteLossError, config: Config | None) -> str:
+    """Where a diverged run can go on. Before its first epoch finished nothing was kept, and the same
+    command with a lower --lr starts it again. After, its last good epoch is kept, but --resume keeps the
+    run's --lr: a lower one needs a new --out, from the kept best model (--init) or from the start."""
+    what = str(err).split(";")[0]  # the loss, epoch and step (engine.py); its advice is given here
+    run = RunFolder(config.run_dir()) if config is not None else None
+    if run is None or not run.last.is_file():
+        return (
+            f"{what}: no epoch had finished, so nothing was kept; run the same command with a lower --lr, "
+            "or check the data"
+        )
+    return (
+        f"{what}: the last good epoch is kept in {run.last} and {run.best}, but --resume keeps the run's "
+        f"--lr, so train into a new --out with a lower --lr, from this run's best model with --init "
+        f"{run.path} or from the start; or check the data"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ run_folder.py's.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -33,7 +34,7 @@ from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.run_folder import RunFolder, RunFolderError, SavedSplit, lineage, named_in_lineage
 from age_detect_resnet.runtime import autocast_factory, hardware_summary, resolve_precision, seed_everything
 from age_detect_resnet.training.best_statistics import recompute_best_statistics
-from age_detect_resnet.training.config import Config, resolve_config, save_config
+from age_detect_resnet.training.config import Config, ConfigError, resolve_config, save_config
 from age_detect_resnet.training.distributed import Distributed, setup_distributed
 from age_detect_resnet.training.ema import ModelEma
 from age_detect_resnet.training.engine import check_images_read, evaluate, train_one_epoch
@@ -59,8 +60,20 @@ def train(
     dist = setup_distributed(config.train.device)
     run = RunFolder(config.run_dir())
     # Refused before anything is written: a run that cannot start leaves its folder as it was.
+    check_out_folder(run)
+    precision = resolve_precision(config.train.precision, dist.device)  # fp16 on a CPU is refused
     if resume:
         saved_state = state_to_resume(config, run)
+        done = finished(saved_state.get("history", []), config)
+        if done and run.report.is_file():  # the report is written last: nothing is left to do
+            log.info(
+                "%s is finished (%s) and reported in %s: nothing to continue, nothing was changed%s",
+                run.path,
+                done,
+                run.report,
+                "" if done.startswith("stopped early") else "; pass a larger --epochs to train it further",
+            )
+            return saved_test_metrics(run)
     else:
         run.check_new(continue_with="--resume")
     seed_everything(config.train.seed + dist.rank, deterministic=config.train.deterministic)
@@ -72,7 +85,6 @@ def train(
     train_ages = prepared.split("train")["age"].to_numpy(dtype=float)
 
     model = build_model(config, train_ages, dist.device)
-    precision = resolve_precision(config.train.precision, dist.device)
     autocast = autocast_factory(dist.device, precision)
     optimizer = create_optimizer(config, model)
     scheduler = create_scheduler(config, optimizer, optimizer_steps_per_epoch(config, len(loaders["train"])))
@@ -85,6 +97,7 @@ def train(
     )
     if resume:
         state.restore(run.last, saved_state)
+        state.best_mae = saved_best_mae(run, state.best_mae)
         log.info(
             "resuming %s after epoch %d (best validation MAE %.3f)", run.path, state.epoch, state.best_mae
         )
@@ -118,17 +131,66 @@ def train(
     return test_metrics
 
 
+def check_out_folder(run: RunFolder) -> None:
+    """Refuse (RunFolderError) an --out that is a file, or lies under one: no run folder can be made
+    there. The nearest part of the path that exists must be a folder."""
+    for part in (run.path, *run.path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise RunFolderError(
+                    f"--out {run.path}: {part} is a file, not a folder; choose another --out "
+                    "(nothing was changed)"
+                )
+            return
+
+
 def state_to_resume(config: Config, run: RunFolder) -> dict[str, Any]:
     """The saved training state of the run `config` continues, read before anything is written; refused
-    where there is none, or where `config` changes a setting the run was trained with (state.py)."""
+    where there is none, where `config` changes a setting the run was trained with (state.py), or where
+    its --epochs is fewer than the run has done: config.json and the report would then say the run
+    had fewer epochs than its model trained, so a run is not shortened (a larger --epochs extends it)."""
     saved = read_state(run.last)
     if not run.config.is_file():
         raise RunFolderError(
             f"{run.config} does not exist, so {run.last} cannot be continued with the settings it was "
             "trained with; train into a new --out"
         )
-    check_same_settings(resolve_config(run.config), config, run.config)
+    check_same_settings(
+        resolve_config(run.config), config, run.config, split_file=run.split if run.split.is_file() else None
+    )
+    done = int(saved.get("epoch", 0))
+    if config.train.epochs < done:
+        raise ConfigError(
+            f"--epochs {config.train.epochs} is fewer than the {done} epochs {run.path} has trained, and a "
+            f"run cannot be shortened: continue it with --epochs {done} or more, or train into a new --out "
+            "(nothing was changed)"
+        )
     return saved
+
+
+def finished(history: list[dict[str, float]], config: Config) -> str | None:
+    """Why a run with this history has no epoch left to train under `config`: it stopped by its rule
+    (`stopped_early`), or it has trained --epochs epochs; None while it has."""
+    all_done = f"all {config.train.epochs} epochs" if len(history) >= config.train.epochs else None
+    return stopped_early(history, config) or all_done
+
+
+def saved_test_metrics(run: RunFolder) -> dict[str, Any]:
+    """The test metrics of a finished run, as its final test wrote them ({} where unreadable)."""
+    try:
+        return json.loads(run.evaluation.read_text(encoding="utf-8"))["metrics"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def saved_best_mae(run: RunFolder, fallback: float) -> float:
+    """The validation MAE of the run's saved best model, which a continued run's epochs must beat to
+    replace it: the MAE in last.pt is the epoch's, from before the best model's batch-norm statistics
+    were recomputed, and a kept recompute lowered it (`fallback` where no best model is saved)."""
+    if not run.best.is_file():
+        return fallback
+    saved = checkpoint.read_metadata(run.best).get("val_mae")
+    return float(saved) if saved is not None else fallback
 
 
 def split_for_run(config: Config, run: RunFolder, dist: Distributed, *, resume: bool) -> PreparedData:
@@ -219,6 +281,9 @@ def fit(
         if config.optim.age_weighting
         else None
     )
+    already = stopped_early(state.history, config)
+    if already:  # a continued run that its rule stopped is finished: no epoch more
+        return already, 0
     writer = open_tensorboard(config, run) if dist.is_main else None
     main_progress = progress and dist.is_main
     common = {"device": dist.device, "autocast": autocast, "channels_last": config.train.channels_last}
@@ -295,15 +360,22 @@ def fit(
                 for key, value in row.items():
                     if key != "epoch":
                         writer.add_scalar(key, value, epoch)
-        reason = should_stop(state.history, config)
-        if reason:
-            stop_reason = f"stopped early after epoch {epoch}: {reason}"
+        stopped = stopped_early(state.history, config)
+        if stopped:
+            stop_reason = stopped
             log.info("%s", stop_reason)
             break
     dist.barrier()
     if writer is not None:
         writer.close()
     return stop_reason, skipped
+
+
+def stopped_early(history: list[dict[str, float]], config: Config) -> str | None:
+    """Why a run with this history stopped after its last epoch (`should_stop`), or None. Checked on
+    --resume too: a run that its rule stopped stays stopped, rather than train one epoch more each time."""
+    reason = should_stop(history, config) if history else None
+    return f"stopped early after epoch {int(history[-1]['epoch'])}: {reason}" if reason else None
 
 
 def should_stop(history: list[dict[str, float]], config: Config) -> str | None:

@@ -10,6 +10,7 @@ report and model say what was really trained.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from pathlib import Path
@@ -23,6 +24,8 @@ from age_detect_resnet.modeling.checkpoint import ModelFileError
 from age_detect_resnet.modeling.model import AgeModel
 from age_detect_resnet.training.config import Config, ConfigError, setting_fields
 from age_detect_resnet.training.ema import ModelEma
+
+log = logging.getLogger(__name__)
 
 # The settings a continued run may change: the number of epochs (a run is resumed with another --epochs
 # to fit a session), and those that say where and how it runs but not what it learns or measures (the
@@ -135,20 +138,63 @@ class TrainingState:
             ) from err
 
 
-def check_same_settings(saved: Config, requested: Config, config_file: Path) -> None:
+# Settings that name a file or folder: the same place however it is written (a trailing slash, a
+# relative path), compared resolved.
+PATH_SETTINGS = frozenset({"data_root", "meta", "weights"})
+
+
+def check_same_settings(
+    saved: Config, requested: Config, config_file: Path, *, split_file: Path | None = None
+) -> None:
     """Refuse (ConfigError) to continue the run of `config_file` (its settings `saved`) with `requested`
-    where a setting not in FREE_ON_RESUME differs; each is named with both values."""
+    where a setting not in FREE_ON_RESUME differs; each is named with both values. Paths are compared as
+    the places they name; a --data-root elsewhere is accepted where it holds every image of the run's
+    `split_file` (the dataset moved): those images, by name, are what the run trains on."""
     changed = []
     for name, (group, _) in setting_fields().items():
         before, now = getattr(getattr(saved, group), name), getattr(getattr(requested, group), name)
-        if name not in FREE_ON_RESUME and before != now:
-            changed.append(f"--{name.replace('_', '-')} {before!r} saved, {now!r} requested")
+        if name in FREE_ON_RESUME or same_setting(name, before, now):
+            continue
+        if name == "data_root" and split_file is not None:
+            missing = images_missing(split_file, requested)
+            if not missing:
+                log.info(
+                    "the run's images are all in %s now (they were in %s): continuing there", now, before
+                )
+                continue
+            changed.append(
+                f"--data-root {before!r} saved, {now!r} requested (it lacks {len(missing):,} of the run's "
+                f"images in {split_file.name}, e.g. {missing[0]})"
+            )
+            continue
+        changed.append(f"--{name.replace('_', '-')} {before!r} saved, {now!r} requested")
     if changed:
         raise ConfigError(
             f"--resume continues the run of {config_file} with the settings it was trained with, but these "
             f"differ: {'; '.join(changed)}. Rerun without changing them (--epochs and options such as "
             "--num-workers may change), or train into a new --out (nothing was changed)"
         )
+
+
+def same_setting(name: str, before: Any, now: Any) -> bool:
+    """Whether a setting's saved and requested values are the same: for a path, the same place."""
+    if before == now:
+        return True
+    if name in PATH_SETTINGS and before is not None and now is not None:
+        return Path(before).resolve() == Path(now).resolve()
+    return False
+
+
+def images_missing(split_file: Path, requested: Config) -> list[str]:
+    """The images of a run's split (split.csv, paths relative to the dataset's folder) that are not
+    under the data root of `requested`."""
+    import pandas as pd
+
+    from age_detect_resnet.data.sources import image_root
+
+    root = image_root(requested.data.dataset, Path(requested.data.data_root))
+    paths = pd.read_csv(split_file, usecols=["path"], dtype={"path": str})["path"]
+    return [path for path in paths if not (root / path).is_file()]
 
 
 def rng_state() -> dict[str, Any]:
@@ -185,6 +231,26 @@ def read_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFileError(f"nothing to resume: {path} does not exist (start without --resume)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle refusals and corrupt archives raise many types
-        raise ModelFileError(f"{path} is not a training state this project wrote ({err})") from err
+        raise ModelFileError(
+            f"{path} is not a training state this project wrote ({err}); {way_on(path)}"
+        ) from err
+    if not isinstance(state, dict):
+        raise ModelFileError(
+            f"{path} is not a training state this project wrote (it holds a {type(state).__name__}); "
+            f"{way_on(path)}"
+        )
+    return state
+
+
+def way_on(path: Path) -> str:
+    """What to do with a run whose training state `path` cannot be read: it cannot be continued, and a
+    new run into its folder is refused while the run's files are there (RunFolder.check_new)."""
+    best = path.with_name("best.safetensors")
+    start = f"from its best model with --init {path.parent} or afresh" if best.is_file() else "afresh"
+    kept = f"{path.name} and {best.name}" if best.is_file() else path.name
+    return (
+        f"the run cannot be continued: train into a new --out, {start}; or, to start over in "
+        f"{path.parent}, move {kept} out of it"
+    )
