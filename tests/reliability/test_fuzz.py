@@ -12,6 +12,7 @@ import csv
 import datetime as dt
 import io
 import math
+import os
 import struct
 import tempfile
 import zlib
@@ -299,7 +300,9 @@ def _usable_age(text: str) -> float | None:
 
 @FUZZ
 @given(rows=st.lists(st.tuples(path_cells, age_cells), max_size=15))
-def test_csv_keeps_exactly_the_rows_with_a_path_and_a_numeric_age(tmp_path, rows):
+def test_csv_keeps_exactly_the_rows_with_a_path_and_a_numeric_age_once(tmp_path, rows):
+    """Rows with a path and a numeric age are kept, each image once: a repeated row is dropped, and every
+    row of an image listed with ages that disagree (which is right cannot be told)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "age"])
@@ -311,7 +314,16 @@ def test_csv_keeps_exactly_the_rows_with_a_path_and_a_numeric_age(tmp_path, rows
     except CsvTableError as err:
         assert not rows and "not a readable CSV" in str(err)  # a header alone has no data to read
         return
-    expected = [(p, _usable_age(a)) for p, a in rows if p and _usable_age(a) is not None]
+    usable = [(p, _usable_age(a)) for p, a in rows if p and _usable_age(a) is not None]
+    place = {p: os.path.normpath(tmp_path / p) for p, _ in usable}  # the file a path names
+    ages_of: dict[str, set[float]] = {}
+    for p, age in usable:
+        ages_of.setdefault(place[p], set()).add(age)
+    seen, expected = set(), []
+    for p, age in usable:
+        if len(ages_of[place[p]]) == 1 and place[p] not in seen:
+            seen.add(place[p])
+            expected.append((p, age))
     assert list(zip(df["path"], df["age"].astype(float), strict=True)) == expected
 
 
