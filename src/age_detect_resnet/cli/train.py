@@ -4,6 +4,7 @@ MAE, evaluate it on the test split, write the report. The run itself is training
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from age_detect_resnet.training.config import (
 )
 from age_detect_resnet.training.distributed import cleanup_distributed
 from age_detect_resnet.training.engine import NonFiniteLossError
-from age_detect_resnet.training.models import adopt_init_architecture
+from age_detect_resnet.training.models import adopt_init_architecture, recorded_init
 from age_detect_resnet.training.run import train
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ log = logging.getLogger(__name__)
 def config_for_run(args: argparse.Namespace) -> Config:
     """Defaults, the config files, the command line; on --resume the run's saved config replaces the
     defaults, so a continued run keeps its settings: the config files and the command line still apply
-    over it, alike, and training refuses any of their changes but those a continued run may make."""
+    over it, alike, and training refuses any of their changes but those a continued run may make.
+    A new run with --init takes that model's architecture (`adopt_init_architecture`); a continued one
+    has it in config.json already, and last.pt its weights, so it never reads its start, which may have
+    moved since (`same_init_as_saved`)."""
     overrides = overrides_from_args(args)
     config = resolve_config(args.config, overrides)
     if "data_root" in overrides and "dataset" not in overrides and config.data.meta is None:
@@ -43,8 +47,11 @@ def config_for_run(args: argparse.Namespace) -> Config:
             overrides["dataset"] = found
             config = resolve_config(args.config, overrides)
     saved = RunFolder(config.run_dir()).config
-    if args.resume and saved.is_file():
+    if args.resume:
+        if not saved.is_file():  # training says what is missing
+            return config
         config = resolve_config([saved, *(args.config or [])], overrides)
+        return same_init_as_saved(config, resolve_config(saved))
     adopted = adopt_init_architecture(config)
     # A recipe's backbone and head give way to --init's; ones typed beside --init contradict it.
     contradicted = [
@@ -58,6 +65,17 @@ def config_for_run(args: argparse.Namespace) -> Config:
             f"{' and '.join(contradicted)} cannot apply: leave it out, or train from ImageNet without --init"
         )
     return adopted
+
+
+def same_init_as_saved(config: Config, saved: Config) -> Config:
+    """`config` with the run's saved --init where the one it has (typed again, perhaps as another path to
+    the same place) names the same model: config.json records it absolute (`recorded_init`), so a
+    relative --init typed beside --resume is not taken for a change. Another model stays, for training
+    to refuse as a change (training/state.py)."""
+    typed, kept = config.model.init, saved.model.init
+    if typed is None or kept is None or typed == kept or recorded_init(typed) != recorded_init(kept):
+        return config
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, init=kept))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,8 +2,8 @@
 
     age-detect compare runs/utkface-resnet50-regression runs/utkface-resnet50-distribution ...
 
-Every number comes from the runs' own files (run.json, evaluation.json, config.json); the command is
-cli/compare.py.
+Every number comes from the runs' own files (run.json, evaluation.json, config.json, best.json); the
+command is cli/compare.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from age_detect_resnet.run_folder import RunFolder
 
 
 class RunReadError(ValueError):
@@ -28,7 +30,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     if missing:
         raise RunReadError(f"{run_dir} is not a finished run (missing {', '.join(missing)})")
 
-    def read(name: str) -> dict[str, Any]:
+    def read(name: str, *, optional: bool = False) -> dict[str, Any]:
+        if optional and not (run_dir / name).is_file():
+            return {}
         try:
             data = json.loads((run_dir / name).read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
@@ -43,9 +47,19 @@ def load_run(run_dir: Path) -> dict[str, Any]:
             "run": read("run.json"),
             "metrics": read("evaluation.json")["metrics"],
             "config": read("config.json"),
+            "model": read(RunFolder(run_dir).best.with_suffix(".json").name, optional=True),
         }
     except KeyError as err:
         raise RunReadError(f"{run_dir}'s evaluation.json has no {err} entry; {AGAIN}") from err
+
+
+def saved_val_mae(run: dict[str, Any]) -> float:
+    """The validation MAE of the model the run kept, the one its test MAE is of: best.json's, measured
+    after the best epoch's batch-norm statistics were recomputed (a kept recompute lowers it). run.json's
+    `best_val_mae` is the best epoch's, from before that recompute: used only where best.json records
+    none."""
+    saved = run.get("model", {}).get("val_mae")
+    return float(saved) if isinstance(saved, int | float) else float(run["run"]["best_val_mae"])
 
 
 def interval_level(run: dict[str, Any]) -> float | None:
@@ -105,7 +119,7 @@ def comparison_table(runs: Sequence[dict[str, Any]]) -> str:
             str(c["data"]["image_size"]),
             str(info["epochs_run"]),
             f"{info['wall_time'] / 60:.0f} min",
-            f"{info['best_val_mae']:.2f}",
+            f"{saved_val_mae(r):.2f}",
             f"**{m['mae']:.2f}**",
             f"{m['count']:,}" if "count" in m else "-",
             f"{m['rmse']:.2f}",

@@ -82,20 +82,45 @@ def check_batch(
 def run_split_images(
     model_path: Path, split: str = "test", *, limit: int = 32, data_root: Path | None = None
 ) -> dict[Path, float]:
-    """Up to `limit` images of a split the model was trained with (its run's, or the bundled model's),
-    with their ages, where its data is on this machine (in `data_root`, else where the run found it; the
-    bundled model's split knows no folder): the default check is then on labelled real faces the model
-    never trained on."""
+    """`labelled_split_images`, or none where they are not on this machine: an export's check then falls
+    back to other images (the reason is logged at debug level)."""
     try:
-        saved = SavedSplit.of(model_path)
-        if saved is None:
-            return {}
-        rows = (prepared := saved.load(data_root)).split(split)
-        labelled = [(prepared.root / p, float(a)) for p, a in zip(rows["path"], rows["age"], strict=True)]
+        return labelled_split_images(model_path, split, limit=limit, data_root=data_root)
     except (OSError, RunFolderError, KeyError, ValueError) as err:  # not this machine's data
         log.debug("no %s images of %s: %s", split, model_path, err)
         return {}
-    return {path: age for path, age in evenly_spaced(labelled, limit) if path.is_file()}
+
+
+def labelled_split_images(
+    model_path: Path, split: str = "test", *, limit: int = 32, data_root: Path | None = None
+) -> dict[Path, float]:
+    """Up to `limit` images of a split the model was trained with (its run's, or the bundled model's),
+    with their ages, where its data is on this machine (in `data_root`, else where the run found it; the
+    bundled model's split knows no folder): labelled real faces the model never trained on. Where there
+    are none, a RunFolderError says why (no split, no such images, none of them in the folder), for a
+    check that needs them (scripts/bundle_model.py)."""
+    saved = SavedSplit.of(model_path)
+    if saved is None:
+        raise RunFolderError(f"{model_path} has no saved split (split.csv): its {split} images are unknown")
+    try:
+        prepared = saved.load(data_root)
+        rows = prepared.split(split)
+        labelled = [(prepared.root / p, float(a)) for p, a in zip(rows["path"], rows["age"], strict=True)]
+    except RunFolderError:  # no data root: it says what to pass
+        raise
+    except (OSError, KeyError, ValueError) as err:
+        raise RunFolderError(
+            f"the {split} images of {saved.owner} cannot be listed from {saved.path} ({err})"
+        ) from err
+    if not labelled:
+        raise RunFolderError(f"{saved.owner} has no {split} images in {saved.path}")
+    found = {path: age for path, age in evenly_spaced(labelled, limit) if path.is_file()}
+    if not found:
+        raise RunFolderError(
+            f"none of the {split} images of {saved.owner} are in {prepared.root} (e.g. "
+            f"{labelled[0][0].name}): pass --data-root with the folder of its {saved.dataset} images"
+        )
+    return found
 
 
 @torch.inference_mode()

@@ -13,25 +13,30 @@ import torch
 
 from age_detect_resnet.data.splits import PreparedData
 from age_detect_resnet.modeling import checkpoint
+from age_detect_resnet.modeling.bundled import is_default
 from age_detect_resnet.modeling.ensemble import AgeEnsemble, main_member
 from age_detect_resnet.modeling.model import AgeModel, create_model
-from age_detect_resnet.training.config import Config
+from age_detect_resnet.training.config import Config, ConfigError
 from age_detect_resnet.training.loaders import cache_alignment
 
 log = logging.getLogger(__name__)
 
 
-def build_model(config: Config, train_ages: np.ndarray, device: torch.device) -> AgeModel:
-    """The model to train, on `device` (channels_last when configured)."""
+def build_model(
+    config: Config, train_ages: np.ndarray, device: torch.device, *, resume: bool = False
+) -> AgeModel:
+    """The model to train, on `device` (channels_last when configured). On `resume` only its
+    architecture (config.json's, which holds --init's): last.pt restores every weight, so a continued
+    run needs neither its start (an --init model moved or deleted since) nor ImageNet weights."""
     m = config.model
     model = (
         start_from_trained(config, device)
-        if m.init
+        if m.init and not resume
         else create_model(
             m.backbone,
             m.head,
-            pretrained=m.pretrained,
-            weights=Path(m.weights) if m.weights else None,
+            pretrained=m.pretrained and not resume,
+            weights=Path(m.weights) if m.weights and not resume else None,
             hidden_dim=m.hidden_dim,
             init_age=float(train_ages.mean()),
             min_age=config.data.min_age,
@@ -74,15 +79,29 @@ def start_from_trained(config: Config, device: torch.device) -> AgeModel:
     return model
 
 
+def recorded_init(init: str) -> str:
+    """--init as a run records it (config.json, best.json): `default` (the bundled model) as it is, a
+    path resolved to an absolute one, so that the run's lineage is found from any working folder."""
+    return init if is_default(init) else str(Path(init).resolve())
+
+
 def adopt_init_architecture(config: Config) -> Config:
     """With --init, the backbone and head settings are the trained model's, so config.json says what
-    was really trained; without it, `config` unchanged."""
+    was really trained, and --init is recorded as `recorded_init`; without it, `config` unchanged.
+
+    A bins head's classes are the age range it was trained for: a run over another --min-age/--max-age
+    is refused (ConfigError), not adapted. Adopting the head's range would silently change which faces
+    the run trains and is tested on (and overrule a range typed or set by a recipe); keeping the run's
+    would clamp every age outside the head's range into its end bins and score them as placed. The
+    other heads carry no range (distribution: ages 0-100; regression: any), so any range fits them."""
     if not config.model.init:
         return config
-    description = checkpoint.read_metadata(checkpoint.resolve_model_path(config.model.init))["model"]
+    init = recorded_init(config.model.init)
+    description = checkpoint.read_metadata(checkpoint.resolve_model_path(init))["model"]
     if "members" in description:  # an ensemble: its main member is what training starts from
         description = description["members"][main_member(description)]
     head = description["head"]
+    check_head_age_range(config, head)
     adopted = {
         "backbone": description["backbone"],
         "head": head["kind"],
@@ -95,7 +114,21 @@ def adopt_init_architecture(config: Config) -> Config:
     changed = {k: v for k, v in adopted.items() if getattr(config.model, k) != v}
     if changed:
         log.info("--init %s sets %s", config.model.init, ", ".join(f"{k}={v}" for k, v in changed.items()))
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, **adopted))
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, init=init, **adopted))
+
+
+def check_head_age_range(config: Config, head: dict[str, Any]) -> None:
+    """Refuse (ConfigError) to fine-tune a head whose classes cover another age range than the run's
+    --min-age/--max-age (see `adopt_init_architecture`: only bins heads have one)."""
+    if "min_age" not in head or "max_age" not in head:
+        return
+    covered, kept = (head["min_age"], head["max_age"]), (config.data.min_age, config.data.max_age)
+    if covered != kept:
+        raise ConfigError(
+            f"--init {config.model.init} has a {head['kind']} head for ages {covered[0]}-{covered[1]}, but "
+            f"this run keeps ages {kept[0]}-{kept[1]}: pass --min-age {covered[0]} --max-age {covered[1]}, "
+            f"or train a {head['kind']} head for {kept[0]}-{kept[1]} without --init"
+        )
 
 
 def model_metadata(
@@ -121,5 +154,5 @@ def model_metadata(
                 k: v for k, v in aligned_counts.items() if k in ("faces_found", "no_face_median_landmarks")
             }
     if config.model.init:
-        metadata["init"] = config.model.init
+        metadata["init"] = recorded_init(config.model.init)
     return metadata

@@ -84,7 +84,7 @@ def train(
     loaders, train_sampler = build_loaders(prepared, config, dist)
     train_ages = prepared.split("train")["age"].to_numpy(dtype=float)
 
-    model = build_model(config, train_ages, dist.device)
+    model = build_model(config, train_ages, dist.device, resume=resume)
     autocast = autocast_factory(dist.device, precision)
     optimizer = create_optimizer(config, model)
     scheduler = create_scheduler(config, optimizer, optimizer_steps_per_epoch(config, len(loaders["train"])))
