@@ -80,13 +80,31 @@ def test_box_framed_runs_of_one_recipe_average_though_their_measured_margins_dif
     first, second = _framed(0, crop={"margins": MARGINS}), _framed(1, crop={"margins": near})
     assert average_models([first, second]).metadata["crop"]["margins"] == near  # one set: the last model's
     AgeEnsemble([first, second])  # the ensemble's check is the same one
-    far = {**MARGINS, "top": 0.25}
-    for other in (_framed(1, crop={"margins": far}), _framed(1, alignment=ALIGNMENT)):
-        with pytest.raises(AveragingError, match="size or framing"):
-            average_models([first, other])
+    far = {**MARGINS, "top": 0.25, "left": 0.405}  # left within the tolerance: not named
+    # The message names what differs: the margins beyond the tolerance with their values, or the framing.
+    for other, difference in (
+        (
+            _framed(1, crop={"margins": far}),
+            "b's crop margins top 0.2500 against a's 0.4000 (fractions of the "
+            "detector box) are more than the tolerance of 0.01 apart",
+        ),
+        (
+            _framed(1, alignment=ALIGNMENT),
+            "b's faces are aligned by five landmarks and a's cut from the detector box",
+        ),
+        (_model(1, image_size=64), "b takes 64 px faces and a 40 px"),
+    ):
+        with pytest.raises(AveragingError, match="size or framing") as refused:
+            average_models([first, other], names=["a", "b"])
+        assert difference in str(refused.value)
     moved = {**ALIGNMENT, "template": [[0.3, 0.41], [0.7, 0.4]]}
-    with pytest.raises(AveragingError, match="size or framing"):
+    with pytest.raises(AveragingError, match="aligned onto other landmark templates"):
         average_models([_framed(0, alignment=ALIGNMENT), _framed(1, alignment=moved)])
+    with pytest.raises(AveragingError, match="b is aligned by version 2 and a by version 1"):
+        average_models(
+            [_framed(0, alignment=ALIGNMENT), _framed(1, alignment={**ALIGNMENT, "version": 2})],
+            names=["a", "b"],
+        )
 
 
 def test_an_ensemble_is_refused_with_how_to_write_out_a_member():
@@ -153,6 +171,9 @@ def test_average_writes_a_calibrated_run_folder_that_evaluates_like_any_run(utkf
     assert not torch.equal(model.state_dict()[norm], plain.state_dict()[norm])
     # The sources, the calibration run's split (the last one given), the validation MAE and interval.
     assert_combined_run(out, model, "averaged_from", [first, second], [0.5, 0.5])
+    # Each source recorded by its absolute path: its lineage is found from any working folder.
+    recorded = [source["model"] for source in model.metadata["averaged_from"]]
+    assert recorded == [str(first.resolve()), str((second / "best.safetensors").resolve())]
     assert evaluate_main(["--model", str(out), "--out", str(tmp_path / "test"), "--num-workers", "0"]) == 0
 
     # An existing model is never overwritten; loose files need --calibrate-on.
@@ -283,3 +304,46 @@ def test_test_time_views_turn_and_zoom_the_crop_about_its_centre():
     for bad in ("6", "a:1", "0:0"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"DEGREES:ZOOM|above 0"):
             views.parse_views(bad)
+
+
+def test_a_calibration_run_on_other_faces_than_the_models_is_refused(tiny_run, tmp_path, caplog):
+    """Its training faces would recompute the average's batch-norm statistics on crops it never takes,
+    and its config.json, the result's, would describe other faces than best.json."""
+    from age_detect_resnet.cli.ensemble import main as ensemble_main
+
+    larger = shutil.copytree(tiny_run, tmp_path / "larger")
+    for name in ("config.json", "best.json"):
+        settings = json.loads((larger / name).read_text())
+        (settings["data"] if name == "config.json" else settings)["image_size"] = 48
+        (larger / name).write_text(json.dumps(settings))
+    out = tmp_path / "out"
+    assert average_main([str(tiny_run), "--calibrate-on", str(larger), "--out", str(out)]) == 2
+    assert f"--calibrate-on {larger} was trained on other faces than the models" in caplog.text
+    assert f"the combined model takes 40 px faces and {larger} 48 px" in caplog.text and not out.exists()
+    reframed = shutil.copytree(tiny_run, tmp_path / "reframed")
+    metadata = json.loads((reframed / "best.json").read_text())
+    margins = metadata["crop"]["margins"]
+    metadata["crop"]["margins"] = {**margins, "top": margins["top"] + 0.05}
+    (reframed / "best.json").write_text(json.dumps(metadata))
+    models = [str(tiny_run), str(tiny_run), "--calibrate-on", str(reframed), "--out", str(out)]
+    assert ensemble_main(models) == 2
+    assert f"the combined model's crop margins top {margins['top']:.4f} against {reframed}'s" in caplog.text
+    assert not out.exists()
+    # A calibration folder of config.json and split.csv only: its settings say its faces.
+    from age_detect_resnet.run_folder import RunFolder
+    from age_detect_resnet.training.combined_run import check_calibration_faces
+    from age_detect_resnet.training.config import ConfigError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "split.csv"):
+        shutil.copyfile(tiny_run / name, bare / name)
+    metadata = checkpoint.read_metadata(tiny_run)
+    check_calibration_faces(metadata, RunFolder(bare))
+    settings = json.loads((bare / "config.json").read_text())
+    settings["data"]["align"] = True
+    (bare / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(
+        ConfigError, match=f"cut from the detector box and {bare}'s aligned by five landmarks"
+    ):
+        check_calibration_faces(metadata, RunFolder(bare))

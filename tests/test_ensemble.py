@@ -300,3 +300,21 @@ def test_a_member_made_from_a_model_that_saw_the_held_out_faces_is_refused(tiny_
     config["model"]["init"] = looped
     (tmp_path / "looped" / "config.json").write_text(json.dumps(config))
     assert lineage(looped) == [looped]
+
+
+def test_ensemble_prints_the_members_it_runs_with_their_real_weights(tiny_run, tmp_path, capsys):
+    """An ensemble given as a MODEL is taken apart: the members printed are those run, weights multiplied."""
+    first = tmp_path / "first"
+    common = ["--num-workers", "0"]
+    assert (
+        ensemble_main([str(tiny_run), str(tiny_run), "--weights", "3,1", "--out", str(first), *common]) == 0
+    )
+    capsys.readouterr()
+    assert ensemble_main([str(first), "--mirror", "--out", str(tmp_path / "alone"), *common]) == 0
+    members = f"{first} member 1 (mobilenet_v2): 0.750; {first} member 2 (mobilenet_v2): 0.250"
+    assert f"ensemble of 2 members ({members}; each face and its mirror image) in" in capsys.readouterr().out
+    assert ensemble_main([str(first), str(tiny_run), "--out", str(tmp_path / "more"), *common]) == 0
+    members = (
+        f"{first} member 1 (mobilenet_v2): 0.375; {first} member 2 (mobilenet_v2): 0.125; {tiny_run}: 0.500"
+    )
+    assert f"ensemble of 3 members ({members}) in" in capsys.readouterr().out

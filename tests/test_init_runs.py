@@ -38,9 +38,9 @@ def test_init_is_recorded_as_the_place_it_names(tiny_run, tmp_path, monkeypatch)
     assert json.loads((run / "config.json").read_text())["model"]["init"] == start
     assert json.loads((run / "best.json").read_text())["init"] == start
     assert _config("--out", str(run), "--resume", "--init", "start").model.init == start
-    from age_detect_resnet.training.models import recorded_init
+    from age_detect_resnet.run_folder import recorded_path
 
-    assert recorded_init("default") == "default"  # the bundled model stays recorded by its name
+    assert recorded_path("default") == "default"  # the bundled model stays recorded by its name
 
 
 def test_a_fine_tuned_run_continues_after_its_start_moved(tiny_run, tmp_path, caplog):

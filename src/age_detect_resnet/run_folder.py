@@ -19,10 +19,12 @@ for the bundled model the copy of its run's split shipped beside it.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -134,23 +136,67 @@ class RunFolder:
         """The [data] section of config.json ({} where it has none)."""
         return self.saved_config.get("data", {})
 
+    @property
+    def data_root(self) -> Path:
+        """Where the run's data is: config.json's data_root (RunFolderError where it names none). One
+        recorded relative, as typed to training, is the first of its `places` that exists; where none
+        does, the recorded path as it is (the caller's message names it)."""
+        try:
+            recorded = Path(self.data_settings["data_root"])
+        except (KeyError, TypeError) as err:
+            raise RunFolderError(f"{self.config} names no dataset and data root") from err
+        return next((place for place in self.places(recorded) if place.exists()), recorded)
+
+    @property
+    def made_in(self) -> Path | None:
+        """The folder the run's training command ran in, where known: config.json records --out as typed,
+        and a relative one that this folder's path still ends with gives it. None where --out was
+        absolute, the folder was moved or renamed since, or the settings are another run's (an average's or
+        ensemble's are its calibration run's)."""
+        try:
+            out = self.saved_config.get("train", {}).get("out")
+        except RunFolderError:
+            return None
+        if not isinstance(out, str) or not out or Path(out).is_absolute():
+            return None
+        parts = Path(os.path.normpath(out)).parts
+        here = self.path.resolve()
+        if ".." in parts or here.parts[-len(parts) :] != parts:
+            return None
+        return here.parents[len(parts) - 1]
+
+    def places(self, recorded: Path | str) -> list[Path]:
+        """Where a path this run recorded may be: itself where absolute. A relative one (an older run's
+        --init, a data root as typed) was relative to the folder its command ran in: from `made_in` where
+        known, then, as it is read elsewhere, from the current folder, then from each folder above the
+        run's, nearest first (runs are made beside it, or as runs/NAME); each place once."""
+        path = Path(recorded)
+        if path.is_absolute():
+            return [path]
+        places: list[Path] = []
+        for folder in (self.made_in, Path.cwd(), *self.path.resolve().parents):
+            place = Path(os.path.normpath(folder / path)) if folder is not None else None
+            if place is not None and place not in places:
+                places.append(place)
+        return places
+
     def saved_split(self) -> SavedSplit:
-        """The run's split.csv, of the dataset config.json names (RunFolderError where either is missing)."""
+        """The run's split.csv, of the dataset config.json names (RunFolderError where either is missing),
+        its images where `data_root` finds them."""
         if not self.split.is_file():
             raise RunFolderError(f"{self.split} does not exist: the run saved no split")
-        data = self.data_settings
-        try:
-            return SavedSplit(self.split, data["dataset"], Path(data["data_root"]), str(self.path))
-        except KeyError as err:
-            raise RunFolderError(f"{self.config} names no dataset and data root") from err
+        if "dataset" not in self.data_settings:
+            raise RunFolderError(f"{self.config} names no dataset and data root")
+        return SavedSplit(self.split, self.data_settings["dataset"], self.data_root, str(self.path))
 
-    def made_from(self) -> list[str]:
+    def made_from(self) -> list[Source]:
         """The models this run's model was made from, as recorded: its `--init` (config.json) and the
-        models it averages or ensembles (best.json); [] for a run started from ImageNet."""
+        models it averages or ensembles (best.json); [] for a run started from ImageNet. Each is found as
+        `find_source` finds it."""
         sources = []
         init = self.saved_config.get("model", {}).get("init")
         if init:
-            sources.append(str(init))
+            sources.append(self.find_source(str(init)))
         try:
             metadata = json.loads(self.best.with_suffix(".json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -159,8 +205,79 @@ class RunFolder:
             entries = metadata.get(key) if isinstance(metadata, dict) else None
             for entry in entries if isinstance(entries, list) else []:
                 if isinstance(entry, dict) and entry.get("model"):
-                    sources.append(str(entry["model"]))
+                    sources.append(self.find_source(str(entry["model"]), sha256=entry.get("sha256")))
         return sources
+
+    def find_source(self, recorded: str, *, sha256: str | None = None) -> Source:
+        """The model this run recorded as made from as `recorded`: `default` and an absolute path as they
+        are. A relative one (runs recorded them as typed) is the first of its `places` that holds that
+        very model, so that a folder of the same name elsewhere is not taken for it: the SHA-256 where
+        one was recorded (averaged_from, ensemble_of); for an --init, which records none, the run's own
+        backbone and head (training takes the start's), which a wrong folder may share, so that one found
+        elsewhere than `made_in` comes with a doubt. Where none is that model, the Source has no path and
+        says why."""
+        from age_detect_resnet.modeling.bundled import is_default
+
+        if is_default(recorded) or Path(recorded).is_absolute():
+            return Source(recorded, recorded)
+        where = f"recorded relative to the folder {self.path} was made in"
+        places = self.places(recorded)
+        fitting, reasons = [], []
+        for place in places:
+            if not place.exists():
+                continue
+            reason = self._not_the_source(place, sha256)
+            if reason is None:
+                fitting.append(place)
+            else:
+                reasons.append(f"{place} is {reason}")
+        certain = sha256 or (self.made_in is not None and fitting[:1] == places[:1])
+        if fitting and certain:
+            return Source(recorded, str(fitting[0]))
+        if fitting:
+            others = f" ({', '.join(map(str, fitting[1:]))} would fit too)" if len(fitting) > 1 else ""
+            return Source(
+                recorded,
+                str(fitting[0]),
+                f"is {where}, which is not known: {fitting[0]} is taken for it, as it has the run's backbone "
+                f"and head{others}",
+            )
+        if not reasons:
+            return Source(
+                recorded,
+                None,
+                (
+                    f"is {where}, and is not found from there (where known), the current folder or a folder "
+                    "above the run"
+                ),
+            )
+        return Source(recorded, None, f"is {where}, and not found: {'; '.join(reasons)}")
+
+    def _not_the_source(self, place: Path, sha256: str | None) -> str | None:
+        """Why the model at `place` is not the one this run recorded as made from (`find_source`), or None."""
+        from age_detect_resnet.modeling.checkpoint import read_metadata
+        from age_detect_resnet.modeling.ensemble import main_member
+
+        try:
+            metadata = read_metadata(place)
+        except (ValueError, OSError):  # ModelFileError: no model of this project
+            return "no model of this project"
+        if sha256:
+            return None if metadata.get("sha256") == sha256 else "another model (not the SHA-256 recorded)"
+        start = metadata.get("model", {})
+        if "members" in start:  # an ensemble: training started from its main member
+            start = start["members"][main_member(start)]
+        trained = self.saved_config.get("model", {})
+        kind = start.get("head", {}).get("kind") if isinstance(start.get("head"), dict) else None
+        if trained.get("backbone") and (start.get("backbone"), kind) != (
+            trained["backbone"],
+            trained.get("head"),
+        ):
+            return (
+                f"a {start.get('backbone')} with a {kind} head, and {self.path} fine-tuned a "
+                f"{trained['backbone']} with a {trained.get('head')} head"
+            )
+        return None
 
     def load_split(self) -> PreparedData:
         """The run's images with their splits, rooted where config.json says its data lives."""
@@ -219,13 +336,56 @@ class SavedSplit:
         table = pd.read_csv(self.path, usecols=["path", "split"], dtype={"path": str})
         return set(table.loc[table["split"].isin(splits), "path"])
 
+    def image_folder(self) -> Path | None:
+        """The folder the split's paths start from, resolved, where it is known and there: None for the
+        bundled model's split (its folder is the user's to name) or a data root that is gone."""
+        from age_detect_resnet.data.sources import image_root
 
-def lineage(model: Path | str) -> list[str]:
+        if self.data_root is None:
+            return None
+        folder = image_root(self.dataset, self.data_root)
+        return folder.resolve() if folder.is_dir() else None
+
+    def shared(self, splits: Sequence[str], other: SavedSplit, other_splits: Sequence[str]) -> set[str]:
+        """The images of this split's `splits` that are among `other`'s `other_splits`, as this split's
+        paths. The same files (folder + path, resolved) where both folders are known: a CSV naming
+        faces/x.jpg beside faces/ and the folder faces/ naming x.jpg share x.jpg, two datasets that use
+        the same names do not. Where one is not (the bundled model's shipped split, of UTKFace names
+        only), by file name: UTKFace's and IMDB-WIKI's names identify a photo wherever it lies."""
+        mine, theirs = self.paths(*splits), other.paths(*other_splits)
+        folders = self.image_folder(), other.image_folder()
+        if folders[0] is None or folders[1] is None:
+            names = {PurePath(path).name for path in theirs}
+            return {path for path in mine if PurePath(path).name in names}
+        files = {os.path.normpath(folders[1] / path) for path in theirs}
+        return {path for path in mine if os.path.normpath(folders[0] / path) in files}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model a run's model was made from (`RunFolder.made_from`): as recorded, and where it is."""
+
+    recorded: str  # as config.json (--init) or best.json (averaged_from, ensemble_of) hold it
+    path: str | None  # `default`, the recorded path, or a relative one found; None: not found
+    doubt: str = ""  # why path is None, or may not be the model recorded: for a warning ("is recorded by")
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """A model and the models it was made from (`trace_lineage`)."""
+
+    models: list[str]  # the model first, then every source found, each once, nearest first
+    doubts: list[tuple[str, str]]  # (a source as recorded, `Source.doubt`): not found, or perhaps not it
+
+
+def trace_lineage(model: Path | str) -> Lineage:
     """`model` and every model it was made from (`RunFolder.made_from`, run after run), each once, nearest
     first: the faces any of them trained on, the model has seen. The chain ends at a model that is no run
     folder (the bundled model, whose shipped split covers its own making; a loose file; a path that is
-    gone)."""
-    chain, seen, queue = [], set(), [str(model)]
+    gone), and at a source recorded relative that is not found (`RunFolder.find_source`): a folder of that
+    name that holds another model is not followed in its place. `doubts` says which, and which sources
+    found may not be the ones recorded, for a warning."""
+    chain, doubts, seen, queue = [], [], set(), [str(model)]
     while queue:
         current = queue.pop(0)
         run = RunFolder.of(current)
@@ -234,10 +394,29 @@ def lineage(model: Path | str) -> list[str]:
             continue
         seen.add(key)
         chain.append(current)
-        if run is not None:
-            with suppress(RunFolderError):  # an unreadable config.json: its starts are unknown
-                queue.extend(run.made_from())
-    return chain
+        if run is None:
+            continue
+        with suppress(RunFolderError):  # an unreadable config.json: its starts are unknown
+            for source in run.made_from():
+                if source.path is not None:
+                    queue.append(source.path)
+                if source.doubt and (source.recorded, source.doubt) not in doubts:
+                    doubts.append((source.recorded, source.doubt))
+    return Lineage(chain, doubts)
+
+
+def lineage(model: Path | str) -> list[str]:
+    """The models of `trace_lineage(model)`: the model first."""
+    return trace_lineage(model).models
+
+
+def recorded_path(model: Path | str) -> str:
+    """A model path as a run records what it was made from (best.json's averaged_from and ensemble_of):
+    `default` (the bundled model) as it is, any other path resolved to an absolute one, so that its
+    `lineage` is found from any working folder (`RunFolder.find_source` reads older, relative ones)."""
+    from age_detect_resnet.modeling.bundled import is_default
+
+    return str(model) if is_default(model) else str(Path(model).resolve())
 
 
 def named_in_lineage(source: str, model: Path | str, *, given: str | None = None) -> str:

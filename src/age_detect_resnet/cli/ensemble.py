@@ -62,10 +62,12 @@ def run(args: argparse.Namespace) -> int:
     except (*user_errors(), EnsembleError) as err:
         log.error("%s", user_message(err))
         return 2
-    weights = ", ".join(f"{source['weight']:.2f}" for source in metadata["ensemble_of"])
+    # The members as the ensemble runs them: an ensemble given as a MODEL is taken apart into its own.
+    members = "; ".join(f"{member['model']}: {member['weight']:.3f}" for member in metadata["members"])
+    count = len(metadata["members"])
     print(
-        f"ensemble of {len(metadata['ensemble_of'])} model(s) ({weights}"
-        f"{', each face and its mirror image' if metadata['mirror'] else ''}) in "
+        f"ensemble of {count} member{'s' if count > 1 else ''} ({members}"
+        f"{'; each face and its mirror image' if metadata['mirror'] else ''}) in "
         f"{args.out / 'best.safetensors'}: "
         f"validation MAE {metadata['val_mae']:.2f} on {metadata['val_images']:,} images of "
         f"{metadata['calibrated_on']}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from age_detect_resnet.cli.common import command_main, user_errors, user_message
 from age_detect_resnet.data.sources import dataset_at
-from age_detect_resnet.run_folder import RunFolder
+from age_detect_resnet.run_folder import RunFolder, recorded_path
 from age_detect_resnet.training.config import (
     Config,
     ConfigError,
@@ -26,7 +26,7 @@ from age_detect_resnet.training.config import (
 )
 from age_detect_resnet.training.distributed import cleanup_distributed
 from age_detect_resnet.training.engine import NonFiniteLossError
-from age_detect_resnet.training.models import adopt_init_architecture, recorded_init
+from age_detect_resnet.training.models import adopt_init_architecture
 from age_detect_resnet.training.run import train
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,11 @@ def config_for_run(args: argparse.Namespace) -> Config:
 
 def same_init_as_saved(config: Config, saved: Config) -> Config:
     """`config` with the run's saved --init where the one it has (typed again, perhaps as another path to
-    the same place) names the same model: config.json records it absolute (`recorded_init`), so a
+    the same place) names the same model: config.json records it absolute (`recorded_path`), so a
     relative --init typed beside --resume is not taken for a change. Another model stays, for training
     to refuse as a change (training/state.py)."""
     typed, kept = config.model.init, saved.model.init
-    if typed is None or kept is None or typed == kept or recorded_init(typed) != recorded_init(kept):
+    if typed is None or kept is None or typed == kept or recorded_path(typed) != recorded_path(kept):
         return config
     return dataclasses.replace(config, model=dataclasses.replace(config.model, init=kept))
 

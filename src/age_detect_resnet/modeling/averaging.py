@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from age_detect_resnet.faces.align import FaceFraming, MarginFraming, framing_of
+from age_detect_resnet.faces.align import FaceFraming, LandmarkFraming, MarginFraming, framing_of
 from age_detect_resnet.modeling.checkpoint import image_size_of
 from age_detect_resnet.modeling.model import AgeModel
 
@@ -55,11 +55,61 @@ MARGIN_TOLERANCE = 0.01
 def same_framing(first: FaceFraming, second: FaceFraming) -> bool:
     """Whether two framings cut the same crop: box framings whose margins agree within MARGIN_TOLERANCE
     (each run measures its own), else exactly equal (aligner template and version, or box vs aligned)."""
-    if isinstance(first, MarginFraming) and isinstance(second, MarginFraming):
-        return first.margins.keys() == second.margins.keys() and all(
-            abs(first.margins[side] - second.margins[side]) <= MARGIN_TOLERANCE for side in first.margins
+    return framing_difference(first, second) is None
+
+
+def _framing_words(framing: FaceFraming) -> str:
+    return (
+        "aligned by five landmarks" if isinstance(framing, LandmarkFraming) else "cut from the detector box"
+    )
+
+
+def framing_difference(
+    framing: FaceFraming, reference: FaceFraming, name: str = "the one", reference_name: str = "the other"
+) -> str | None:
+    """How `framing` (of `name`) cuts another crop than `reference` (of `reference_name`), in words for a
+    message (the margins beyond MARGIN_TOLERANCE with their values, the aligner's version or template, box
+    against aligned), or None where they cut the same crop."""
+    if isinstance(framing, MarginFraming) and isinstance(reference, MarginFraming):
+        mine, theirs = framing.margins, reference.margins
+        if mine.keys() != theirs.keys():
+            return (
+                f"{name} has crop margins for {', '.join(sorted(mine))} and {reference_name} for "
+                f"{', '.join(sorted(theirs))}"
+            )
+        apart = [side for side in mine if abs(mine[side] - theirs[side]) > MARGIN_TOLERANCE]
+        if not apart:
+            return None
+        return (
+            f"{name}'s crop margins {', '.join(f'{side} {mine[side]:.4f}' for side in apart)} against "
+            f"{reference_name}'s {', '.join(f'{theirs[side]:.4f}' for side in apart)} (fractions of the "
+            f"detector box) are more than the tolerance of {MARGIN_TOLERANCE:g} apart"
         )
-    return first == second
+    if isinstance(framing, LandmarkFraming) and isinstance(reference, LandmarkFraming):
+        mine, theirs = framing.aligner, reference.aligner
+        if mine.version != theirs.version:
+            return (
+                f"{name} is aligned by version {mine.version} and {reference_name} by version "
+                f"{theirs.version}"
+            )
+        if mine != theirs:
+            return f"{name} and {reference_name} are aligned onto other landmark templates"
+        return None
+    if framing == reference:
+        return None
+    return f"{name}'s faces are {_framing_words(framing)} and {reference_name}'s {_framing_words(reference)}"
+
+
+def faces_difference(
+    metadata: dict[str, Any], reference: dict[str, Any], name: str, reference_name: str
+) -> str | None:
+    """How the faces a model takes (its `metadata`: input size, framing) differ from those of the model
+    described by `reference`, in words naming both (`framing_difference`), or None where one crop of a face
+    feeds both."""
+    size, reference_size = image_size_of(metadata), image_size_of(reference)
+    if size != reference_size:
+        return f"{name} takes {size} px faces and {reference_name} {reference_size} px"
+    return framing_difference(framing_of(metadata), framing_of(reference), name, reference_name)
 
 
 def _architecture(model: AgeModel) -> dict[str, Any]:
@@ -79,18 +129,17 @@ def _architecture(model: AgeModel) -> dict[str, Any]:
 def check_same_faces(
     models: Sequence[AgeModel], names: Sequence[str], error: type[ValueError] = AveragingError
 ) -> None:
-    """Refuse models that see faces differently (another input size, framing or aligner; `same_framing`):
-    one crop of a face cannot feed them all, so neither their average nor their ensemble would mean
-    anything. The combined model keeps one model's margins (the metadata's: see its caller)."""
+    """Refuse models that see faces differently (another input size, framing or aligner:
+    `faces_difference`, which the message gives): one crop of a face cannot feed them all, so neither
+    their average nor their ensemble would mean anything. The combined model keeps one model's margins
+    (the metadata's: see its caller)."""
     first, first_name = models[0], names[0]
-    expected_size, expected_framing = image_size_of(first), framing_of(first.metadata)
     for model, name in zip(models[1:], names[1:], strict=True):
-        if image_size_of(model) != expected_size or not same_framing(
-            framing_of(model.metadata), expected_framing
-        ):
+        difference = faces_difference(model.metadata, first.metadata, name, first_name)
+        if difference is not None:
             raise error(
-                f"{name} and {first_name} take faces of a different size or framing; combining models "
-                "needs models trained on the same crops"
+                f"{name} and {first_name} take faces of a different size or framing: {difference}; "
+                "combining models needs models trained on the same crops"
             )
 
 

@@ -8,6 +8,8 @@ settings and split are copied beside it, so that evaluate, export and predict us
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
@@ -16,15 +18,22 @@ from typing import Any
 
 import torch
 
-from age_detect_resnet.atomic import unwritable_reason
+from age_detect_resnet.atomic import unwritable_reason, write_text_atomic
 from age_detect_resnet.data.sources import image_root
 from age_detect_resnet.data.splits import load_split
 from age_detect_resnet.evaluation.evaluate import evaluation_table, predict_images
+from age_detect_resnet.faces.align import Aligner
 from age_detect_resnet.modeling import checkpoint
-from age_detect_resnet.modeling.averaging import average_models, mixture_weights
+from age_detect_resnet.modeling.averaging import average_models, faces_difference, mixture_weights
 from age_detect_resnet.modeling.ensemble import AgeEnsemble
 from age_detect_resnet.modeling.norm_statistics import recompute_norm_statistics
-from age_detect_resnet.run_folder import RunFolder, SavedSplit, lineage, named_in_lineage
+from age_detect_resnet.run_folder import (
+    RunFolder,
+    SavedSplit,
+    named_in_lineage,
+    recorded_path,
+    trace_lineage,
+)
 from age_detect_resnet.training.config import ConfigError, resolve_config
 from age_detect_resnet.training.distributed import Distributed
 from age_detect_resnet.training.loaders import build_loaders
@@ -67,8 +76,9 @@ def calibration_run(models: Sequence[str | Path], given: str | Path | None) -> R
 
 def training_images(run: RunFolder, *, num_workers: int, seed: int = 0) -> Iterator[torch.Tensor]:
     """The training faces of `run` as its training fed them: its data settings (framing, cache,
-    augmentation) and saved split, shuffled in a fixed order (`seed`), batch by batch."""
-    config = resolve_config(run.config, {"num_workers": num_workers})
+    augmentation; its data root where `RunFolder.data_root` finds it) and saved split, shuffled in a
+    fixed order (`seed`), batch by batch."""
+    config = resolve_config(run.config, {"num_workers": num_workers, "data_root": str(run.data_root)})
     prepared = load_split(run.split, image_root(config.data.dataset, config.data.data_root))
     loaders, _ = build_loaders(prepared, config, Distributed(device=torch.device("cpu")))
     loaders["train"].generator.manual_seed(seed)
@@ -76,9 +86,24 @@ def training_images(run: RunFolder, *, num_workers: int, seed: int = 0) -> Itera
 
 
 def _validation_table(calibration: RunFolder) -> tuple[Any, Path]:
-    """The validation images of `calibration` (ConfigError if there are none) and their folder."""
+    """The validation images of `calibration` (ConfigError if there are none, or if they are not where
+    its config.json says its data is: these commands have no --data-root) and their folder."""
+    saved = calibration.saved_split()
+    prepared = saved.load()
+    images = prepared.split("val")
+    missing = [path for path in images["path"] if not (prepared.root / path).is_file()]
+    if missing:
+        recorded = str(calibration.data_settings.get("data_root"))
+        relative = not Path(recorded).is_absolute()
+        raise ConfigError(
+            f"{len(missing):,} of the {len(images):,} validation images of {calibration.path} are not in "
+            f"{prepared.root} (e.g. {missing[0]}), where its config.json puts its data (data_root "
+            f"{recorded}{', relative to the folder it was trained in' if relative else ''}): "
+            f"{'run the command from that folder, or ' if relative else ''}set data_root in "
+            f"{calibration.config} to where its {saved.dataset} data is now"
+        )
     table, root, _ = evaluation_table(
-        calibration.saved_split(),
+        saved,
         dataset=None,
         data_root=None,
         meta=None,
@@ -91,6 +116,42 @@ def _validation_table(calibration: RunFolder) -> tuple[Any, Path]:
     if table.empty:
         raise ConfigError(f"{calibration.split} has no validation images to calibrate the model on")
     return table, root
+
+
+def check_calibration_faces(metadata: dict[str, Any], calibration: RunFolder) -> None:
+    """Refuse (ConfigError) a calibration run trained on other faces (input size, framing, alignment:
+    `faces_difference`) than the combined model, whose `metadata` says its own: the average's batch-norm
+    statistics would be recomputed on crops it never takes, and the result's config.json, the calibration
+    run's, would describe other faces than its best.json. Its input size is config.json's (what its
+    training faces are cut to); its framing best.json's, or where it has none (a folder of config.json
+    and split.csv only, as the README's runs/utkface-split0), config.json's --align and --alignment."""
+    settings = calibration.data_settings
+    try:
+        reference = checkpoint.read_metadata(calibration.best)
+    except (checkpoint.ModelFileError, OSError):
+        reference = _framing_of_settings(settings, metadata)
+    if settings.get("image_size") is not None:
+        reference = {**reference, "image_size": settings["image_size"]}
+    difference = faces_difference(metadata, reference, "the combined model", str(calibration.path))
+    if difference is not None:
+        raise ConfigError(
+            f"--calibrate-on {calibration.path} was trained on other faces than the models: {difference}; "
+            "calibrate on a run trained on the models' crops (the same --image-size, framing and --align)"
+        )
+
+
+def _framing_of_settings(settings: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """The framing a run's data settings say (aligned, by which version), as model metadata; what they do
+    not say (box margins, measured with the model; an aligner's template) taken from `metadata`."""
+    if not settings.get("align"):
+        return {k: v for k, v in metadata.items() if k == "crop"}
+    version = settings.get("alignment", 1)
+    aligner = Aligner.from_metadata(metadata)
+    return {
+        "alignment": (
+            dataclasses.replace(aligner, version=version) if aligner else Aligner(version=version)
+        ).to_metadata()
+    }
 
 
 def _calibrate_and_save(
@@ -124,8 +185,8 @@ def _calibrate_and_save(
     model.head.calibrate(torch.from_numpy(predictions.outputs), torch.from_numpy(predictions.ages).float())
     metadata["val_mae"] = float(abs(predictions.predicted - predictions.ages).mean())
     run.path.mkdir(parents=True, exist_ok=True)
-    for part in (calibration.config, calibration.split):
-        shutil.copyfile(part, run.path / part.name)
+    write_text_atomic(run.config, json.dumps(_settings_of(calibration), indent=2) + "\n")
+    shutil.copyfile(calibration.split, run.split)
     checkpoint.save_model(model, run.best, metadata)
     return {**metadata, "val_images": len(predictions.ages), "calibrated_on": str(calibration.path)}
 
@@ -141,9 +202,26 @@ def _new_run(out: str | Path) -> RunFolder:
     return run
 
 
+def _settings_of(calibration: RunFolder) -> dict[str, Any]:
+    """The calibration run's config.json for the combined run, with its paths as found from here (its data
+    root, its --init): the combined run lies elsewhere, and a path relative to where the calibration run
+    was trained would be read from the wrong folder."""
+    settings = json.loads(json.dumps(calibration.saved_config))  # a deep copy
+    if "data_root" in settings.get("data", {}):
+        settings["data"]["data_root"] = str(Path(calibration.data_root).resolve())
+    init = settings.get("model", {}).get("init")
+    if init:
+        found = calibration.find_source(str(init)).path
+        settings["model"]["init"] = recorded_path(found) if found is not None else init
+    return settings
+
+
 def _sources(models: Sequence[str | Path], loaded: Sequence[Any], fractions: Sequence[float]) -> list[dict]:
+    """The combined models as best.json records them (`averaged_from`, `ensemble_of`): each path as
+    `recorded_path` records it (absolute, so that `lineage` finds it from any folder), its SHA-256 (which
+    tells it from another model at that path) and its weight."""
     return [
-        {"model": str(path), "sha256": model.metadata.get("sha256"), "weight": fraction}
+        {"model": recorded_path(path), "sha256": model.metadata.get("sha256"), "weight": fraction}
         for path, model, fraction in zip(models, loaded, fractions, strict=True)
     ]
 
@@ -175,6 +253,7 @@ def write_averaged_run(
     loaded = [checkpoint.load_model(model, "cpu") for model in models]
     averaged = average_models(loaded, fractions, names=[str(m) for m in models]).to(device)
     calibration = calibration_run(models, calibrate_on)
+    check_calibration_faces(averaged.metadata, calibration)
     check_held_out(models, calibration)
     table, root = _validation_table(calibration)
     norm_images = 0
@@ -213,11 +292,21 @@ def check_held_out(models: Sequence[str | Path], calibration: RunFolder) -> None
     """Refuse a model to average or ensemble that trained on images of the calibration run's validation or
     test split (ConfigError): the result is calibrated, and its test MAE measured, on them. So did a
     model that started from (`--init`), averaged or ensembled a model that trained on them: each model's
-    `lineage` is checked. A model without a saved split (a loose file, a run folder that is gone) cannot be
-    checked: a warning says so."""
-    held_out = calibration.saved_split().paths("val", "test")
+    lineage (`trace_lineage`) is checked. Images are compared as files (`SavedSplit.shared`; by name
+    against the bundled model's split). A model without a saved split (a loose file, a run folder that is
+    gone), or a source recorded relative that is not found, cannot be checked: a warning says so, as it
+    does where a source found may not be the one recorded."""
+    held_out = calibration.saved_split()
     for model in models:
-        for source in lineage(model):
+        traced = trace_lineage(model)
+        for recorded, doubt in traced.doubts:
+            log.warning(
+                "%s %s: make sure it never trained on the validation and test images of %s",
+                named_in_lineage(recorded, model),
+                doubt,
+                calibration.path,
+            )
+        for source in traced.models:
             name = named_in_lineage(source, model)
             saved = SavedSplit.of(source)
             if saved is None:
@@ -228,7 +317,7 @@ def check_held_out(models: Sequence[str | Path], calibration: RunFolder) -> None
                     calibration.path,
                 )
                 continue
-            seen = held_out & saved.paths("train")
+            seen = held_out.shared(("val", "test"), saved, ("train",))
             if seen:
                 raise ConfigError(
                     f"{name} trained on {len(seen):,} of the validation and test images of "
@@ -256,7 +345,8 @@ def write_ensemble_run(
     must not hold a model yet (`mirror`: each face and its mirror image, see modeling/ensemble.py; None:
     as the ensembles among `models`, which are taken apart into their members); its interval is
     calibrated on the calibration run's validation split. Returns the saved metadata (`val_mae`,
-    `ensemble_of`) with `val_images`, `calibrated_on` and `mirror`. Raises ConfigError (also where a member
+    `ensemble_of`) with `val_images`, `calibrated_on`, `mirror` and `members` (`_members`: those run, with
+    their real weights). Raises ConfigError (also where a member
     trained on the calibration run's held-out images: `check_held_out`), EnsembleError and the errors of
     loading the models or the validation images; nothing is written unless all of it succeeds."""
     run = _new_run(out)
@@ -265,6 +355,7 @@ def write_ensemble_run(
     device = device or torch.device("cpu")
     loaded = [checkpoint.load_model(model, "cpu") for model in models]
     ensemble = AgeEnsemble(loaded, weights, names=[str(m) for m in models], mirror=mirror).to(device)
+    check_calibration_faces(ensemble.metadata, calibration)
     table, root = _validation_table(calibration)
     metadata = {k: v for k, v in loaded[0].metadata.items() if k not in OWN_METADATA}
     metadata["ensemble_of"] = _sources(models, loaded, mixture_weights(weights, len(models)))
@@ -281,4 +372,16 @@ def write_ensemble_run(
         num_workers=num_workers,
         device=device,
     )
-    return {**saved, "mirror": ensemble.mirror}
+    return {**saved, "mirror": ensemble.mirror, "members": _members(models, loaded, ensemble)}
+
+
+def _members(models: Sequence[str | Path], loaded: Sequence[Any], ensemble: AgeEnsemble) -> list[dict]:
+    """The ensemble's members as it runs them, with their real weights: an ensemble given as a model is
+    taken apart into its members (modeling/ensemble.py), each named after it (`e1 member 2 (resnet18)`)."""
+    names = []
+    for path, model in zip(models, loaded, strict=True):
+        if isinstance(model, AgeEnsemble):
+            names += [f"{path} member {i + 1} ({m.backbone_name})" for i, m in enumerate(model.members)]
+        else:
+            names.append(str(path))
+    return [{"model": n, "weight": float(w)} for n, w in zip(names, ensemble.weights, strict=True)]

@@ -13,9 +13,9 @@ import torch
 
 from age_detect_resnet.data.splits import PreparedData
 from age_detect_resnet.modeling import checkpoint
-from age_detect_resnet.modeling.bundled import is_default
 from age_detect_resnet.modeling.ensemble import AgeEnsemble, main_member
 from age_detect_resnet.modeling.model import AgeModel, create_model
+from age_detect_resnet.run_folder import recorded_path
 from age_detect_resnet.training.config import Config, ConfigError
 from age_detect_resnet.training.loaders import cache_alignment
 
@@ -79,15 +79,10 @@ def start_from_trained(config: Config, device: torch.device) -> AgeModel:
     return model
 
 
-def recorded_init(init: str) -> str:
-    """--init as a run records it (config.json, best.json): `default` (the bundled model) as it is, a
-    path resolved to an absolute one, so that the run's lineage is found from any working folder."""
-    return init if is_default(init) else str(Path(init).resolve())
-
-
 def adopt_init_architecture(config: Config) -> Config:
     """With --init, the backbone and head settings are the trained model's, so config.json says what
-    was really trained, and --init is recorded as `recorded_init`; without it, `config` unchanged.
+    was really trained, and --init is recorded as `recorded_path` (run_folder.py) records it; without
+    it, `config` unchanged.
 
     A bins head's classes are the age range it was trained for: a run over another --min-age/--max-age
     is refused (ConfigError), not adapted. Adopting the head's range would silently change which faces
@@ -96,7 +91,7 @@ def adopt_init_architecture(config: Config) -> Config:
     other heads carry no range (distribution: ages 0-100; regression: any), so any range fits them."""
     if not config.model.init:
         return config
-    init = recorded_init(config.model.init)
+    init = recorded_path(config.model.init)
     description = checkpoint.read_metadata(checkpoint.resolve_model_path(init))["model"]
     if "members" in description:  # an ensemble: its main member is what training starts from
         description = description["members"][main_member(description)]
@@ -154,5 +149,5 @@ def model_metadata(
                 k: v for k, v in aligned_counts.items() if k in ("faces_found", "no_face_median_landmarks")
             }
     if config.model.init:
-        metadata["init"] = recorded_init(config.model.init)
+        metadata["init"] = recorded_path(config.model.init)
     return metadata
