@@ -132,7 +132,8 @@ def command_main(
 ) -> int:
     """Parse `argv` with the command's options (its module docstring's first paragraph as the
     description, and the next where the first introduces it with a colon), let `check` refuse
-    combinations argparse cannot (through `parser.error`), and run it."""
+    combinations argparse cannot (through `parser.error`), and run it: a file error or Ctrl-C it does
+    not handle itself is one line (exit status 2, or 130 for Ctrl-C)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
@@ -150,3 +151,9 @@ def command_main(
     except OSError as err:  # a file or folder it was told to read or write, named in the message
         logging.getLogger(prog).error("%s", user_message(err))
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C where the command keeps nothing to go on from (loading the model, say): one line, as for
+        # any user error, and the shell's status for it. Commands that keep work (train, predict's
+        # journal) catch it themselves and say how to go on.
+        logging.getLogger(prog).error("interrupted")
+        return 130

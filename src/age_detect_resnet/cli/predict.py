@@ -26,7 +26,9 @@ The terminal shows one line per track. Outputs:
 * `--annotate DIR`: `DIR/<stem>_ages.mp4`, the sampled frames with boxes, track ids and steady ages.
   Inputs that would share an annotated name (a/p.jpg and b/p.jpg, clip.mp4 and clip.avi) get their
   extension, their folders below the ones they share, or both in it instead: a_p_ages.jpg, b_p_ages.jpg,
-  clip_mp4_ages.mp4, clip_avi_ages.mp4 (the same names on every run over the same inputs).
+  clip_mp4_ages.mp4, clip_avi_ages.mp4 (the same names on every run over the same inputs). A name that
+  is one of the inputs (x.jpg beside x_ages.jpg, annotated into their folder) is numbered: x_2_ages.jpg.
+  A video in which no face was found gets no copy.
 
 A long batch loses nothing when it stops: with `--output`, each photo's faces are also appended, as it
 is predicted, to `<output>.partial` (JSON lines), which is removed once the output is written. After an
@@ -55,6 +57,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from PIL import Image
 
 from age_detect_resnet.atomic import atomic_path, unwritable_reason, write_text_atomic
 from age_detect_resnet.cli.common import (
@@ -92,6 +95,9 @@ class PhotoResult:
     path: Path
     faces: list[FacePrediction] = field(default_factory=list)
     error: str | None = None
+    # the picture the faces were found on, for --annotate to draw on (decoding the file again could
+    # read another picture: one this run's --annotate has just written over); dropped once drawn
+    image: Image.Image | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -121,7 +127,11 @@ class PredictionJournal:
                     f"{self.path} holds the photos an interrupted run of this command predicted: pass "
                     "--resume to go on from them, or delete it to start over"
                 )
-            self.done = self._read(settings)
+            self.done, intact = self._read(settings)
+            # Appended after the last whole line: a line torn by the stop (kill -9, a full disk) is cut
+            # off first, else the next line would be glued to it and damage the journal for good.
+            with self.path.open("r+b") as file:
+                file.truncate(intact)
             self._file = self.path.open("a", encoding="utf-8")
         else:
             if resume:
@@ -130,37 +140,44 @@ class PredictionJournal:
             self._file = self.path.open("w", encoding="utf-8")
             self._write({"settings": settings})
 
-    def _read(self, settings: dict[str, Any]) -> dict[str, PhotoResult]:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+    def _read(self, settings: dict[str, Any]) -> tuple[dict[str, PhotoResult], int]:
+        """The photos kept, and the length in bytes of the journal's whole lines: a last line the stop
+        cut short (no newline yet, or not the JSON it was going to be) is not kept, and `__init__` cuts
+        it off."""
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")  # the last item: what follows the last newline (b"" when none)
         try:
-            header = json.loads(lines[0])["settings"] if lines else None
+            header = json.loads(lines[0])["settings"] if len(lines) > 1 else None
         except (ValueError, KeyError, TypeError):
             header = None
-        if header is None:
+        if not isinstance(header, dict):
             raise JournalError(
                 f"{self.path} is not a journal of `age-detect predict`; delete it to start over"
             )
-        if header != settings:
-            changed = ", ".join(
-                f"{key} {header.get(key)!r} then, {value!r} now"
-                for key, value in settings.items()
-                if header.get(key) != value
-            )
+        # key by key: an option a journal of an older version did not record counts as not given
+        changed = ", ".join(
+            f"{key} {header.get(key)!r} then, {value!r} now"
+            for key, value in settings.items()
+            if header.get(key) != value
+        )
+        if changed:
             raise JournalError(
                 f"{self.path} was written with other options ({changed}): --resume with the same options, "
                 "or delete it to start over"
             )
-        done = {}
-        for number, line in enumerate(lines[1:], start=2):
+        done, intact = {}, len(lines[0]) + 1
+        whole = lines[1:-1]
+        for number, line in enumerate(whole, start=2):
             try:
                 entry = json.loads(line)
                 faces = [FacePrediction.from_record(face) for face in entry["faces"]]
             except (ValueError, KeyError, TypeError, IndexError):
-                if number == len(lines):  # the line being written when the run was stopped
-                    continue
+                if number == len(whole) + 1:  # written in full, then damaged by the stop: dropped
+                    break
                 raise JournalError(f"{self.path} line {number} is damaged; delete it to start over") from None
             done[entry["path"]] = PhotoResult(Path(entry["path"]), faces)
-        return done
+            intact += len(line) + 1
+        return done, intact
 
     def _write(self, entry: dict[str, Any]) -> None:
         self._file.write(json.dumps(entry) + "\n")
@@ -183,7 +200,8 @@ class PredictionJournal:
 
 def journal_settings(args: argparse.Namespace, detector: str) -> dict[str, Any]:
     """What decides a photo's ages, `detector` being the one in use (`auto` may have fallen back to the
-    Haar cascade): a resumed run must have the same."""
+    Haar cascade), and where its annotated copy goes: a resumed run must have the same (the photos kept
+    are not predicted again, so an --annotate added or moved on --resume would miss them)."""
     model = Path(args.model)
     if bundled.is_default(args.model):  # the bundle a package upgrade may have changed
         named = f"default ({bundled.AGE_MODEL_SHA256[:12]})"
@@ -196,36 +214,56 @@ def journal_settings(args: argparse.Namespace, detector: str) -> dict[str, Any]:
         "detector": detector,
         "detector_model": str(Path(args.detector_model).resolve()) if args.detector_model else None,
         "max_file_mb": args.max_file_mb,
+        "annotate": str(Path(args.annotate).resolve()) if args.annotate else None,
     }
 
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Image and video files named by `inputs` (files, folders searched recursively, glob patterns), in
-    order, without repeats; plus a message for every input that matched nothing."""
+    order, without repeats; plus a message for every input that matched nothing. An input that exists
+    is taken as it is written (`me [2023].jpg` is a file, not a pattern); the folders a pattern matches
+    are searched as folders named are."""
     found: list[Path] = []
     problems: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            # Not macOS's AppleDouble files (._obama.jpg beside obama.jpg: its Finder metadata, left on
-            # USB sticks, network shares and in zip files): they are no photos and would each count as a
-            # failed input. A file named on the command line is read whatever its name.
-            matches = sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file()
-                and p.name.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
-                and not p.name.startswith("._")
-            )
-        elif any(ch in item for ch in "*?["):
+            matches = files_in(path)
+        elif not path.exists() and any(ch in item for ch in "*?["):
             # glob.glob, unlike Path.glob, takes absolute patterns such as /data/*/*.jpg
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())  # noqa: PTH207
+            matched = sorted(Path(p) for p in glob.glob(item, recursive=True))  # noqa: PTH207
+            matches = [
+                f for p in matched for f in (files_in(p) if p.is_dir() else [p] if p.is_file() else [])
+            ]
         else:
             matches = [path]  # missing files are reported when read, by name
         if not matches:
             problems.append(f"{item}: no image or video files found")
         found.extend(matches)
     return list(dict.fromkeys(found)), problems
+
+
+def files_in(folder: Path) -> list[Path]:
+    """The image and video files under `folder`, sorted. Symlinked folders are followed (a photo
+    library linked in from another disk), each real folder searched once, so a link back up the tree
+    ends. Not macOS's AppleDouble files (._obama.jpg beside obama.jpg: its Finder metadata, left on USB
+    sticks, network shares and in zip files): they are no photos and would each count as a failed
+    input. A file named on the command line is read whatever its name."""
+    matches, seen = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            folders.clear()  # a loop, or a folder linked twice: already searched
+            continue
+        seen.add(real)
+        matches.extend(
+            Path(root, name)
+            for name in names
+            if name.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+            and not name.startswith("._")
+            and Path(root, name).is_file()
+        )
+    return sorted(matches)
 
 
 def predict_photos(
@@ -255,12 +293,14 @@ def _predict_photos(
             except ImageReadError as err:
                 result.error = str(err)
             results.append(result)
-        faces = iter(predictor.predict_images(images))
+        faces, pictures = iter(predictor.predict_images(images)), iter(images)
         for result in results:
             if result.error is None:
-                result.faces = next(faces)
+                result.faces, image = next(faces), next(pictures)
                 if not result.faces:
                     result.error = f"no face found in {result.path}; pass --no-detect to use the whole image"
+                else:
+                    result.image = image  # for --annotate; the caller drops it once drawn
             yield result
 
 
@@ -268,7 +308,10 @@ def result_rows(results: Sequence[PhotoResult]) -> list[dict]:
     return [{"path": str(r.path), **face.as_dict()} for r in results for face in r.faces]
 
 
-# Column order of a CSV holding video rows (photo rows leave the video columns empty).
+# Column order of a CSV of photos only, and of one holding video rows (photo rows leave the video columns
+# empty); INTERVAL_COLUMNS are left out for a model without intervals.
+PHOTO_COLUMNS = "path face_index x1 y1 x2 y2 detector_score age age_low age_high".split()
+INTERVAL_COLUMNS = ("age_low", "age_high", "steady_low", "steady_high")
 VIDEO_COLUMNS = (
     "path frame time track_id face_index x1 y1 x2 y2 detector_score age age_low age_high "
     "steady_age steady_low steady_high track_frames"
@@ -278,22 +321,26 @@ TRACK_COLUMNS = "path track_id first_time last_time frames age age_low age_high"
 WHOLE_VIDEO_COLUMNS = ("frame", "track_id", "track_frames")
 
 
-def write_output(results: Sequence[PhotoResult], out: Path, *, videos: Sequence[VideoEntry] = ()) -> None:
+def write_output(
+    results: Sequence[PhotoResult], out: Path, *, videos: Sequence[VideoEntry] = (), intervals: bool = False
+) -> None:
     """`out` (.csv or .json) with the photos' and videos' faces; for videos in a CSV also
-    `<stem>_tracks.csv` (see the module docstring)."""
+    `<stem>_tracks.csv` (see the module docstring). The CSV's columns are decided by the model (an
+    interval where it has one: `intervals`), not by which photos had faces: a batch without a face has
+    the header of any other."""
     if out.suffix.lower() == ".json":
         document = [
             {"path": str(r.path), "faces": [f.as_json() for f in r.faces], "error": r.error} for r in results
         ] + [video_document(v) for v in videos]
         write_text_atomic(out, json.dumps(document, indent=2) + "\n")
     elif out.suffix.lower() == ".csv":
-        columns = ["path", "face_index", "x1", "y1", "x2", "y2", "detector_score", "age"]
         rows = result_rows(results)
         if videos:
             rows += [{"path": str(v.path), **f.as_dict()} for v in videos if v.result for f in v.result.faces]
-            # only the columns some row has: no age_low/age_high for a model without intervals
-            columns = [c for c in VIDEO_COLUMNS if any(c in row for row in rows)] if rows else VIDEO_COLUMNS
-        table = pd.DataFrame(rows, columns=columns if videos or not rows else None)
+        columns = [
+            c for c in (VIDEO_COLUMNS if videos else PHOTO_COLUMNS) if intervals or c not in INTERVAL_COLUMNS
+        ]
+        table = pd.DataFrame(rows, columns=columns)
         for column in WHOLE_VIDEO_COLUMNS:
             if column in table.columns:
                 table[column] = table[column].astype("Int64")
@@ -303,8 +350,9 @@ def write_output(results: Sequence[PhotoResult], out: Path, *, videos: Sequence[
             tracks = [
                 {"path": str(v.path), **t.as_dict()} for v in videos if v.result for t in v.result.tracks
             ]
+            track_columns = [c for c in TRACK_COLUMNS if intervals or c not in INTERVAL_COLUMNS]
             with atomic_path(tracks_path(out)) as tmp:
-                pd.DataFrame(tracks, columns=TRACK_COLUMNS if not tracks else None).to_csv(tmp, index=False)
+                pd.DataFrame(tracks, columns=track_columns).to_csv(tmp, index=False)
     else:
         raise ValueError(f"--output {out} must end in .csv or .json")
 
@@ -376,25 +424,38 @@ def predict_videos(
                     f"no face found in the {entry.result.frames} sampled frames of {path}; "
                     f"pass --every 1 to look at every frame{full}"
                 )
+                if annotate is not None:  # a failed input has no annotated copy, as a photo has none
+                    annotate.unlink(missing_ok=True)
+                    entry.result.annotated = None
         yield entry
 
 
-def annotated_names(paths: Sequence[Path]) -> dict[Path, str]:
-    """The name of each input's annotated copy in the one --annotate folder: `<stem>_ages.jpg`
+def annotated_names(paths: Sequence[Path], folder: Path | None = None) -> dict[Path, str]:
+    """The name of each input's annotated copy in the one --annotate `folder`: `<stem>_ages.jpg`
     (`.mp4` for a video) where no other input of the run has it; inputs that would share a name get
     their extension (p.jpg, p.png -> p_jpg_ages.jpg, p_png_ages.jpg), else their folders below the ones
-    they share (a/p.jpg, b/p.jpg -> a_p_ages.jpg, b_p_ages.jpg), else both. Decided over the whole
-    input list, in its order, so that a --resume over the same inputs writes the same names."""
+    they share (a/p.jpg, b/p.jpg -> a_p_ages.jpg, b_p_ages.jpg), else both. Never the name of an input
+    in `folder` (x.jpg beside an input x_ages.jpg: x_2_ages.jpg), which would be written over before
+    it is read. Decided over the whole input list, in its order, so that a --resume over the same
+    inputs writes the same names."""
 
     def name(path: Path, label: str) -> str:
         return f"{label}_ages{'.mp4' if is_video(path) else '.jpg'}"
 
+    inputs_there = set()
+    if folder is not None:
+        where = folder.resolve()
+        inputs_there = {path.name.casefold() for path in paths if path.resolve().parent == where}
     groups: dict[str, list[Path]] = {}
     for path in paths:
         groups.setdefault(name(path, path.stem).casefold(), []).append(path)
-    names = {group[0]: name(group[0], group[0].stem) for group in groups.values() if len(group) == 1}
-    taken = {n.casefold() for n in names.values()}
-    for group in (g for g in groups.values() if len(g) > 1):
+    names = {
+        group[0]: name(group[0], group[0].stem)
+        for key, group in groups.items()
+        if len(group) == 1 and key not in inputs_there
+    }
+    taken = inputs_there | {n.casefold() for n in names.values()}
+    for group in (g for key, g in groups.items() if len(g) > 1 or key in inputs_there):
         # abspath, unlike resolve, keeps the folder names given (not where symlinks lead)
         parents = [Path(os.path.abspath(path)).parent for path in group]  # noqa: PTH100
         root = Path(os.path.commonpath(parents))
@@ -405,7 +466,11 @@ def annotated_names(paths: Sequence[Path]) -> dict[Path, str]:
             ["_".join(filter(None, parts)) for parts in zip(*columns, strict=True)]
             for columns in ((extended,), (folders, stems), (folders, extended))
         ]
-        labels = next((t for t in tiers if len({x.casefold() for x in t}) == len(t)), tiers[-1])
+        labels = (
+            next((t for t in tiers if len({x.casefold() for x in t}) == len(t)), tiers[-1])
+            if len(group) > 1
+            else stems  # alone, but named as an input is: numbered below
+        )
         for path, label in zip(group, labels, strict=True):
             # a name another input already has (the same file given twice, an input named a_p.jpg):
             # numbered, in input order
@@ -419,10 +484,12 @@ def annotated_names(paths: Sequence[Path]) -> dict[Path, str]:
 
 
 def annotate_to(result: PhotoResult, folder: Path, name: str) -> Path:
-    """Save the photo with its faces boxed as `folder/name` (`annotated_names`)."""
+    """Save the photo with its faces boxed as `folder/name` (`annotated_names`), drawn on the picture
+    they were found on (`result.image`; the file decoded again where the result has none)."""
     out = folder / name
+    image = result.image if result.image is not None else load_rgb(result.path)
     with atomic_path(out) as tmp:
-        draw_predictions(load_rgb(result.path), result.faces).save(tmp, format="JPEG", quality=92)
+        draw_predictions(image, result.faces).save(tmp, format="JPEG", quality=92)
     return out
 
 
@@ -478,6 +545,8 @@ def build_predictor(args: argparse.Namespace) -> AgePredictor:
     if args.backend == "onnx" and args.tta:
         raise PredictorOptionsError("--tta needs --backend torch: an ONNX export has no flip averaging")
     device = select_device(args.device) if args.backend == "torch" else torch.device("cpu")
+    if args.threads and args.backend == "torch":
+        torch.set_num_threads(args.threads)  # ONNX Runtime gets them in its session (load_predictor)
     if args.backend == "torch" and device.type == "cpu" and resolve_precision("auto", device) == "fp32":
         log.info(
             "this CPU has no native bf16, so the model runs in float32: --backend onnx runs it faster on "
@@ -515,7 +584,12 @@ def add_predictor_arguments(parser: argparse.ArgumentParser) -> None:
         "age_model.onnx, or default: the bundled model, exported once into the user cache (needs the "
         "export extra); run on ONNX Runtime (float32: faster than torch on CPUs without native bf16)",
     )
-    parser.add_argument("--threads", type=int, help="--backend onnx: ONNX Runtime threads (default: all)")
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        help="CPU threads the model runs on: ONNX Runtime's, or PyTorch's with --backend torch "
+        "(default: all)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -552,7 +626,7 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", problem)
     videos = [p for p in paths if is_video(p)]
     photos = [p for p in paths if not is_video(p)]
-    annotated = annotated_names(paths) if args.annotate else {}
+    annotated = annotated_names(paths, Path(args.annotate)) if args.annotate else {}
     try:
         journal = (
             PredictionJournal(
@@ -589,6 +663,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             if args.annotate:
                 annotate_to(result, Path(args.annotate), annotated[result.path])
+            result.image = None  # drawn: the run keeps only the faces
             if journal:  # last: a photo kept is one whose every output is written
                 journal.record(result)
         entries = []
@@ -604,7 +679,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     results = [new.get(str(p)) or done[str(p)] for p in photos]
     if journal:
-        write_output(results, Path(args.output), videos=entries)
+        write_output(results, Path(args.output), videos=entries, intervals="lower" in predictor.output_names)
         journal.finish()
     failed = (
         len(problems) + sum(r.error is not None for r in results) + sum(e.error is not None for e in entries)

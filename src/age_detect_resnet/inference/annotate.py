@@ -21,7 +21,8 @@ def draw_predictions(
 ) -> Image.Image:
     """A copy of `image` with every face boxed and labelled with its age (or with `labels`, one per
     face: a video's track and steady age); line widths and text scale with the photo so labels stay
-    legible on large and small images."""
+    legible on large and small images. The label goes above the box, else below it, else (a box as
+    tall as the photo: `--no-detect`) inside it at its top: always within the photo."""
     annotated = image.convert("RGB").copy()
     draw = ImageDraw.Draw(annotated)
     scale = max(annotated.size) / 800
@@ -32,8 +33,14 @@ def draw_predictions(
         draw.rectangle((x1, y1, x2, y2), outline=(40, 220, 90), width=width)
         text = labels[index] if labels is not None else age_label(face)
         left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
-        height = bottom - top
-        y = y1 - height - 2 * width if y1 - height - 2 * width >= 0 else y2 + width
-        draw.rectangle((x1, y, x1 + (right - left) + 2 * width, y + height + 2 * width), fill=(40, 220, 90))
-        draw.text((x1 + width, y + width - (top - y1)), text, fill=(0, 0, 0), font=font)
+        label_width, label_height = right - left + 2 * width, bottom - top + 2 * width
+        if y1 - label_height >= 0:
+            y = y1 - label_height
+        elif y2 + width + label_height <= annotated.height:
+            y = y2 + width
+        else:
+            y = max(y1, 0) + width
+        x = max(0, min(x1, annotated.width - label_width))  # a box at the right edge: label kept in
+        draw.rectangle((x, y, x + label_width, y + label_height), fill=(40, 220, 90))
+        draw.text((x + width, y + width - (top - y1)), text, fill=(0, 0, 0), font=font)
     return annotated

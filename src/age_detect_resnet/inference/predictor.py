@@ -16,7 +16,7 @@ import queue
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,14 @@ class AgePredictor:
         with opencv_threads(1), ThreadPoolExecutor(workers) as pool:
             return list(pool.map(one, images))
 
+    @cached_property
+    def output_names(self) -> tuple[str, ...]:
+        """What the model gives for each face: "age", and "lower" and "upper" where it has an interval.
+        Asked of the model itself (one blank input, whatever the backend), so that it is known before,
+        or without, any face: a table of photos without faces has the columns of any other."""
+        blank = torch.zeros((1, 3, self.image_size, self.image_size), dtype=torch.uint8)
+        return tuple(self.runner(blank))
+
     def run(self, tensors: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
         """Model outputs for many inputs, `batch_size` at a time."""
         parts = [
@@ -336,7 +344,10 @@ def prediction_grid(
     device: str | torch.device = "cpu",
     columns: int = 4,
 ) -> Path:
-    """The seed's demo: photos with their true and predicted ages, saved as one PNG."""
+    """The seed's demo: photos with their true and predicted ages, saved as one PNG. Each photo is
+    predicted as `predict_age_for_image` predicts it (`face_crop_input`: detected and aligned for a
+    model trained on aligned faces), so the grid's ages are the ones the model gives for those files,
+    not those of a raw resize it never saw in training."""
     readable = []
     for path, age in zip(paths, ages, strict=True):
         try:
@@ -344,8 +355,9 @@ def prediction_grid(
         except ImageReadError:
             continue  # the report counts unreadable images; the grid just shows the others
     images = [image for image, _ in readable]
-    predicted = AgePredictor(model, device=device).run(
-        [to_input_tensor(i, image_size_of(model)) for i in images]
+    runner = TorchRunner(model, device, fold=False)  # as predict_age_for_image runs it: the same ages
+    predicted = AgePredictor(runner=runner, metadata=model.metadata).run(
+        [face_crop_input(image, model.metadata) for image in images]
     )
     pairs = zip(readable, predicted["age"], strict=True)
     captions = [f"true {age:g} / predicted {pred:.1f}" for (_, age), pred in pairs]
