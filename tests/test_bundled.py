@@ -432,6 +432,7 @@ def test_init_warns_where_a_model_its_start_was_made_from_trained_on_the_held_ou
     """--init mid, where mid started from tiny_run: the faces tiny_run trained on, mid has seen."""
     from types import SimpleNamespace
 
+    from age_detect_resnet.run_folder import SavedSplit
     from age_detect_resnet.training.run import warn_if_init_saw_held_out
 
     mid = shutil.copytree(tiny_run, tmp_path / "mid")
@@ -441,12 +442,13 @@ def test_init_warns_where_a_model_its_start_was_made_from_trained_on_the_held_ou
     config["model"]["init"] = str(tiny_run)
     (mid / "config.json").write_text(json.dumps(config))
     trained = pd.read_csv(tiny_run / "split.csv").query("split == 'train'")["path"]
-    table = pd.DataFrame({"path": trained.iloc[:3].tolist(), "split": ["test"] * 3})
-    run = SimpleNamespace(
-        model=SimpleNamespace(init=str(mid)), data=SimpleNamespace(dataset=config["data"]["dataset"])
-    )
+    own = tmp_path / "new" / "split.csv"
+    own.parent.mkdir()
+    pd.DataFrame({"path": trained.iloc[:3].tolist(), "split": ["test"] * 3}).to_csv(own, index=False)
+    run = SimpleNamespace(model=SimpleNamespace(init=str(mid)))
+    data = config["data"]
     with caplog.at_level(logging.WARNING):
-        warn_if_init_saw_held_out(run, SimpleNamespace(table=table))
+        warn_if_init_saw_held_out(run, SavedSplit(own, data["dataset"], Path(data["data_root"]), "new"))
     assert f"{tiny_run} (which --init {mid} was made from) trained on 3 of this run's 3" in caplog.text
 
 

@@ -89,3 +89,18 @@ def test_init_takes_any_age_range_with_a_head_that_has_none(tmp_path):
         args = ["--dataset", "utkface", "--data-root", str(tmp_path), "--init", str(start)]
         config = _config(*args, "--out", str(tmp_path / "run"), "--min-age", "20", "--max-age", "60")
         assert config.model.head == head and config.model.init == str(start.resolve())
+
+
+def test_a_run_from_init_under_a_recipe_resumes_with_the_same_command(tiny_run, tmp_path):
+    """`train --config RECIPE --init M` takes M's head over the recipe's; "the same command plus
+    --resume" (what Ctrl-C says) must keep it, not refuse the recipe's head as a change."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('[model]\nhead = "distribution"\n')  # tiny_run has a regression head
+    root = json.loads((tiny_run / "config.json").read_text())["data"]["data_root"]
+    args = ["--config", str(recipe), "--init", str(tiny_run), "--norm-batches", "0"]
+    run = train_tiny(Path(root), tmp_path / "tuned", *args, "--epochs", "1")
+    assert json.loads((run / "config.json").read_text())["model"]["head"] == "regression"
+    train_tiny(Path(root), run, *args, "--epochs", "2", "--resume")
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+    # A head typed on the command line is still a change, refused.
+    assert train_main(["--out", str(run), "--resume", "--head", "distribution"]) == 2

@@ -8,7 +8,6 @@ import argparse
 import json
 import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import cv2
@@ -203,18 +202,15 @@ def test_ctrl_c_while_the_model_loads_is_one_line_and_status_130(monkeypatch, ca
     assert caplog.records[-1].getMessage() == "interrupted"
 
 
-def test_a_photo_with_corrupt_exif_is_read_with_one_warning_naming_it(tmp_path, caplog):
+def test_a_photo_with_corrupt_exif_is_read(tmp_path):
+    """PIL's own warning is left as it is: catching it to name the file would change the process's
+    warning filters from every decoding thread at once (the web app decodes uploads in threads)."""
     from age_detect_resnet.images import load_rgb
 
     path = tmp_path / "bad exif.jpg"
     exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00\x12\x01\x03\x00"  # cut short
     Image.new("RGB", (32, 24), (100, 100, 100)).save(path, exif=exif)
-    with warnings.catch_warnings(record=True) as raw, caplog.at_level(logging.WARNING):
-        warnings.simplefilter("always")
-        assert load_rgb(path).size == (32, 24)
-    assert not raw  # PIL's own, nameless warning is not printed
-    (record,) = caplog.records
-    assert str(path) in record.getMessage() and "Corrupt EXIF" in record.getMessage()
+    assert load_rgb(path).size == (32, 24)
 
 
 # --- check_your_age.py ---------------------------------------------------------------------------------

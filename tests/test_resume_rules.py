@@ -198,3 +198,14 @@ def test_under_torchrun_only_rank_0_says_it_was_interrupted(tmp_path, monkeypatc
     with caplog.at_level(logging.ERROR):
         assert train_main(args) == 130
     assert "interrupted before an epoch finished" in caplog.text
+
+
+def test_pipeline_resume_without_out_finds_the_run_as_a_new_run_does(utkface_sample, monkeypatch):
+    """Without --out the run's folder is the default one of the dataset and recipe: `--resume` finds it
+    as the first command did (dataset guessed, packaged recipe), not from bare defaults."""
+    from age_detect_resnet.cli import pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline.train_module, "run", lambda args, argv, prog: seen.update(vars(args)) or 0)
+    assert pipeline_main(["--resume", "--data-root", str(utkface_sample)]) == 0
+    assert seen["dataset"] == "utkface" and [str(c) for c in seen["config"]] in (["cpu"], ["gpu"])

@@ -110,7 +110,7 @@ def _split(path: Path, dataset: str, data_root: Path | None, rows: list[tuple[st
     return SavedSplit(path, dataset, data_root, str(path))
 
 
-def test_splits_share_the_image_files_they_name_whatever_their_data_roots(tmp_path):
+def test_splits_share_the_images_they_name_whatever_their_data_roots(tmp_path):
     faces = tmp_path / "data" / "faces"
     faces.mkdir(parents=True)
     elsewhere = tmp_path / "other" / "faces"
@@ -125,9 +125,13 @@ def test_splits_share_the_image_files_they_name_whatever_their_data_roots(tmp_pa
     )
     assert folder.shared(("val", "test"), listed, ("train",)) == {"b.jpg"}
     assert listed.shared(("val", "test"), folder, ("train",)) == {"faces/a.jpg"}
-    # Another dataset that happens to use the same names: no image in common.
-    other = _split(tmp_path / "c.csv", "utkface", elsewhere, [("a.jpg", "val"), ("b.jpg", "train")])
-    assert folder.shared(("val", "test"), other, ("train",)) == set()
+    # A copy of UTKFace in another folder (on a scratch disk, say): its names identify the same photos.
+    copy = _split(tmp_path / "c.csv", "utkface", elsewhere, [("a.jpg", "val"), ("b.jpg", "train")])
+    assert folder.shared(("val", "test"), copy, ("train",)) == {"b.jpg"}
+    # Two CSV tables whose own images happen to share names elsewhere: no image in common.
+    mine = _split(tmp_path / "e.csv", "csv", tmp_path / "data" / "labels.csv", [("faces/b.jpg", "val")])
+    theirs = _split(tmp_path / "f.csv", "csv", tmp_path / "other" / "t.csv", [("faces/b.jpg", "train")])
+    assert mine.shared(("val", "test"), theirs, ("train",)) == set()
     # The bundled model's split has no folder: its UTKFace names identify the photos.
     bundled = _split(tmp_path / "d.csv", "utkface", None, [("b.jpg", "train")])
     assert listed.shared(("val", "test"), bundled, ("train",)) == set()
@@ -147,11 +151,12 @@ def test_a_member_on_a_csv_of_the_calibration_runs_faces_is_refused(tiny_run, tm
     split.assign(path=root.name + "/" + split["path"]).to_csv(listed / "split.csv", index=False)
     with pytest.raises(ConfigError, match=rf"{listed} trained on 2 of"):
         check_held_out([str(listed)], RunFolder(calibration))
-    # The same names in another folder are other images.
+    # A UTKFace run on another folder holding those names: UTKFace's names identify the photos (a copy).
     other = shutil.copytree(tiny_run, tmp_path / "other")
     (tmp_path / "faces").mkdir()
     _edit(other / "config.json", lambda c: c["data"].update(data_root=str(tmp_path / "faces")))
-    check_held_out([str(other)], RunFolder(calibration))
+    with pytest.raises(ConfigError, match=rf"{other} trained on 2 of"):
+        check_held_out([str(other)], RunFolder(calibration))
 
 
 def test_a_relative_data_root_is_found_where_the_run_was_made(tiny_run, tmp_path, monkeypatch):
@@ -187,3 +192,18 @@ def test_combined_runs_record_their_models_by_absolute_paths(tmp_path, monkeypat
     loaded = [SimpleNamespace(metadata={"sha256": "a"}), SimpleNamespace(metadata={"sha256": "b"})]
     sources = _sources(["runs/a", "default"], loaded, [0.5, 0.5])
     assert [source["model"] for source in sources] == [str(tmp_path / "runs" / "a"), "default"]
+
+
+def test_a_run_under_a_linked_runs_folder_was_made_in_the_links_folder(tmp_path, monkeypatch):
+    """runs/ as a link to a bigger disk: the run was made in the project folder the link is in, where
+    its relative data root is, not on the disk the link points to."""
+    disk, project = tmp_path / "disk", tmp_path / "project"
+    (disk / "runs" / "x").mkdir(parents=True)
+    (project / "data" / "raw").mkdir(parents=True)
+    (project / "runs").symlink_to(disk / "runs")
+    settings = {"train": {"out": "runs/x"}, "data": {"dataset": "utkface", "data_root": "data/raw"}}
+    (disk / "runs" / "x" / "config.json").write_text(json.dumps(settings))
+    monkeypatch.chdir(tmp_path)
+    run = RunFolder(project / "runs" / "x")
+    assert run.made_in == project
+    assert run.data_root == project / "data" / "raw"

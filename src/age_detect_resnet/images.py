@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 import os
 import urllib.error
 import urllib.request
@@ -15,8 +14,6 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from age_detect_resnet.extras import install_command
-
-log = logging.getLogger(__name__)
 
 # 50 megapixels (e.g. 8660x5770) covers every camera photo; larger files are almost always broken or
 # hostile (decompression bombs) and would need gigabytes of memory to decode.
@@ -89,22 +86,6 @@ def load_rgb(
             "(age_detect_resnet.analyze also takes PIL images and arrays)"
         )
     label = name or (str(source) if not isinstance(source, bytes) else "uploaded image")
-    # PIL warns of damaged metadata ("Corrupt EXIF data") without naming the file, in a batch of many:
-    # said once, with the file's name
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        image = _decode(source, label, max_pixels)
-    said = dict.fromkeys(
-        " ".join(str(w.message).split())
-        for w in caught
-        if not issubclass(w.category, Image.DecompressionBombWarning)  # refused by our own limit
-    )
-    if said:
-        log.warning("%s: %s (PIL); the picture is used as decoded", label, "; ".join(said))
-    return image
-
-
-def _decode(source: Path | str | bytes, label: str, max_pixels: int) -> Image.Image:
     heif_support()
     try:
         if isinstance(source, bytes):

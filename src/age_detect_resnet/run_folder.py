@@ -160,10 +160,16 @@ class RunFolder:
         if not isinstance(out, str) or not out or Path(out).is_absolute():
             return None
         parts = Path(os.path.normpath(out)).parts
-        here = self.path.resolve()
+        here = self._absolute
         if ".." in parts or here.parts[-len(parts) :] != parts:
             return None
         return here.parents[len(parts) - 1]
+
+    @property
+    def _absolute(self) -> Path:
+        """The folder's absolute path, symbolic links kept (runs/ may be a link to a bigger disk: the
+        folder the run was made in is the one the link is in, not the disk's)."""
+        return Path(os.path.normpath(Path.cwd() / self.path))
 
     def places(self, recorded: Path | str) -> list[Path]:
         """Where a path this run recorded may be: itself where absolute. A relative one (an older run's
@@ -174,7 +180,7 @@ class RunFolder:
         if path.is_absolute():
             return [path]
         places: list[Path] = []
-        for folder in (self.made_in, Path.cwd(), *self.path.resolve().parents):
+        for folder in (self.made_in, Path.cwd(), *self._absolute.parents):
             place = Path(os.path.normpath(folder / path)) if folder is not None else None
             if place is not None and place not in places:
                 places.append(place)
@@ -284,6 +290,11 @@ class RunFolder:
         return self.saved_split().load()
 
 
+# Datasets whose file names identify a photo wherever the file lies (UTKFace's age_gender_race_date,
+# IMDB-WIKI's person id and dates).
+NAMED_DATASETS = frozenset({"utkface", "imdb-wiki"})
+
+
 @dataclass(frozen=True)
 class SavedSplit:
     """Which images of a dataset a model trained on and which it never saw: a split.csv (path, age,
@@ -348,17 +359,29 @@ class SavedSplit:
 
     def shared(self, splits: Sequence[str], other: SavedSplit, other_splits: Sequence[str]) -> set[str]:
         """The images of this split's `splits` that are among `other`'s `other_splits`, as this split's
-        paths. The same files (folder + path, resolved) where both folders are known: a CSV naming
-        faces/x.jpg beside faces/ and the folder faces/ naming x.jpg share x.jpg, two datasets that use
-        the same names do not. Where one is not (the bundled model's shipped split, of UTKFace names
-        only), by file name: UTKFace's and IMDB-WIKI's names identify a photo wherever it lies."""
+        paths: the same files (folder + path, resolved, where both folders are known: a CSV naming
+        faces/x.jpg beside faces/ and the folder faces/ naming x.jpg share x.jpg), and, where either
+        split is of a dataset whose file names identify a photo wherever it lies (`NAMED_DATASETS`), the
+        same names: a copy of UTKFace in another folder holds the same faces, and the bundled model's
+        shipped split has UTKFace names only. Two CSV tables that reuse names elsewhere share nothing;
+        where a folder is gone, the paths as the tables write them are compared."""
         mine, theirs = self.paths(*splits), other.paths(*other_splits)
-        folders = self.image_folder(), other.image_folder()
-        if folders[0] is None or folders[1] is None:
+        shared: set[str] = set()
+        if (
+            NAMED_DATASETS & {self.dataset, other.dataset}
+            or self.data_root is None
+            or other.data_root is None
+        ):
             names = {PurePath(path).name for path in theirs}
-            return {path for path in mine if PurePath(path).name in names}
-        files = {os.path.normpath(folders[1] / path) for path in theirs}
-        return {path for path in mine if os.path.normpath(folders[0] / path) in files}
+            shared |= {path for path in mine if PurePath(path).name in names}
+        folders = self.image_folder(), other.image_folder()
+        if folders[0] is not None and folders[1] is not None:
+            files = {os.path.normpath(folders[1] / path) for path in theirs}
+            shared |= {path for path in mine if os.path.normpath(folders[0] / path) in files}
+        else:  # a folder that is gone: the paths as the tables write them
+            written = {os.path.normpath(path) for path in theirs}
+            shared |= {path for path in mine if os.path.normpath(path) in written}
+        return shared
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     train_module.add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.resume:
+    if args.resume and args.out is not None:
         return resume(args, argv)
     data_root = Path(args.data_root or "data/raw")
     try:
@@ -63,10 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def resume(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
-    """`--resume`: continue the run in --out as `train --resume` does. Its config.json knows its data
-    and recipe, so the data root is not looked for (a --data-root given is checked against the run's,
-    as any setting is), no metadata is built and no packaged recipe is layered over the run's settings:
-    a recipe's epochs or other settings would change the run, or be refused as changes."""
+    """`--resume --out RUN`: continue the run in RUN as `train --resume` does (without --out, the run's
+    folder is the default one of the dataset and recipe, found as a new run finds them). Its config.json
+    knows its data and recipe, so the data root is not looked for (a --data-root given is checked
+    against the run's, as any setting is), no metadata is built and no packaged recipe is layered over
+    the run's settings: a recipe's epochs or other settings would change the run, or be refused."""
     return train_module.run(args, argv, prog="age-detect pipeline")
 
 

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from age_detect_resnet.cli.common import command_main, user_errors, user_message
 from age_detect_resnet.data.sources import dataset_at
@@ -26,7 +27,7 @@ from age_detect_resnet.training.config import (
 )
 from age_detect_resnet.training.distributed import cleanup_distributed
 from age_detect_resnet.training.engine import NonFiniteLossError
-from age_detect_resnet.training.models import adopt_init_architecture
+from age_detect_resnet.training.models import INIT_SETTINGS, adopt_init_architecture
 from age_detect_resnet.training.run import train
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,11 @@ def config_for_run(args: argparse.Namespace) -> Config:
     if args.resume:
         if not saved.is_file():  # training says what is missing
             return config
+        kept = resolve_config(saved)
+        if kept.model.init:  # ImageNet weights typed again beside --init: overruled, as in the new run
+            overrides = {k: v for k, v in overrides.items() if k not in ("weights", "pretrained")}
         config = resolve_config([saved, *(args.config or [])], overrides)
-        return same_init_as_saved(config, resolve_config(saved))
+        return same_init_as_saved(config, kept, typed=overrides)
     adopted = adopt_init_architecture(config)
     # A recipe's backbone and head give way to --init's; ones typed beside --init contradict it.
     contradicted = [
@@ -67,15 +71,29 @@ def config_for_run(args: argparse.Namespace) -> Config:
     return adopted
 
 
-def same_init_as_saved(config: Config, saved: Config) -> Config:
-    """`config` with the run's saved --init where the one it has (typed again, perhaps as another path to
-    the same place) names the same model: config.json records it absolute (`recorded_path`), so a
-    relative --init typed beside --resume is not taken for a change. Another model stays, for training
-    to refuse as a change (training/state.py)."""
-    typed, kept = config.model.init, saved.model.init
-    if typed is None or kept is None or typed == kept or recorded_path(typed) != recorded_path(kept):
-        return config
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, init=kept))
+def same_init_as_saved(config: Config, saved: Config, *, typed: dict[str, Any]) -> Config:
+    """`config` (a continued run's) with the run's saved --init where the one it has (typed again,
+    perhaps as another path to the same place) names the same model: config.json records it absolute
+    (`recorded_path`), so a relative --init typed beside --resume is not taken for a change. Another
+    model stays, for training to refuse as a change (training/state.py). A run started from --init keeps
+    the architecture it took from it (`INIT_SETTINGS`) over a recipe's in a --config file, as the new
+    run did (`train --config cpu --init M` plus --resume), and over the command line's, which --init
+    overruled then too, except a typed --backbone or --head (`typed`): compared, and refused if changed."""
+    given, kept = config.model.init, saved.model.init
+    model = config.model
+    same_place = given is not None and kept is not None and recorded_path(given) == recorded_path(kept)
+    if same_place and given != kept:
+        model = dataclasses.replace(model, init=kept)
+    if kept is not None:
+        model = dataclasses.replace(
+            model,
+            **{
+                name: getattr(saved.model, name)
+                for name in INIT_SETTINGS
+                if name not in typed or name not in ("backbone", "head")
+            },
+        )
+    return dataclasses.replace(config, model=model)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

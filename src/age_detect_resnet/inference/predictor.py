@@ -343,22 +343,28 @@ def prediction_grid(
     *,
     device: str | torch.device = "cpu",
     columns: int = 4,
+    predicted: Sequence[float] | None = None,
 ) -> Path:
-    """The seed's demo: photos with their true and predicted ages, saved as one PNG. Each photo is
-    predicted as `predict_age_for_image` predicts it (`face_crop_input`: detected and aligned for a
-    model trained on aligned faces), so the grid's ages are the ones the model gives for those files,
-    not those of a raw resize it never saw in training."""
+    """The seed's demo: photos with their true and predicted ages, saved as one PNG. The ages are
+    `predicted` where given (training's final test passes those of its predictions.csv, so the grid
+    shows what the report measured), else each photo is predicted as `predict_age_for_image` predicts
+    it (`face_crop_input`: detected and aligned for a model trained on aligned faces), not as a raw
+    resize the model never saw in training."""
+    given = predicted if predicted is not None else [None] * len(paths)
     readable = []
-    for path, age in zip(paths, ages, strict=True):
+    for path, age, known in zip(paths, ages, given, strict=True):
         try:
-            readable.append((load_rgb(path), age))
+            readable.append((load_rgb(path), age, known))
         except ImageReadError:
             continue  # the report counts unreadable images; the grid just shows the others
-    images = [image for image, _ in readable]
-    runner = TorchRunner(model, device, fold=False)  # as predict_age_for_image runs it: the same ages
-    predicted = AgePredictor(runner=runner, metadata=model.metadata).run(
-        [face_crop_input(image, model.metadata) for image in images]
-    )
-    pairs = zip(readable, predicted["age"], strict=True)
-    captions = [f"true {age:g} / predicted {pred:.1f}" for (_, age), pred in pairs]
+    images = [image for image, _, _ in readable]
+    if predicted is not None:
+        shown = [known for _, _, known in readable]
+    else:
+        runner = TorchRunner(model, device, fold=False)  # as predict_age_for_image runs it: the same ages
+        shown = AgePredictor(runner=runner, metadata=model.metadata).run(
+            [face_crop_input(image, model.metadata) for image in images]
+        )["age"]
+    pairs = zip(readable, shown, strict=True)
+    captions = [f"true {age:g} / predicted {pred:.1f}" for (_, age, _), pred in pairs]
     return plot_prediction_grid(images, captions, out, columns=columns)

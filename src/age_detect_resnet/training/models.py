@@ -79,6 +79,12 @@ def start_from_trained(config: Config, device: torch.device) -> AgeModel:
     return model
 
 
+# The head's settings a run with --init takes from its start (where the start records them).
+HEAD_SETTINGS = ("hidden_dim", "label_sigma", "label_spread", "expectation_weight", "interval")
+# Every model setting --init decides: what a continued run keeps from its config.json (`cli/train.py`).
+INIT_SETTINGS = ("backbone", "head", "pretrained", "weights", *HEAD_SETTINGS)
+
+
 def adopt_init_architecture(config: Config) -> Config:
     """With --init, the backbone and head settings are the trained model's, so config.json says what
     was really trained, and --init is recorded as `recorded_path` (run_folder.py) records it; without
@@ -103,7 +109,7 @@ def adopt_init_architecture(config: Config) -> Config:
         "pretrained": False,
         "weights": None,
     }
-    for name in ("hidden_dim", "label_sigma", "label_spread", "expectation_weight", "interval"):
+    for name in HEAD_SETTINGS:
         if name in head:
             adopted[name] = head[name]
     changed = {k: v for k, v in adopted.items() if getattr(config.model, k) != v}

@@ -85,16 +85,16 @@ def final_test(
         title=f"Test split of {run.name}",
         extra={"model": str(run.best), "split": "test"},
     )
-    if config.train.grid_size > 0 and len(test_table):
-        sample = test_table.sample(
-            min(config.train.grid_size, len(test_table)), random_state=config.train.seed
-        )
+    if config.train.grid_size > 0 and len(frame):
+        # Test photos with the ages the test gave them (predictions.csv's), not predicted again
+        sample = frame.sample(min(config.train.grid_size, len(frame)), random_state=config.train.seed)
         prediction_grid(
             best,
             [prepared.root / p for p in sample["path"]],
             sample["age"].tolist(),
             run.plots / "grid.png",
             device=dist.device,
+            predicted=sample["predicted"].tolist(),
         )
     return metrics
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -200,22 +201,24 @@ def split_for_run(config: Config, run: RunFolder, dist: Distributed, *, resume: 
     prepared = prepare_splits(config.data, seed=split_seed(config))
     if dist.is_main:
         save_split(prepared, run.split)
-        warn_if_init_saw_held_out(config, prepared)
+        own = SavedSplit(run.split, config.data.dataset, Path(config.data.data_root), str(run.path))
+        warn_if_init_saw_held_out(config, own)
     return prepared
 
 
-def warn_if_init_saw_held_out(config: Config, prepared: PreparedData) -> None:
-    """With --init from a model trained on this dataset (its split saved: a run, the bundled model), or
-    made from one (its `lineage`: its own --init, the models it averages or ensembles), warn where that
-    model trained on this run's validation or test images: their MAE would flatter the run."""
+def warn_if_init_saw_held_out(config: Config, split: SavedSplit) -> None:
+    """With --init from a model whose split is saved (a run, the bundled model), or made from one (its
+    `lineage`: its own --init, the models it averages or ensembles), warn where that model trained on
+    this run's validation or test images (`split`, this run's saved one; compared as `average` and
+    `ensemble` compare them, `SavedSplit.shared`): their MAE would flatter the run."""
     if not config.model.init:
         return
-    held_out = prepared.table.loc[prepared.table["split"].isin(["val", "test"]), "path"].astype(str)
+    held_out = split.paths("val", "test")
     for source in lineage(config.model.init):
         saved = SavedSplit.of(source)
-        if saved is None or saved.dataset != config.data.dataset:
+        if saved is None:
             continue
-        seen = int(held_out.isin(saved.paths("train")).sum())
+        seen = len(split.shared(("val", "test"), saved, ("train",)))
         if seen:
             log.warning(
                 "%s trained on %s of this run's %s validation and test images, so their MAE "
